@@ -1,0 +1,101 @@
+"""The `mixsync` command: sandbox, demo, query (and receive-impressions)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from mixsync.settings import SettingsError, WarehouseSettings
+
+
+@click.group()
+def main() -> None:
+    """Keep Mixpanel, Split and Flagsmith in sync through a local DuckDB warehouse."""
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--max-rows", default=50, show_default=True, help="Rows to print.")
+def query(sql: str, max_rows: int) -> None:
+    """Run a read-only SQL query against MIXSYNC_DUCKDB_PATH and print a table.
+
+    It waits for a running write to finish instead of breaking it, and cannot change anything.
+    """
+    import duckdb
+
+    from mixsync.warehouse import Warehouse
+
+    try:
+        settings = WarehouseSettings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    store = Warehouse(settings.duckdb_path, memory_limit=settings.memory_limit, threads=settings.threads,
+                      lock_timeout_seconds=settings.lock_timeout_seconds)
+    try:
+        with store.read() as con:
+            click.echo(format_table(con.execute(sql), max_rows))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    except duckdb.Error as exc:
+        raise click.ClickException(f"query failed: {exc}") from None
+
+
+def format_table(cursor, max_rows: int = 50) -> str:
+    """A plain aligned text table of a DuckDB cursor's result."""
+    columns = [d[0] for d in cursor.description]
+    rows = cursor.fetchmany(max_rows + 1)
+    more = len(rows) > max_rows
+    cells = [[("NULL" if v is None else str(v)).replace("\n", " ")[:60] for v in row] for row in rows[:max_rows]]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out.append(f"({len(cells)} rows{', more not shown' if more else ''})")
+    return "\n".join(out)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--mixpanel-port", default=0, help="0 picks a free port.")
+@click.option("--days", default=5, show_default=True, help="Days of data, ending yesterday.")
+@click.option("--events-per-day", default=5000, show_default=True)
+@click.option("--users", default=3000, show_default=True)
+@click.option("--legacy-timezone", default=None, help="Emulate a legacy project storing local time in this zone.")
+def sandbox(host: str, mixpanel_port: int, days: int, events_per_day: int, users: int,
+            legacy_timezone: str | None) -> None:
+    """Serve emulated Mixpanel (and Split, Flagsmith) on loopback until interrupted."""
+    from mixsync.sandbox import Sandbox
+    from mixsync.sandbox.data import Dataset
+
+    dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2,
+                             legacy_timezone=legacy_timezone)
+    with Sandbox(dataset, host=host, ports={"mixpanel": mixpanel_port}) as running:
+        click.echo("# mixsync sandbox is serving; point mixsync at it with:")
+        for name, value in running.env().items():
+            click.echo(f"export {name}={value}")
+        click.echo("# what each service received: GET <url>/_sandbox/requests. Ctrl-C stops.", err=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--workdir", default="data/demo", show_default=True, type=click.Path(path_type=Path),
+              help="Where the demo's DuckDB file and landing files go (emptied first).")
+def demo(workdir: Path) -> None:
+    """Run every flow against the sandbox through Dagster and print what landed."""
+    from mixsync.demo import run_demo
+
+    sys.exit(run_demo(workdir))
+
+
+if __name__ == "__main__":
+    main()

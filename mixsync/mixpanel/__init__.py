@@ -1,0 +1,1 @@
+"""Mixpanel: raw export and cohorts into DuckDB, and exposures back through /import."""

@@ -1,0 +1,123 @@
+"""Mixpanel raw export → mixpanel.events, a day per partition, wide windows per request."""
+
+
+import datetime as dt
+import time
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+
+from mixsync.http import RetryStats
+from mixsync.mixpanel.client import MixpanelClient
+from mixsync.mixpanel.partitions import daily_partitions
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.settings import MixpanelSettings
+from mixsync.warehouse import Warehouse, markdown_table
+from mixsync.warehouse.mixpanel import ExportLoad, TruncatedExport, load_export_file
+
+TRUNCATION_ATTEMPTS = 3
+
+
+def export_today(settings: MixpanelSettings) -> dt.date:
+    """Mixpanel's "today": UTC for new projects, the project's timezone for legacy ones."""
+    zone = ZoneInfo(settings.project_timezone) if settings.legacy_local_time else dt.timezone.utc
+    return dt.datetime.now(zone).date()
+
+
+def export_windows(start: dt.date, end: dt.date, max_days: int) -> list[tuple[dt.date, dt.date]]:
+    """Split start..end (inclusive) into request windows of at most `max_days` days."""
+    windows = []
+    while start <= end:
+        stop = min(end, start + dt.timedelta(days=max_days - 1))
+        windows.append((start, stop))
+        start = stop + dt.timedelta(days=1)
+    return windows
+
+
+def load_export_window(client: MixpanelClient, warehouse: Warehouse, settings: MixpanelSettings, landing,
+                       start: dt.date, end: dt.date, log) -> tuple[list[ExportLoad], int]:
+    """Download start..end, then replace those days in DuckDB. A `terminated early` body is fetched again,
+    and if it keeps coming back for a multi-day window, the window is halved."""
+    legacy_tz = settings.project_timezone if settings.legacy_local_time else None
+    for attempt in range(1, TRUNCATION_ATTEMPTS + 1):
+        download = client.export_to_file(start, end, landing)
+        try:
+            # Only the parse and the write hold the warehouse; the download above did not.
+            with warehouse.write() as con:
+                return [load_export_file(con, download.path, start, end, legacy_tz)], download.bytes
+        except TruncatedExport as exc:
+            client.stats.retries += 1
+            client.stats.reasons["terminated early"] += 1
+            log.warning(f"{exc}; fetching {start}..{end} again (attempt {attempt}/{TRUNCATION_ATTEMPTS})")
+            client.policy.sleep(client.policy.delay(attempt, None))
+        finally:
+            download.path.unlink(missing_ok=True)
+    if start < end:
+        middle = start + (end - start) // 2
+        log.warning(f"export {start}..{end} keeps ending early; splitting it at {middle}")
+        first, first_bytes = load_export_window(client, warehouse, settings, landing, start, middle, log)
+        second, second_bytes = load_export_window(client, warehouse, settings, landing,
+                                                  middle + dt.timedelta(days=1), end, log)
+        return first + second, first_bytes + second_bytes
+    raise dg.Failure(f"Mixpanel's export for {start} ended with 'terminated early' {TRUNCATION_ATTEMPTS} times; "
+                     "the previous copy of the day is kept. Run again later.")
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    # One run for a whole backfill: the export is asked for wide windows, not one call per day (60 calls/hour).
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="mixpanel_export",
+    group_name="mixpanel",
+    kinds={"mixpanel", "duckdb"},
+    tags={"mixsync/source": "mixpanel"},
+    description="Mixpanel's raw event export, one row per event (deduplicated), a day per partition: mixpanel.events.",
+)
+def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
+                    warehouse: WarehouseResource) -> dg.MaterializeResult:
+    started = time.monotonic()
+    settings = mixpanel.settings()
+    store = warehouse.warehouse()
+    window = context.partition_time_window
+    first_day = window.start.date()
+    last_day = (window.end - dt.timedelta(days=1)).date()
+    today = export_today(settings)
+    if first_day > today:
+        raise dg.Failure(f"{first_day} is in the future for this project (today is {today}); nothing to export yet")
+    # Mixpanel answers 400 'to_date cannot be later than today': clamp rather than fail.
+    last_day = min(last_day, today)
+    stats = RetryStats()
+    loads: list[ExportLoad] = []
+    downloaded = 0
+    landing = warehouse.settings().landing_dir / "mixpanel"
+    with mixpanel.client(stats) as client:
+        for start, end in export_windows(first_day, last_day, settings.export_window_days):
+            window_loads, window_bytes = load_export_window(client, store, settings, landing, start, end, context.log)
+            loads += window_loads
+            downloaded += window_bytes
+            context.log.info(f"loaded {start}..{end}: {sum(l.events for l in window_loads)} events")
+        export_requests = client.requests_sent
+    events = sum(l.events for l in loads)
+    rejects: dict[str, int] = {}
+    for load in loads:
+        for reason, n in load.rejects_by_reason.items():
+            rejects[reason] = rejects.get(reason, 0) + n
+    with store.read() as con:
+        preview = markdown_table(con, """SELECT event, count(*) AS events, count(DISTINCT distinct_id) AS people
+                                         FROM mixpanel.events WHERE day BETWEEN ? AND ?
+                                         GROUP BY event ORDER BY events DESC LIMIT 10""", [first_day, last_day])
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": events,
+        "days": f"{first_day}..{last_day}",
+        "export_requests": export_requests,
+        "bytes_downloaded": downloaded,
+        "lines": sum(l.lines for l in loads),
+        "duplicates_dropped": sum(l.duplicates_dropped for l in loads),
+        "rejected": sum(rejects.values()),
+        "rejects_by_reason": rejects,
+        "events_per_day": {str(day): n for l in loads for day, n in sorted(l.per_day.items())},
+        **stats.as_metadata(),
+        "duration_seconds": round(time.monotonic() - started, 3),
+        "top_events": dg.MetadataValue.md(preview),
+    })

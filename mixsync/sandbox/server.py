@@ -1,0 +1,158 @@
+"""Run emulated services as real HTTP servers on 127.0.0.1, record what they receive, misbehave on demand."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass
+class Fault:
+    """One planned misbehaviour for the next matching request.
+
+    kind: "status" (answer `status` with `body` and optional `retry_after`), "terminated_early" (stop the
+    export body with Mixpanel's `terminated early` line), "cut" (drop the connection mid-body).
+    """
+
+    route: str
+    kind: str = "status"
+    status: int = 500
+    body: str = ""
+    retry_after: str | None = None
+    after_bytes: int = 2048
+    times: int = 1
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    status: int = 0
+
+
+class Recorder:
+    """Every request a sandbox service received, in order, with its answer's status; secrets are not kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: list[RecordedRequest] = []
+
+    def add(self, request: RecordedRequest) -> RecordedRequest:
+        with self._lock:
+            self.requests.append(request)
+        return request
+
+    def matching(self, path_suffix: str) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path.endswith(path_suffix)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+
+class Faults:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[Fault] = deque()
+
+    def add(self, route: str, kind: str = "status", **kwargs: Any) -> None:
+        with self._lock:
+            self._queue.append(Fault(route=route, kind=kind, **kwargs))
+
+    def take(self, route: str) -> Fault | None:
+        with self._lock:
+            for fault in self._queue:
+                if fault.route == route:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._queue.remove(fault)
+                    return fault
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queue.clear()
+
+
+def fault_response(fault: Fault) -> Response:
+    headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+    media = "application/json" if fault.body.startswith(("{", "[")) else "text/plain"
+    return Response(fault.body, status_code=fault.status, headers=headers, media_type=media)
+
+
+SECRET_HEADERS = {"authorization", "x-environment-key", "cookie"}
+
+
+async def record(recorder: Recorder, request: Request) -> RecordedRequest:
+    body = await request.body()
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in SECRET_HEADERS}
+    return recorder.add(RecordedRequest(request.method, request.url.path, dict(request.query_params), headers, body))
+
+
+def control_routes(recorder: Recorder, faults: Faults) -> list[Route]:
+    """/_sandbox/requests and /_sandbox/faults let another process (the demo, a person) inspect and steer."""
+
+    async def requests_(request: Request) -> Response:
+        with recorder._lock:
+            items = [{"method": r.method, "path": r.path, "params": r.params, "status": r.status,
+                      "body_bytes": len(r.body)} for r in recorder.requests]
+        return JSONResponse(items)
+
+    async def add_fault(request: Request) -> Response:
+        spec = await request.json()
+        faults.add(**spec)
+        return JSONResponse({"queued": spec})
+
+    return [Route("/_sandbox/requests", requests_, methods=["GET"]),
+            Route("/_sandbox/faults", add_fault, methods=["POST"])]
+
+
+@dataclass
+class RunningServer:
+    name: str
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+    state: Any = field(default=None)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def free_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve(name: str, app: Starlette, state: Any = None, host: str = "127.0.0.1", port: int = 0,
+          startup_timeout: float = 15.0) -> RunningServer:
+    """Start `app` in a background thread on a free (or given) port and wait until it accepts connections."""
+    sock = free_socket(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"sandbox-{name}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"sandbox {name} did not start on {bound_host}:{bound_port}")
+        time.sleep(0.01)
+    return RunningServer(name, f"http://{bound_host}:{bound_port}", server, thread, state)

@@ -1,0 +1,133 @@
+"""The DuckDB warehouse: connections, the cross-process writer lock, and every schema mixsync owns."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+SCHEMAS = ("mixpanel", "split", "flagsmith", "sync", "analytics")
+
+
+class WarehouseLockTimeout(RuntimeError):
+    """Another process kept the DuckDB file longer than the configured lock timeout."""
+
+
+def _configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
+    # Instants are stored as TIMESTAMPTZ; rendering them in UTC keeps every query and test unambiguous.
+    con.execute("SET TimeZone = 'UTC'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    # Bulk loads need no ordering guarantees; dropping them lets DuckDB stream within the memory limit.
+    con.execute("SET preserve_insertion_order = false")
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path, exclusive: bool, timeout_seconds: float) -> Iterator[None]:
+    """Queue writers (and readers) of one DuckDB file across processes instead of failing on DuckDB's lock."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + timeout_seconds
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WarehouseLockTimeout(
+                        f"waited {timeout_seconds:.0f}s for {lock_path.name}: another mixsync process kept the warehouse; "
+                        "raise MIXSYNC_LOCK_TIMEOUT_SECONDS or look for a stuck run"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_with_retry(path: Path, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+    """Open the file, waiting out a non-mixsync holder (an ad-hoc `duckdb` session) until the deadline."""
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise WarehouseLockTimeout(
+                    f"could not open {path}: {exc}. Close other sessions on this file (use `mixsync query` for ad-hoc SQL)"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class Warehouse:
+    """One DuckDB file. Writers hold an exclusive file lock only for the short write; readers share it."""
+
+    def __init__(self, path: Path | str, memory_limit: str | None = "512MB", threads: int | None = 2,
+                 lock_timeout_seconds: float = 900):
+        self.path = Path(path)
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".writer.lock")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection with the schema in place; close it as soon as the write is done."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.lock_path, exclusive=True, timeout_seconds=self.lock_timeout_seconds):
+            con = _open_with_retry(self.path, False, time.monotonic() + self.lock_timeout_seconds)
+            try:
+                _configure(con, self.memory_limit, self.threads)
+                ensure_schema(con)
+                yield con
+            finally:
+                con.close()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection that waits for running writes instead of breaking them."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"no warehouse at {self.path}: materialize an asset first (MIXSYNC_DUCKDB_PATH)")
+        with _file_lock(self.lock_path, exclusive=False, timeout_seconds=self.lock_timeout_seconds):
+            con = _open_with_retry(self.path, True, time.monotonic() + self.lock_timeout_seconds)
+            try:
+                _configure(con, self.memory_limit, self.threads)
+                yield con
+            finally:
+                con.close()
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every schema and table mixsync writes; idempotent, run on each write connection."""
+    from mixsync.warehouse import mixpanel as mixpanel_tables
+
+    for schema in SCHEMAS:
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    for module in (mixpanel_tables,):
+        con.execute(module.DDL)
+
+
+def markdown_table(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> str:
+    """A small markdown preview of a query, for Dagster metadata."""
+    cursor = con.execute(sql, params or [])
+    columns = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [str(v).replace("|", "\\|").replace("\n", " ")[:80] for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
