@@ -62,11 +62,13 @@ def format_table(cursor, max_rows: int = 50) -> str:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--mixpanel-port", default=0, help="0 picks a free port.")
+@click.option("--split-port", default=0, help="0 picks a free port.")
+@click.option("--flagsmith-port", default=0, help="0 picks a free port.")
 @click.option("--days", default=5, show_default=True, help="Days of data, ending yesterday.")
 @click.option("--events-per-day", default=5000, show_default=True)
 @click.option("--users", default=3000, show_default=True)
 @click.option("--legacy-timezone", default=None, help="Emulate a legacy project storing local time in this zone.")
-def sandbox(host: str, mixpanel_port: int, days: int, events_per_day: int, users: int,
+def sandbox(host: str, mixpanel_port: int, split_port: int, flagsmith_port: int, days: int, events_per_day: int, users: int,
             legacy_timezone: str | None) -> None:
     """Serve emulated Mixpanel (and Split, Flagsmith) on loopback until interrupted."""
     from mixsync.sandbox import Sandbox
@@ -74,7 +76,8 @@ def sandbox(host: str, mixpanel_port: int, days: int, events_per_day: int, users
 
     dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2,
                              legacy_timezone=legacy_timezone)
-    with Sandbox(dataset, host=host, ports={"mixpanel": mixpanel_port}) as running:
+    with Sandbox(dataset, host=host, ports={"mixpanel": mixpanel_port, "split": split_port,
+                                                        "flagsmith": flagsmith_port}) as running:
         click.echo("# mixsync sandbox is serving; point mixsync at it with:")
         for name, value in running.env().items():
             click.echo(f"export {name}={value}")

@@ -1,24 +1,17 @@
-"""The mixsync code location: every asset, check, job, schedule and sensor, with the resources they share."""
-
-from __future__ import annotations
+"""The mixsync code location: each flow's definitions, merged, with the resources they share."""
 
 import dagster as dg
 
-from mixsync.mixpanel.assets import mixpanel_events
-from mixsync.mixpanel.checks import mixpanel_events_daily_volume
-from mixsync.mixpanel.resources import MixpanelResource
-from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
+from mixsync.flagsmith import defs as flagsmith
+from mixsync.impressions import defs as impressions
+from mixsync.mixpanel import defs as mixpanel
 from mixsync.resources import WarehouseResource
+from mixsync.split import defs as split
 
-resources = {
-    "warehouse": WarehouseResource(),
-    "mixpanel": MixpanelResource(),
-}
+FLOWS = (mixpanel, split, flagsmith, impressions)
 
-defs = dg.Definitions(
-    assets=[mixpanel_events],
-    asset_checks=[mixpanel_events_daily_volume],
-    jobs=[mixpanel_events_job],
-    schedules=[mixpanel_events_schedule],
-    resources=resources,
-)
+resources = {"warehouse": WarehouseResource()}
+for flow in FLOWS:
+    resources.update(flow.resources)
+
+defs = dg.Definitions.merge(*(flow.defs for flow in FLOWS), dg.Definitions(resources=resources))

@@ -53,7 +53,22 @@ def mixpanel_step(instance, sandbox: Sandbox, store) -> bool:
     return True
 
 
-STEPS = [mixpanel_step]
+def split_step(instance, sandbox: Sandbox, store) -> bool:
+    """Filled in by the Split flow: materialize split_events, print what the sandbox received."""
+    return True
+
+
+def flagsmith_step(instance, sandbox: Sandbox, store) -> bool:
+    """Filled in by the Flagsmith flow: cohorts, members, traits; print what the sandbox holds."""
+    return True
+
+
+def impressions_step(instance, sandbox: Sandbox, store) -> bool:
+    """Filled in by the impressions flow: receiver, sensor, split_impressions, exposures to Mixpanel."""
+    return True
+
+
+STEPS = [mixpanel_step, split_step, flagsmith_step, impressions_step]
 
 
 def run_demo(workdir: Path) -> int:

@@ -44,7 +44,7 @@ class MixpanelClient:
         self.policy = policy or RetryPolicy.from_env()
         self.stats = stats or RetryStats()
         self.requests_sent = 0
-        self._http = httpx.Client(
+        self.http = httpx.Client(
             auth=httpx.BasicAuth(settings.username, settings.secret.value),
             headers={"User-Agent": user_agent()},
             # Big export windows may think for minutes before the first byte.
@@ -53,13 +53,26 @@ class MixpanelClient:
         )
 
     def close(self) -> None:
-        self._http.close()
+        self.http.close()
 
     def __enter__(self) -> "MixpanelClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def send(self, method: str, url: str, what: str, ok_statuses: tuple[int, ...] = (),
+             hints: dict[int, str] | None = None, **kwargs) -> httpx.Response:
+        """One request with the shared retries; statuses in `ok_statuses` are returned instead of raised."""
+
+        def attempt() -> httpx.Response:
+            self.requests_sent += 1
+            response = self.http.request(method, url, **kwargs)
+            if response.status_code not in ok_statuses:
+                raise_for_status(response, what, HINTS if hints is None else hints)
+            return response
+
+        return with_retries(attempt, self.policy, self.stats, what)
 
     def export_to_file(self, from_date: dt.date, to_date: dt.date, directory: Path,
                        events: list[str] | None = None, where: str | None = None) -> Download:
@@ -84,7 +97,7 @@ class MixpanelClient:
 
         def attempt() -> Download:
             self.requests_sent += 1
-            with self._http.stream("GET", url, params=params, headers={"Accept-Encoding": "gzip"}) as response:
+            with self.http.stream("GET", url, params=params, headers={"Accept-Encoding": "gzip"}) as response:
                 raise_for_status(response, "Mixpanel export", HINTS)
                 gzipped = response.headers.get("Content-Encoding", "").lower() == "gzip"
                 final = directory / (stem + (".jsonl.gz" if gzipped else ".jsonl"))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
 from pathlib import Path
 
-from mixsync.sandbox import mixpanel
+from mixsync.sandbox import flagsmith, mixpanel, split
 from mixsync.sandbox.data import Dataset
 from mixsync.sandbox.server import RunningServer, serve
 
@@ -26,11 +25,21 @@ class Sandbox:
         self.host = host
         self.ports = ports or {}
         self.mixpanel = mixpanel.MixpanelSandbox(self.dataset, self.data_dir / "mixpanel")
+        self.split = split.SplitSandbox()
+        self.flagsmith = flagsmith.FlagsmithSandbox()
         self.servers: dict[str, RunningServer] = {}
 
+    def _services(self):
+        return {"mixpanel": (self.mixpanel, mixpanel.build_app), "split": (self.split, split.build_app),
+                "flagsmith": (self.flagsmith, flagsmith.build_app)}
+
     def start(self) -> "Sandbox":
-        self.servers["mixpanel"] = serve("mixpanel", mixpanel.build_app(self.mixpanel), self.mixpanel,
-                                         self.host, self.ports.get("mixpanel", 0))
+        try:
+            for name, (state, build_app) in self._services().items():
+                self.servers[name] = serve(name, build_app(state), state, self.host, self.ports.get(name, 0))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -51,15 +60,7 @@ class Sandbox:
 
     def env(self) -> dict[str, str]:
         """Environment variables that point mixsync at this sandbox: only URLs and credentials differ."""
-        first_day: dt.date = min(self.dataset.days)
-        env = {
-            "MIXPANEL_BASE_URL": self.url("mixpanel"),
-            "MIXPANEL_PROJECT_ID": self.mixpanel.project_id,
-            "MIXPANEL_SERVICE_ACCOUNT_USERNAME": self.mixpanel.username,
-            "MIXPANEL_SERVICE_ACCOUNT_SECRET": self.mixpanel.secret,
-            "MIXPANEL_START_DATE": first_day.isoformat(),
-        }
-        if self.dataset.legacy_timezone:
-            env["MIXPANEL_PROJECT_TIMEZONE"] = self.dataset.legacy_timezone
-            env["MIXPANEL_LEGACY_LOCAL_TIME"] = "true"
+        env: dict[str, str] = {}
+        for name, (state, _) in self._services().items():
+            env.update(state.env(self.url(name)))
         return env

@@ -9,7 +9,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -37,6 +37,23 @@ class MixpanelSandbox:
     token: str = "sandbox-project-token"
     recorder: Recorder = field(default_factory=Recorder)
     faults: Faults = field(default_factory=Faults)
+    # State of the sibling emulations (cohorts and engage; /import), set by their modules.
+    query: Any = None
+    ingest: Any = None
+
+    def env(self, url: str) -> dict[str, str]:
+        first_day = min(self.dataset.days)
+        env = {
+            "MIXPANEL_BASE_URL": url,
+            "MIXPANEL_PROJECT_ID": self.project_id,
+            "MIXPANEL_SERVICE_ACCOUNT_USERNAME": self.username,
+            "MIXPANEL_SERVICE_ACCOUNT_SECRET": self.secret,
+            "MIXPANEL_START_DATE": first_day.isoformat(),
+        }
+        if self.dataset.legacy_timezone:
+            env["MIXPANEL_PROJECT_TIMEZONE"] = self.dataset.legacy_timezone
+            env["MIXPANEL_LEGACY_LOCAL_TIME"] = "true"
+        return env
 
     def today(self) -> dt.date:
         # "today" is UTC for new projects and the project's timezone for legacy ones.
@@ -222,7 +239,10 @@ def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def build_app(state: MixpanelSandbox) -> Starlette:
-    routes = [Route("/api/2.0/export", export, methods=["GET"])]
+    from mixsync.sandbox import mixpanel_ingest, mixpanel_query
+
+    # One origin for every Mixpanel API, as MIXPANEL_BASE_URL gives it: export, query (/api/query/...), ingestion.
+    routes = [Route("/api/2.0/export", export, methods=["GET"])] + mixpanel_query.routes() + mixpanel_ingest.routes()
     app = Starlette(routes=routes + control_routes(state.recorder, state.faults))
     app.state.mixpanel = state
     return app

@@ -113,12 +113,13 @@ class Warehouse:
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every schema and table mixsync writes; idempotent, run on each write connection."""
-    from mixsync.warehouse import mixpanel as mixpanel_tables
+    from mixsync.warehouse import flagsmith, impressions, mixpanel, split
 
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    for module in (mixpanel_tables,):
-        con.execute(module.DDL)
+    for module in (mixpanel, split, flagsmith, impressions):
+        if module.DDL.strip():
+            con.execute(module.DDL)
 
 
 def markdown_table(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> str:

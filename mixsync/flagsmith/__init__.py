@@ -1,0 +1,1 @@
+"""Flagsmith: Mixpanel cohort membership as identity traits."""

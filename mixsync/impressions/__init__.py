@@ -1,0 +1,1 @@
+"""Split impressions: webhook receiver, landing files, and exposures to Mixpanel."""

@@ -1,0 +1,17 @@
+"""The Mixpanel flow's Dagster definitions and resources."""
+
+import dagster as dg
+
+from mixsync.mixpanel.assets import mixpanel_events
+from mixsync.mixpanel.checks import mixpanel_events_daily_volume
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
+
+resources = {"mixpanel": MixpanelResource()}
+
+defs = dg.Definitions(
+    assets=[mixpanel_events],
+    asset_checks=[mixpanel_events_daily_volume],
+    jobs=[mixpanel_events_job],
+    schedules=[mixpanel_events_schedule],
+)

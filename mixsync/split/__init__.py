@@ -1,0 +1,1 @@
+"""Split: Mixpanel events to the Events API."""

@@ -1,0 +1,3 @@
+"""flagsmith tables (filled in by the flagsmith flow)."""
+
+DDL = ""

@@ -1,0 +1,3 @@
+"""impressions tables (filled in by the impressions flow)."""
+
+DDL = ""

@@ -1,0 +1,3 @@
+"""split tables (filled in by the split flow)."""
+
+DDL = ""
