@@ -41,6 +41,12 @@ class MixpanelSandbox:
     query: Any = None
     ingest: Any = None
 
+    def __post_init__(self) -> None:
+        from mixsync.sandbox import mixpanel_ingest, mixpanel_query
+
+        self.query = mixpanel_query.create_state(self)
+        self.ingest = mixpanel_ingest.create_state(self)
+
     def env(self, url: str) -> dict[str, str]:
         first_day = min(self.dataset.days)
         env = {
