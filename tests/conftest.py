@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import dagster as dg
+import datetime as dt
+import os
+
+# Daily partitions are defined when mixsync is imported; start them early enough for every test's days.
+os.environ.setdefault("MIXPANEL_START_DATE", "2024-01-01")
+
+import dagster as dg  # noqa: E402
 import pytest
 
-from mixsync.sandbox import Sandbox
-from mixsync.sandbox.data import Dataset
-from mixsync.settings import WarehouseSettings
-from mixsync.warehouse import Warehouse
+from mixsync.sandbox import Sandbox  # noqa: E402
+from mixsync.sandbox.data import Dataset  # noqa: E402
+from mixsync.settings import WarehouseSettings  # noqa: E402
+from mixsync.warehouse import Warehouse  # noqa: E402
 
 FAST_RETRIES = {
     "MIXSYNC_HTTP_BACKOFF_MS": "5",
@@ -24,7 +30,9 @@ def sandbox_data_dir(tmp_path_factory):
 
 @pytest.fixture
 def dataset() -> Dataset:
-    return Dataset.recent(3, users=300, events_per_day=600, malformed_per_day=2)
+    # Fixed past days: the same seeded bytes on every run, whatever today is.
+    days = (dt.date(2026, 1, 5), dt.date(2026, 1, 6), dt.date(2026, 1, 7))
+    return Dataset(days=days, users=300, events_per_day=600, malformed_per_day=2)
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import os
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -53,7 +55,7 @@ class Dataset:
         return cls(days=tuple(today - dt.timedelta(days=n) for n in range(n_days, 0, -1)), **kwargs)
 
     def file_name(self, day: dt.date) -> str:
-        return f"events-{day.isoformat()}-{self.users}-{self.events_per_day}-{self.seed}-{self.malformed_per_day}-{self.legacy_timezone or 'utc'}.jsonl.gz"
+        return f"events-{day.isoformat()}-{self.users}-{self.events_per_day}-{self.seed}-{self.malformed_per_day}-{(self.legacy_timezone or 'utc').replace('/', '_')}.jsonl.gz"
 
 
 def user_ids(users: int, seed: int = 7) -> list[str]:
@@ -127,9 +129,9 @@ def generate_day(dataset: Dataset, day: dt.date) -> Iterator[bytes]:
             del props["$insert_id"]
         line = orjson.dumps({"event": name, "properties": props})
         yield line
-        if 0.7 < roll < 0.7015:
+        if 0.7 < roll < 0.705:
             yield line  # the export returns exact duplicates as they were ingested
-        elif 0.8 < roll < 0.8015 and "$insert_id" in props:
+        elif 0.8 < roll < 0.805 and "$insert_id" in props:
             later = dict(props, mp_processing_time_ms=props["mp_processing_time_ms"] + 60_000, reprocessed=True)
             yield orjson.dumps({"event": name, "properties": later})
 
@@ -140,7 +142,7 @@ def ensure_day_file(dataset: Dataset, day: dt.date, directory: Path) -> Path:
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     with gzip.open(tmp, "wb", compresslevel=6) as out:
         chunk: list[bytes] = []
         for line in generate_day(dataset, day):
@@ -150,5 +152,5 @@ def ensure_day_file(dataset: Dataset, day: dt.date, directory: Path) -> Path:
                 chunk = []
         if chunk:
             out.write(b"\n".join(chunk) + b"\n")
-    tmp.rename(path)
+    os.replace(tmp, path)
     return path

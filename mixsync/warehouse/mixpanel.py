@@ -168,13 +168,13 @@ def _replace_window(con, source_sql: str, invalid_lines_sql: str | None, window_
             con.execute(f"""INSERT INTO mixpanel.events_rejected
                 SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
                         {"start": window_start, "loaded_at": loaded_at})
-        con.execute("""INSERT INTO mixpanel.event_loads
+        con.execute(f"""INSERT INTO mixpanel.event_loads
             WITH days AS (SELECT unnest(range($start::TIMESTAMP, $end::TIMESTAMP + INTERVAL 1 DAY, INTERVAL 1 DAY))::DATE AS day),
-                 staged AS (SELECT day, count(*) AS n FROM export_stage GROUP BY day),
+                 staged AS (SELECT day, count(*) AS n FROM export_stage WHERE NOT {bad} GROUP BY day),
                  loaded AS (SELECT day, count(*) AS n FROM mixpanel.events WHERE day BETWEEN $start AND $end GROUP BY day),
                  rejected AS (SELECT day, count(*) AS n FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end GROUP BY day)
             SELECT days.day, coalesce(loaded.n, 0), coalesce(rejected.n, 0),
-                   greatest(coalesce(staged.n, 0) - coalesce(loaded.n, 0) - coalesce(rejected.n, 0), 0),
+                   coalesce(staged.n, 0) - coalesce(loaded.n, 0),
                    $start, $end, $loaded_at
             FROM days LEFT JOIN staged USING (day) LEFT JOIN loaded USING (day) LEFT JOIN rejected USING (day)""", params)
         con.execute("COMMIT")
