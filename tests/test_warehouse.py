@@ -1,0 +1,89 @@
+"""The warehouse: legacy time conversion, the writer lock, `mixsync query`, the schedule's range."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+
+from mixsync.cli import main
+from mixsync.mixpanel.schedules import mixpanel_events_schedule
+from mixsync.warehouse import Warehouse, WarehouseLockTimeout
+
+
+@pytest.mark.parametrize("zone,day", [
+    ("America/New_York", dt.date(2026, 3, 8)), ("America/New_York", dt.date(2026, 11, 1)),
+    ("Europe/Berlin", dt.date(2026, 3, 29)), ("Europe/Berlin", dt.date(2026, 10, 25)),
+    ("Australia/Lord_Howe", dt.date(2026, 4, 5)),  # a 30-minute DST shift
+    ("Asia/Kolkata", dt.date(2026, 6, 1)),  # no DST at all
+])
+def test_local_to_utc_matches_zoneinfo_minute_by_minute(zone, day, tmp_path):
+    store = Warehouse(tmp_path / "w.duckdb")
+    with store.write() as con:
+        rows = con.execute("""
+            SELECT ts, mixpanel.local_to_utc(ts, ?) FROM (
+                SELECT unnest(range(?::TIMESTAMP, ?::TIMESTAMP + INTERVAL 1 DAY, INTERVAL 1 MINUTE)) AS ts)""",
+                           [zone, day, day]).fetchall()
+    assert len(rows) == 1440
+    tz = ZoneInfo(zone)
+    for local, instant in rows:
+        assert instant == local.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc), local
+
+
+def test_a_writer_waits_for_a_reader_and_readers_share(tmp_path):
+    store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
+    with store.write() as con:
+        con.execute("CREATE TABLE sync.probe AS SELECT 1 AS n")
+    wrote = threading.Event()
+
+    def writer():
+        with store.write() as con:
+            con.execute("INSERT INTO sync.probe VALUES (2)")
+        wrote.set()
+
+    with store.read() as first, store.read() as second:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert not wrote.wait(0.3)  # held back while the readers are open
+        assert first.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1
+        assert second.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1
+    thread.join(timeout=30)
+    assert wrote.is_set()
+    with store.read() as con:
+        assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 2
+
+
+def test_a_lock_held_too_long_fails_with_the_setting_to_raise(tmp_path):
+    store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
+    impatient = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
+    with store.write():
+        with pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"):
+            with impatient.write():
+                pass
+
+
+def test_mixsync_query_prints_a_table_and_cannot_write(tmp_path, monkeypatch):
+    path = tmp_path / "w.duckdb"
+    with Warehouse(path).write() as con:
+        con.execute("CREATE TABLE analytics.t AS SELECT 'São Paulo' AS city, 3 AS n")
+    monkeypatch.setenv("MIXSYNC_DUCKDB_PATH", str(path))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["query", "SELECT city, n FROM analytics.t"])
+    assert shown.exit_code == 0, shown.output
+    assert "São Paulo" in shown.output and "(1 rows)" in shown.output
+    refused = runner.invoke(main, ["query", "DROP TABLE analytics.t"])
+    assert refused.exit_code != 0 and "read-only" in refused.output.lower()
+    missing = runner.invoke(main, ["query", "SELECT 1"], env={"MIXSYNC_DUCKDB_PATH": str(tmp_path / "none.duckdb")})
+    assert missing.exit_code != 0 and "no warehouse" in missing.output
+
+
+def test_the_schedule_asks_for_yesterday_and_the_lookback_in_one_run(monkeypatch):
+    monkeypatch.setenv("MIXPANEL_LOOKBACK_DAYS", "3")
+    when = dt.datetime(2026, 5, 10, 2, 15, tzinfo=dt.timezone.utc)
+    request = mixpanel_events_schedule(dg.build_schedule_context(scheduled_execution_time=when))
+    assert request.tags["dagster/asset_partition_range_start"] == "2026-05-06"
+    assert request.tags["dagster/asset_partition_range_end"] == "2026-05-09"
