@@ -128,7 +128,7 @@ class WarehouseSettings:
         return cls(
             duckdb_path=Path(_env(environ, "MIXSYNC_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH).expanduser().absolute(),
             landing_dir=Path(_env(environ, "MIXSYNC_LANDING_DIR") or DEFAULT_LANDING_DIR).expanduser().absolute(),
-            memory_limit=_env(environ, "MIXSYNC_DUCKDB_MEMORY_LIMIT") or "512MB",
+            memory_limit=_env(environ, "MIXSYNC_DUCKDB_MEMORY_LIMIT") or "256MB",
             threads=parse_int(environ, "MIXSYNC_DUCKDB_THREADS", 2, minimum=1, maximum=256),
             lock_timeout_seconds=parse_int(environ, "MIXSYNC_LOCK_TIMEOUT_SECONDS", 900, minimum=1),
         )

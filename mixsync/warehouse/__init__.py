@@ -73,7 +73,7 @@ def _open_with_retry(path: Path, read_only: bool, deadline: float) -> duckdb.Duc
 class Warehouse:
     """One DuckDB file. Writers hold an exclusive file lock only for the short write; readers share it."""
 
-    def __init__(self, path: Path | str, memory_limit: str | None = "512MB", threads: int | None = 2,
+    def __init__(self, path: Path | str, memory_limit: str | None = "256MB", threads: int | None = 2,
                  lock_timeout_seconds: float = 900):
         self.path = Path(path)
         self.memory_limit = memory_limit
@@ -113,11 +113,11 @@ class Warehouse:
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every schema and table mixsync writes; idempotent, run on each write connection."""
-    from mixsync.warehouse import flagsmith, impressions, mixpanel, split
+    from mixsync.warehouse import cohorts, flagsmith, impressions, mixpanel, split
 
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    for module in (mixpanel, split, flagsmith, impressions):
+    for module in (mixpanel, cohorts, split, flagsmith, impressions):
         if module.DDL.strip():
             con.execute(module.DDL)
 
