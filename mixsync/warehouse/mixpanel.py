@@ -35,18 +35,22 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_loads (
     loaded_at TIMESTAMPTZ NOT NULL
 );
 -- Legacy projects store local wall-clock time as if it were UTC epoch time. Convert with the tz database:
--- a time inside a DST fold takes its first (earlier) instant and a time inside a DST gap is read with the
--- offset before the change, as Python's zoneinfo does with fold=0.
+-- the candidates are the local time minus the offset in force a day before and a day after; a candidate
+-- is valid when it reads back as the same wall-clock time. In a DST fold both are valid and the earlier
+-- instant wins; in a gap neither is, and the offset before the change applies (Python's zoneinfo, fold=0).
+CREATE OR REPLACE MACRO mixpanel.offset_around(local_ts, tz, shift) AS
+    timezone(tz, (local_ts + shift)::TIMESTAMPTZ) - (local_ts + shift);
+CREATE OR REPLACE MACRO mixpanel.reads_as(candidate, tz, local_ts) AS
+    timezone(tz, candidate::TIMESTAMPTZ) = local_ts;
 CREATE OR REPLACE MACRO mixpanel.local_to_utc(local_ts, tz) AS (
     CASE
-        WHEN timezone(tz, (local_ts - (timezone(tz, (local_ts - INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts - INTERVAL 1 DAY)))::TIMESTAMPTZ) = local_ts
-         AND timezone(tz, (local_ts - (timezone(tz, (local_ts + INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts + INTERVAL 1 DAY)))::TIMESTAMPTZ) = local_ts
-            THEN least(local_ts - (timezone(tz, (local_ts - INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts - INTERVAL 1 DAY)),
-                       local_ts - (timezone(tz, (local_ts + INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts + INTERVAL 1 DAY)))
-        WHEN timezone(tz, (local_ts - (timezone(tz, (local_ts + INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts + INTERVAL 1 DAY)))::TIMESTAMPTZ) = local_ts
-         AND timezone(tz, (local_ts - (timezone(tz, (local_ts - INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts - INTERVAL 1 DAY)))::TIMESTAMPTZ) <> local_ts
-            THEN local_ts - (timezone(tz, (local_ts + INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts + INTERVAL 1 DAY))
-        ELSE local_ts - (timezone(tz, (local_ts - INTERVAL 1 DAY)::TIMESTAMPTZ) - (local_ts - INTERVAL 1 DAY))
+        WHEN mixpanel.reads_as(local_ts - mixpanel.offset_around(local_ts, tz, -INTERVAL 1 DAY), tz, local_ts)
+         AND mixpanel.reads_as(local_ts - mixpanel.offset_around(local_ts, tz, INTERVAL 1 DAY), tz, local_ts)
+            THEN least(local_ts - mixpanel.offset_around(local_ts, tz, -INTERVAL 1 DAY),
+                       local_ts - mixpanel.offset_around(local_ts, tz, INTERVAL 1 DAY))
+        WHEN mixpanel.reads_as(local_ts - mixpanel.offset_around(local_ts, tz, INTERVAL 1 DAY), tz, local_ts)
+            THEN local_ts - mixpanel.offset_around(local_ts, tz, INTERVAL 1 DAY)
+        ELSE local_ts - mixpanel.offset_around(local_ts, tz, -INTERVAL 1 DAY)
     END::TIMESTAMPTZ
 );
 """
