@@ -100,5 +100,25 @@ def demo(workdir: Path) -> None:
     sys.exit(run_demo(workdir))
 
 
+@main.command("receive-impressions")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="MIXSYNC_RECEIVER_HOST",
+              help="Interface to listen on (MIXSYNC_RECEIVER_HOST); 0.0.0.0 to accept Split from outside.")
+@click.option("--port", default=8787, show_default=True, envvar="MIXSYNC_RECEIVER_PORT",
+              help="Port to listen on (MIXSYNC_RECEIVER_PORT).")
+def receive_impressions(host: str, port: int) -> None:
+    """Receive Split's impressions webhook: each body lands durably in MIXSYNC_IMPRESSIONS_DIR before the 200.
+
+    With MIXSYNC_WEBHOOK_TOKEN set, give Split the URL http(s)://<host>/impressions/<token>.
+    """
+    from mixsync.impressions.receiver import run
+    from mixsync.impressions.settings import ImpressionsSettings
+
+    try:
+        settings = ImpressionsSettings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    run(host, port, settings)
+
+
 if __name__ == "__main__":
     main()

@@ -54,17 +54,134 @@ def mixpanel_step(instance, sandbox: Sandbox, store) -> bool:
 
 
 def split_step(instance, sandbox: Sandbox, store) -> bool:
-    """Filled in by the Split flow: materialize split_events, print what the sandbox received."""
-    return True
+    """Materialize split_events for every day (twice: the second run sends nothing), print what Split received."""
+    import orjson
+
+    from mixsync.definitions import resources
+    from mixsync.split.assets import split_events
+
+    days = sorted(sandbox.dataset.days)
+    tags = {"dagster/asset_partition_range_start": days[0].isoformat(),
+            "dagster/asset_partition_range_end": days[-1].isoformat()}
+    print(f"\n-- split_events: {days[0]}..{days[-1]} from mixpanel.events to Split's Events API, in one run")
+    sent = []
+    for attempt in ("first run", "second run (nothing new to send)"):
+        result = dg.materialize([split_events], instance=instance, resources=resources, raise_on_error=False,
+                                run_config=QUIET, tags=tags)
+        if not result.success:
+            return False
+        meta = {k: v.value for k, v in result.asset_materializations_for_node("split_events")[0].metadata.items()}
+        sent.append(meta["events_sent"])
+        print(f"{attempt}: considered {meta['events_considered']}, mapped {meta['events_mapped']}, "
+              f"sent {meta['events_sent']} in {meta['batches']} batches, already sent before "
+              f"{meta['events_already_sent_before']}, rejected {meta['events_rejected']}, renames {meta['renames']}")
+    with store.read() as con:
+        _print_query(con, "outbox (sync.split_events)",
+                     "SELECT scope AS day, status, count(*) AS events FROM sync.split_events GROUP BY ALL ORDER BY ALL")
+        _print_query(con, "rejects (split.events_rejected)",
+                     "SELECT reason, count(*) AS events FROM split.events_rejected GROUP BY reason ORDER BY events DESC")
+        _print_query(con, "renames (split.event_renames)",
+                     "SELECT event, event_type_id, rule FROM split.event_renames ORDER BY event LIMIT 8")
+    split = sandbox.split
+    print(f"\nsandbox Split received {split.accepted} events in {split.bulk_requests} bulk requests; "
+          f"duplicates: {split.duplicates()}")
+    by_type: dict[str, int] = {}
+    for event in split.events:
+        by_type[event["eventTypeId"]] = by_type.get(event["eventTypeId"], 0) + 1
+    top = sorted(by_type.items(), key=lambda item: -item[1])[:5]
+    print("top eventTypeIds:", ", ".join(f"{name} {n}" for name, n in top))
+    if split.events:
+        print("one event as Split got it:", orjson.dumps(split.events[0]).decode()[:300])
+    return sent[1] == 0 and split.accepted == sent[0] and split.duplicates() == 0
 
 
 def flagsmith_step(instance, sandbox: Sandbox, store) -> bool:
-    """Filled in by the Flagsmith flow: cohorts, members, traits; print what the sandbox holds."""
+    """Cohorts and members from Mixpanel, their traits in Flagsmith; then churn, and a second sync sends only that."""
+    from collections import Counter
+
+    from mixsync.definitions import resources
+    from mixsync.flagsmith.assets import flagsmith_cohort_traits
+    from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
+
+    assets = [mixpanel_cohorts, mixpanel_cohort_members, flagsmith_cohort_traits]
+    for label in ("first sync", "second sync, after the sandbox's cohorts churned"):
+        if label.startswith("second"):
+            sandbox.mixpanel.query.advance()
+        print(f"\n-- mixpanel_cohorts, mixpanel_cohort_members, flagsmith_cohort_traits: {label}")
+        writes_before = sum(sandbox.flagsmith.writes.values())
+        result = dg.materialize(assets, instance=instance, resources=resources, raise_on_error=False,
+                                run_config=QUIET)
+        if not result.success:
+            return False
+        print(f"sandbox Flagsmith applied {sum(sandbox.flagsmith.writes.values()) - writes_before} trait writes")
+    with store.read() as con:
+        _print_query(con, "cohorts (mixpanel.cohorts)",
+                     "SELECT id, name, count, visibility, created FROM mixpanel.cohorts ORDER BY id")
+        _print_query(con, "membership snapshots (mixpanel.cohort_snapshots)",
+                     """SELECT snapshot_id, cohort_id, cohort_name, members, entered, "left", pages
+                        FROM mixpanel.cohort_snapshots ORDER BY snapshot_id""")
+        _print_query(con, "syncs (sync.flagsmith_syncs)",
+                     """SELECT sync_id, bulk_mode, identities, set_true, set_false, deleted, skipped, verified, mismatches
+                        FROM sync.flagsmith_syncs ORDER BY sync_id""")
+    held = sandbox.flagsmith.all_traits()
+    per_key = Counter((key, value) for traits in held.values() for key, value in traits.items())
+    print(f"\n== what the sandbox Flagsmith holds: {len(held)} identities")
+    for (key, value), n in sorted(per_key.items()):
+        print(f"  {key} = {str(value).lower():5}  on {n} identities")
+    for identifier in sorted(held)[:5]:
+        print(f"  {identifier}: {held[identifier]}")
     return True
 
 
 def impressions_step(instance, sandbox: Sandbox, store) -> bool:
-    """Filled in by the impressions flow: receiver, sensor, split_impressions, exposures to Mixpanel."""
+    """Split's webhook -> receiver -> landing files -> sensor -> split_impressions -> exposures in Mixpanel."""
+    from mixsync.definitions import resources
+    from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impressions
+    from mixsync.impressions.receiver import build_app
+    from mixsync.impressions.sensors import split_impression_files_sensor
+    from mixsync.impressions.settings import ImpressionsSettings
+    from mixsync.sandbox.impressions import ImpressionGenerator, post_batches
+    from mixsync.sandbox.server import serve
+
+    # The receiver writes atomically (temp name, fsync, rename): no need to wait for files to settle.
+    os.environ["MIXSYNC_IMPRESSIONS_SETTLE_SECONDS"] = "0"
+    os.environ["MIXSYNC_IMPRESSIONS_BATCH_FILES"] = "10"
+    settings = ImpressionsSettings.from_env()
+    receiver = serve("impressions-receiver", build_app(settings))
+    try:
+        print(f"\n-- impressions: posting Split webhook batches (gzipped) to the receiver at {receiver.url}/impressions")
+        posted = post_batches(f"{receiver.url}/impressions", ImpressionGenerator(seed=11, users=400), batches=24,
+                              size=150, resend_probability=0.15)
+    finally:
+        receiver.stop()
+    print(f"posted {posted.bodies} bodies ({posted.resent} resent, as Split's retry does), {posted.impressions} "
+          f"distinct impressions; answers {posted.statuses}; {len(os.listdir(settings.impressions_dir))} files landed")
+    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance))
+    requests = result.run_requests or []
+    print(f"split_impression_files_sensor asked for {len(requests)} run(s) of split_impressions: "
+          + ", ".join(f"{r.tags['mixsync/files']} files" for r in requests))
+    for request in requests:
+        run = dg.materialize([split_impressions], instance=instance, resources=resources, raise_on_error=False,
+                             run_config={**request.run_config, **QUIET}, tags=request.tags)
+        if not run.success:
+            return False
+    print("-- mixpanel_experiment_exposures: pushing to the sandbox Mixpanel's /import")
+    pushed = dg.materialize([mixpanel_experiment_exposures], instance=instance, resources=resources,
+                            raise_on_error=False, run_config=QUIET)
+    if not pushed.success:
+        return False
+    with store.read() as con:
+        _print_query(con, "landing files (split.impression_files)",
+                     "SELECT status, count(*) AS files, sum(impressions) AS impressions, sum(inserted) AS inserted "
+                     "FROM split.impression_files GROUP BY status ORDER BY status")
+        _print_query(con, "impressions by split and treatment (split.impressions)",
+                     "SELECT split, treatment, count(*) AS impressions, count(DISTINCT key) AS users "
+                     "FROM split.impressions GROUP BY ALL ORDER BY split, treatment")
+        _print_query(con, "exposures outbox (sync.mixpanel_exposures)",
+                     "SELECT status, count(*) AS exposures FROM sync.mixpanel_exposures GROUP BY status")
+    held = sandbox.mixpanel.ingest.summary()
+    print(f"\nsandbox Mixpanel holds {held['held']} events {held['held_by_event']} from "
+          f"{sum(held['requests_by_status'].values())} /import request(s) {held['requests_by_status']}")
     return True
 
 

@@ -65,3 +65,12 @@ def warehouse(env) -> Warehouse:
 def instance():
     with dg.instance_for_test() as test_instance:
         yield test_instance
+
+
+@pytest.fixture
+def impressions_env(env, tmp_path, monkeypatch) -> dict[str, str]:
+    """`env` plus the impressions flow's folder in tmp_path; no settle wait (the tests write files atomically)."""
+    values = {"MIXSYNC_IMPRESSIONS_DIR": str(tmp_path / "impressions"), "MIXSYNC_IMPRESSIONS_SETTLE_SECONDS": "0"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return {**env, **values}

@@ -2,6 +2,14 @@
 
 import dagster as dg
 
-resources: dict[str, dg.ConfigurableResource] = {}
+from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impressions
+from mixsync.impressions.resources import ImpressionsResource
+from mixsync.impressions.sensors import split_impression_files_sensor, split_impressions_job
 
-defs = dg.Definitions()
+resources: dict[str, dg.ConfigurableResource] = {"impressions": ImpressionsResource()}
+
+defs = dg.Definitions(
+    assets=[split_impressions, mixpanel_experiment_exposures],
+    jobs=[split_impressions_job],
+    sensors=[split_impression_files_sensor],
+)

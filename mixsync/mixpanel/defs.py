@@ -3,6 +3,7 @@
 import dagster as dg
 
 from mixsync.mixpanel.assets import mixpanel_events
+from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.checks import mixpanel_events_daily_volume
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
@@ -10,7 +11,7 @@ from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_sche
 resources = {"mixpanel": MixpanelResource()}
 
 defs = dg.Definitions(
-    assets=[mixpanel_events],
+    assets=[mixpanel_events, mixpanel_cohorts, mixpanel_cohort_members],
     asset_checks=[mixpanel_events_daily_volume],
     jobs=[mixpanel_events_job],
     schedules=[mixpanel_events_schedule],

@@ -1,16 +1,232 @@
-"""Emulated Mixpanel ingestion API: /import (filled in by the impressions flow)."""
+"""Emulated Mixpanel ingestion API: POST /import with auth, gzip, limits, strict validation and dedupe."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import re
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mixsync.sandbox.server import fault_response, record
 
-def create_state(mixpanel_state) -> Any:
+IMPORT_ROUTE = "import"
+MAX_EVENTS = 2000
+MAX_BYTES = 2 * 1024 * 1024        # uncompressed; newer docs say 10 MB, the 413 example says 2 MB
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_PROPERTIES = 255
+MAX_DEPTH = 3
+MAX_STRING = 255
+EARLIEST_SECONDS = dt.datetime(1971, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+INSERT_ID = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+
+
+@dataclass
+class IngestState:
+    """What the emulated /import holds: one copy per dedupe key (event, distinct_id, time, $insert_id)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    events: dict[tuple, dict] = field(default_factory=dict)
+    received: int = 0           # events that arrived in accepted requests, valid or not
+    imported: int = 0           # events reported as imported (duplicates included, as Mixpanel does)
+    duplicates: int = 0         # imported events whose dedupe key was already held
+    failed: int = 0             # events refused by strict validation
+    requests: Counter = field(default_factory=Counter)   # status -> count
+
+    def held(self, event: str | None = None) -> list[dict]:
+        with self.lock:
+            return [e for e in self.events.values() if event is None or e["event"] == event]
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            by_event = Counter(e["event"] for e in self.events.values())
+            return {"held": len(self.events), "received": self.received, "imported": self.imported,
+                    "duplicates": self.duplicates, "failed": self.failed,
+                    "requests_by_status": {str(k): v for k, v in sorted(self.requests.items())},
+                    "held_by_event": dict(by_event)}
+
+    def clear(self) -> None:
+        with self.lock:
+            self.events.clear()
+            self.received = self.imported = self.duplicates = self.failed = 0
+            self.requests.clear()
+
+
+def create_state(mixpanel_state) -> IngestState:
     """This emulation's state, kept on the MixpanelSandbox; handlers reach it via request.app.state.mixpanel."""
+    return IngestState()
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"code": status, "error": message, "status": "Bad Request" if status == 400 else "error", **extra},
+                        status_code=status)
+
+
+def _authenticate(state, request: Request) -> Response | None:
+    """A service account (with project_id), the legacy API secret, or the project token as username."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("basic "):
+        try:
+            username = base64.b64decode(header[6:]).decode().partition(":")[0]
+        except (ValueError, UnicodeDecodeError):
+            username = None
+        if username == state.token:
+            return None
+    denied = state.authenticate(request)
+    if denied is not None and denied.status_code == 401:
+        return _error(401, "Invalid credentials")
+    return denied
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if isinstance(value, dict):
+        return max([_depth(v, level + 1) for v in value.values()], default=level + 1)
+    if isinstance(value, list):
+        return max([_depth(v, level + 1) for v in value], default=level + 1)
+    return level
+
+
+def _truncate(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:MAX_STRING]
+    if isinstance(value, dict):
+        return {k: _truncate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_truncate(v) for v in value]
+    return value
+
+
+def _validate(item: Any, now: float) -> tuple[str, str] | None:
+    """(field, message) of the first problem strict mode reports for this event, or None when it is valid."""
+    if not isinstance(item, dict):
+        return "event", "event must be a JSON object"
+    name = item.get("event")
+    if not isinstance(name, str) or not name:
+        return "event", "'event' must be a non-empty string"
+    props = item.get("properties")
+    if not isinstance(props, dict):
+        return "properties", "'properties' must be an object"
+    if len(props) >= MAX_PROPERTIES:
+        return "properties", f"too many properties: {len(props)}, the limit is {MAX_PROPERTIES - 1}"
+    if _depth(props) > MAX_DEPTH:
+        return "properties", f"properties are nested deeper than {MAX_DEPTH} levels"
+    moment = props.get("time")
+    if isinstance(moment, bool) or not isinstance(moment, (int, float)):
+        return "properties.time", "'properties.time' is required and must be a number (seconds or milliseconds)"
+    seconds = moment / 1000 if moment > 1e11 else moment
+    if seconds < EARLIEST_SECONDS:
+        return "properties.time", "'properties.time' is before 1971-01-01"
+    if seconds > now + 3600:
+        return "properties.time", "'properties.time' is more than 1 hour in the future"
+    distinct_id = props.get("distinct_id")
+    if distinct_id is None or isinstance(distinct_id, (dict, list, bool)):
+        return "properties.distinct_id", "'properties.distinct_id' is required and must be a string or number"
+    insert_id = props.get("$insert_id")
+    if not isinstance(insert_id, str) or not INSERT_ID.match(insert_id):
+        return "properties.$insert_id", "'properties.$insert_id' is required: at most 36 characters of [A-Za-z0-9-]"
+    if len(orjson.dumps(item)) >= MAX_EVENT_BYTES:
+        return "event", "event is larger than 1 MB"
     return None
 
 
+def _parse(body: bytes) -> list | None:
+    """A JSON array, or NDJSON (one object per line); None when it is neither."""
+    try:
+        parsed = orjson.loads(body)
+        return parsed if isinstance(parsed, list) else [parsed] if isinstance(parsed, dict) else None
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return [orjson.loads(line) for line in body.splitlines() if line.strip()]
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _gunzip(body: bytes) -> bytes | None:
+    decompressor = zlib.decompressobj(wbits=31)
+    try:
+        data = decompressor.decompress(body, MAX_BYTES + 1)
+    except zlib.error:
+        return None
+    if len(data) <= MAX_BYTES and not decompressor.eof:
+        return None
+    return data
+
+
+async def import_events(request: Request) -> Response:
+    mixpanel = request.app.state.mixpanel
+    state: IngestState = mixpanel.ingest
+    recorded = await record(mixpanel.recorder, request)
+    response = _import(mixpanel, state, request, recorded.body)
+    recorded.status = response.status_code
+    with state.lock:
+        state.requests[response.status_code] += 1
+    return response
+
+
+def _import(mixpanel, state: IngestState, request: Request, body: bytes) -> Response:
+    denied = _authenticate(mixpanel, request)
+    if denied is not None:
+        return denied
+    fault = mixpanel.faults.take(IMPORT_ROUTE)
+    if fault is not None:
+        return fault_response(fault)
+    if request.headers.get("content-encoding", "").lower() == "gzip":
+        body = _gunzip(body)
+        if body is None:
+            return _error(400, "could not decompress the gzip request body")
+    if len(body) > MAX_BYTES:
+        return _error(413, f"request body is larger than {MAX_BYTES} bytes uncompressed")
+    items = _parse(body)
+    if items is None:
+        return _error(400, "request body is not a JSON array or newline-delimited JSON")
+    if len(items) > MAX_EVENTS:
+        return _error(400, f"too many events in one request: {len(items)}, the limit is {MAX_EVENTS}")
+    strict = request.query_params.get("strict") == "1"
+    now = time.time()
+    failed_records = []
+    imported = 0
+    with state.lock:
+        state.received += len(items)
+        for index, item in enumerate(items):
+            problem = _validate(item, now)
+            if problem is not None:
+                state.failed += 1
+                if strict:
+                    props = item.get("properties") if isinstance(item, dict) else None
+                    insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+                    failed_records.append({"index": index, "$insert_id": insert_id, "field": problem[0],
+                                           "message": problem[1]})
+                continue
+            props = item["properties"]
+            moment = props["time"]
+            key = (item["event"], str(props["distinct_id"]), int(moment if moment > 1e11 else moment * 1000),
+                   props["$insert_id"])
+            if key in state.events:
+                state.duplicates += 1
+            # Mixpanel keeps one copy per key; the latest one wins.
+            state.events[key] = {"event": item["event"], "properties": _truncate(props)}
+            imported += 1
+        state.imported += imported
+    if failed_records:
+        return _error(400, "some data points in the request failed validation", num_records_imported=imported,
+                      failed_records=failed_records)
+    return JSONResponse({"code": 200, "num_records_imported": imported, "status": "OK"})
+
+
+async def imported_summary(request: Request) -> Response:
+    return JSONResponse(request.app.state.mixpanel.ingest.summary())
+
+
 def routes() -> list[Route]:
-    return []
+    return [Route("/import", import_events, methods=["POST"]),
+            Route("/_sandbox/imported", imported_summary, methods=["GET"])]

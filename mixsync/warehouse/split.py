@@ -1,3 +1,115 @@
-"""split tables (filled in by the split flow)."""
+"""Split events tables: the outbox of events to send, the events that could not be mapped, and the renames."""
 
-DDL = ""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import duckdb
+
+from mixsync.split.mapping import Mapping, names_sql, stage_sql
+from mixsync.warehouse.outbox import enqueue, outbox_ddl
+
+EVENTS_OUTBOX = "sync.split_events"
+
+DDL = outbox_ddl(EVENTS_OUTBOX) + """
+CREATE TABLE IF NOT EXISTS split.events_rejected (
+    day DATE NOT NULL,                 -- the mixpanel.events partition the event came from
+    id VARCHAR NOT NULL,               -- the outbox id it would have had: '<traffic type>:' || md5 of Mixpanel's dedupe key
+    traffic_type VARCHAR NOT NULL,
+    event VARCHAR NOT NULL,            -- the Mixpanel event name
+    event_type_id VARCHAR,             -- what it would have become (NULL when the name is unusable)
+    key VARCHAR,
+    time TIMESTAMPTZ,
+    reason VARCHAR NOT NULL,
+    rejected_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS split.event_renames (
+    event VARCHAR PRIMARY KEY,         -- the Mixpanel event name
+    event_type_id VARCHAR,             -- the Split eventTypeId it is sent as; NULL: unusable, needs a rename
+    rule VARCHAR NOT NULL,             -- 'mapping file' or 'normalized'
+    updated_at TIMESTAMPTZ NOT NULL
+);
+"""
+
+_DAY_EVENTS = "SELECT event, distinct_id, time, insert_id, properties, day FROM mixpanel.events WHERE day BETWEEN $start AND $end"
+
+
+@dataclass
+class StagedEvents:
+    """What the mapping made of a window of mixpanel.events, and what the outbox did with it."""
+
+    considered: int = 0
+    not_selected: int = 0
+    mapped: int = 0
+    properties_trimmed: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    renames: dict[str, str | None] = field(default_factory=dict)
+    enqueued: int = 0
+    already_sent: int = 0
+    pending_before: int = 0
+    pending_refreshed: int = 0
+    withdrawn: int = 0
+    resend: int = 0
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects_by_reason.values())
+
+
+def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.date, end: dt.date,
+                 environment: str | None, now: dt.datetime, resend: bool = False) -> StagedEvents:
+    """Map the events of days start..end and bring the outbox and the rejects table in line, in one transaction.
+
+    New events are enqueued (never seen ids only); pending ones take the current mapping's payload; pending ones
+    the mapping no longer produces are withdrawn; sent ones stay sent unless `resend` puts them back to pending.
+    """
+    result = StagedEvents()
+    window = {"start": start, "end": end}
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE split_names AS
+                    {names_sql(mapping, f"SELECT DISTINCT event FROM ({_DAY_EVENTS})")}""", window)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE split_stage AS {stage_sql(mapping, _DAY_EVENTS, 'split_names', environment)}",
+                {**window, "now": now})
+    try:
+        result.considered = con.execute(f"SELECT count(*) FROM ({_DAY_EVENTS})", window).fetchone()[0]
+        result.not_selected = con.execute(f"""SELECT count(*) FROM ({_DAY_EVENTS}) s
+            WHERE s.event NOT IN (SELECT event FROM split_names WHERE selected)""", window).fetchone()[0]
+        result.mapped, result.properties_trimmed = con.execute(
+            "SELECT count(*) FILTER (payload IS NOT NULL), count(*) FILTER (properties_trimmed) FROM split_stage").fetchone()
+        result.rejects_by_reason = dict(con.execute(
+            "SELECT reject_reason, count(*) FROM split_stage WHERE reject_reason IS NOT NULL GROUP BY ALL ORDER BY ALL").fetchall())
+        result.renames = dict(con.execute(
+            "SELECT DISTINCT event, event_type_id FROM split_names WHERE rename_rule IS NOT NULL AND selected ORDER BY ALL").fetchall())
+        in_window = f"o.scope BETWEEN '{start.isoformat()}' AND '{end.isoformat()}'"
+        result.already_sent, result.pending_before = con.execute(f"""
+            SELECT count(*) FILTER (o.status <> 'pending'), count(*) FILTER (o.status = 'pending')
+            FROM {EVENTS_OUTBOX} o SEMI JOIN split_stage s ON s.id = o.id AND s.payload IS NOT NULL""").fetchone()
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM split.events_rejected WHERE day BETWEEN $start AND $end", window)
+            con.execute("""INSERT INTO split.events_rejected
+                           SELECT day, id, traffic_type, event, event_type_id, key, make_timestamptz(timestamp_ms * 1000),
+                                  reject_reason, $now
+                           FROM split_stage WHERE reject_reason IS NOT NULL""", {"now": now})
+            con.execute("""INSERT OR REPLACE INTO split.event_renames
+                           SELECT DISTINCT event, event_type_id, rename_rule, $now FROM split_names
+                           WHERE rename_rule IS NOT NULL AND selected""", {"now": now})
+            result.withdrawn = con.execute(f"""
+                DELETE FROM {EVENTS_OUTBOX} o WHERE {in_window} AND o.status = 'pending'
+                  AND o.id NOT IN (SELECT id FROM split_stage WHERE payload IS NOT NULL)""").fetchone()[0]
+            result.pending_refreshed = con.execute(f"""
+                UPDATE {EVENTS_OUTBOX} o SET payload = s.payload
+                FROM split_stage s WHERE o.id = s.id AND o.status = 'pending' AND o.payload <> s.payload""").fetchone()[0]
+            if resend:
+                result.resend = con.execute(f"""
+                    UPDATE {EVENTS_OUTBOX} o SET status = 'pending', payload = s.payload, error = NULL
+                    FROM split_stage s WHERE o.id = s.id AND s.payload IS NOT NULL AND o.status <> 'pending'""").fetchone()[0]
+            result.enqueued = enqueue(con, EVENTS_OUTBOX, None,
+                                      "SELECT id, day::VARCHAR AS scope, payload FROM split_stage WHERE payload IS NOT NULL")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.execute("DROP TABLE IF EXISTS split_stage; DROP TABLE IF EXISTS split_names")
+    return result

@@ -1,0 +1,170 @@
+"""Mixpanel cohort membership → a boolean trait per cohort on each Flagsmith identity; only changes are sent."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
+import orjson
+
+from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
+from mixsync.flagsmith.resources import FlagsmithResource
+from mixsync.flagsmith.settings import FlagsmithSettings
+from mixsync.flagsmith.traits import TraitKeyError, trait_keys
+from mixsync.http import RetryStats, ServiceError
+from mixsync.resources import WarehouseResource
+from mixsync.warehouse import Warehouse, markdown_table
+from mixsync.warehouse.flagsmith import (OUTBOX, Plan, begin_sync, finish_sync, fold_acknowledged, ledger_summary,
+                                         plan_changes, reconcile_read_back, rejected_by_reason, verification_sample)
+from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
+
+# Per-identity POSTs go one by one inside a batch: smaller batches keep FLAGSMITH_CONCURRENCY requests in flight.
+PER_IDENTITY_BATCH = 10
+
+
+def _sender(client: FlagsmithClient, mode: str):
+    def send(payloads: list[bytes]) -> BatchOutcome:
+        try:
+            return BatchOutcome(rejected=client.send(mode, payloads))
+        except FlagsmithKeyError as exc:
+            raise FatalPushError(str(exc)) from None
+
+    return send
+
+
+def _push(store: Warehouse, client: FlagsmithClient, mode: str, settings: FlagsmithSettings, work_dir, scope: str,
+          log) -> PushReport:
+    try:
+        batch = settings.batch_identities if mode != "identities" else min(settings.batch_identities, PER_IDENTITY_BATCH)
+        return push(store, OUTBOX, _sender(client, mode), work_dir, scope=scope, max_items=batch,
+                    concurrency=settings.concurrency, logger=log)
+    except FatalPushError as exc:
+        raise dg.Failure(f"Flagsmith refused the environment key; nothing more was sent. {exc}") from None
+
+
+def _read_back(client: FlagsmithClient, identifiers: list[str], concurrency: int) -> list[tuple[str, str, str]]:
+    def one(identifier: str) -> list[tuple[str, str, str]]:
+        return [(identifier, key, orjson.dumps(value).decode()) for key, value in client.read_traits(identifier).items()]
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flagsmith-verify") as pool:
+        return [row for rows in pool.map(one, identifiers) for row in rows]
+
+
+def _cohort_keys(con, settings: FlagsmithSettings) -> dict[int, str]:
+    if con.execute("SELECT count(*) FROM mixpanel.cohort_snapshots").fetchone()[0] == 0:
+        raise dg.Failure("no cohort membership in the warehouse yet: materialize mixpanel_cohort_members first")
+    if settings.identifier_property:
+        missing = con.execute("""SELECT string_agg(cohort_id::VARCHAR, ', ') FROM mixpanel.cohort_member_loads
+                                 WHERE NOT list_contains(coalesce(properties, []), ?)""",
+                              [settings.identifier_property]).fetchone()[0]
+        if missing:
+            raise dg.Failure(f"FLAGSMITH_IDENTIFIER_PROPERTY={settings.identifier_property} but the members of cohorts "
+                             f"{missing} were loaded without that property: materialize mixpanel_cohort_members again "
+                             "(it fetches the property when FLAGSMITH_IDENTIFIER_PROPERTY is set)")
+    # The current name from the cohorts list: a cohort renamed in Mixpanel moves its trait key in this sync.
+    cohorts = con.execute("""SELECT l.cohort_id, coalesce(c.name, l.cohort_name)
+                             FROM mixpanel.cohort_member_loads l LEFT JOIN mixpanel.cohorts c ON c.id = l.cohort_id
+                             ORDER BY l.cohort_id""").fetchall()
+    try:
+        return trait_keys(settings.trait_prefix, cohorts)
+    except TraitKeyError as exc:
+        raise dg.Failure(str(exc)) from None
+
+
+@dg.asset(
+    deps=[dg.AssetKey("mixpanel_cohort_members")],
+    pool="flagsmith",
+    group_name="flagsmith",
+    kinds={"flagsmith", "duckdb"},
+    tags={"mixsync/destination": "flagsmith"},
+    description="A boolean trait per synced Mixpanel cohort (FLAGSMITH_TRAIT_PREFIX + snake_cased name) on each "
+                "Flagsmith identity: only changes since what Flagsmith last confirmed are sent (sync.flagsmith_traits).",
+)
+def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: FlagsmithResource,
+                            warehouse: WarehouseResource) -> dg.MaterializeResult:
+    started = time.monotonic()
+    settings = flagsmith.settings()
+    store = warehouse.warehouse()
+    work_dir = warehouse.settings().landing_dir / "outbox"
+    stats = RetryStats()
+    with flagsmith.client(stats) as client:
+        try:
+            mode = client.detect_bulk_mode() if settings.bulk_mode == "auto" else settings.bulk_mode
+        except FlagsmithKeyError as exc:
+            raise dg.Failure(str(exc)) from None
+        # 1. An interrupted run: apply what Flagsmith acknowledged, so none of it is sent again.
+        recovered = recover(store, OUTBOX, work_dir, context.log)
+        with store.write() as con:
+            keys = _cohort_keys(con, settings)
+            folded_earlier = fold_acknowledged(con)
+            sync_id = begin_sync(con, mode, settings.exit_mode)
+            # 2. The changes, computed in DuckDB against the ledger, enqueued one item per identity.
+            plan = plan_changes(con, sync_id, 0, keys, settings.exit_mode, settings.identifier_property)
+        context.log.info(f"sync {sync_id} ({mode}): {plan.identities} identities, +{plan.set_true} true, "
+                         f"{plan.set_false} false, {plan.deleted} deleted")
+        report = _push(store, client, mode, settings, work_dir, f"sync-{sync_id}-r0", context.log)
+        with store.write() as con:
+            fold_acknowledged(con)
+            sample = verification_sample(con, sync_id, settings.verify_sample)
+        # 3. Read a sample back: a 202 from the bulk route does not prove the traits were stored.
+        verify_errors = 0
+        try:
+            read_back = _read_back(client, sample, settings.concurrency)
+        except ServiceError as exc:
+            context.log.warning(f"read-back verification failed, skipped: {exc}")
+            read_back, sample, verify_errors = [], [], 1
+        requeue = Plan(sync_id, 1)
+        requeue_report = PushReport()
+        with store.write() as con:
+            mismatches, examples = reconcile_read_back(con, sync_id, read_back, sample)
+            if mismatches:
+                requeue = plan_changes(con, sync_id, 1, keys, settings.exit_mode, settings.identifier_property)
+        if mismatches:
+            context.log.warning(f"{mismatches} traits in the read-back sample differ from what Flagsmith acknowledged "
+                                f"(e.g. {examples[:2]}); re-queued {requeue.traits} trait changes")
+            requeue_report = _push(store, client, mode, settings, work_dir, f"sync-{sync_id}-r1", context.log)
+        with store.write() as con:
+            fold_acknowledged(con)
+            finish_sync(con, sync_id, plan, len(sample), mismatches)
+            rejects = rejected_by_reason(con, sync_id)
+            ledger = ledger_summary(con)
+            preview = markdown_table(con, """SELECT trait_key, count(*) FILTER (trait_value) AS "true",
+                                                    count(*) FILTER (NOT trait_value) AS "false",
+                                                    count(*) FILTER (trait_value IS NULL) AS deleted
+                                             FROM sync.flagsmith_traits GROUP BY trait_key ORDER BY trait_key LIMIT 20""")
+        requests = client.requests_sent
+    if rejects:
+        context.log.warning(f"Flagsmith refused {sum(rejects.values())} identities: {rejects} "
+                            f"(see {OUTBOX} WHERE status = 'rejected')")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": ledger["ledger_true"] + ledger["ledger_false"],
+        "sync_id": sync_id,
+        "bulk_mode": mode,
+        "exit_mode": settings.exit_mode,
+        "trait_keys": {str(c): k for c, k in sorted(keys.items())},
+        "identities_touched": plan.identities,
+        "traits_set_true": plan.set_true,
+        "traits_set_false": plan.set_false,
+        "traits_deleted": plan.deleted,
+        "trait_writes": plan.traits,
+        "identities_sent": report.sent + requeue_report.sent,
+        "batches": report.batches + requeue_report.batches,
+        "requests": requests,
+        "rejected": report.rejected + requeue_report.rejected,
+        "rejects_by_reason": rejects,
+        "rejected_earlier_not_resent": plan.held_back_rejected,
+        "skipped_members": sum(plan.skipped_by_reason.values()),
+        "skipped_by_reason": plan.skipped_by_reason,
+        "recovered_identities": recovered.recovered_sent,
+        "folded_from_earlier_runs": folded_earlier,
+        "resent_in_flight_at_crash": recovered.in_flight_at_crash,
+        "superseded_pending": plan.superseded,
+        "verified_identities": len(sample),
+        "verify_mismatches": mismatches,
+        "verify_examples": examples,
+        "verify_errors": verify_errors,
+        "requeued_trait_writes": requeue.traits,
+        **ledger,
+        **stats.as_metadata(),
+        "duration_seconds": round(time.monotonic() - started, 3),
+        "traits": dg.MetadataValue.md(preview),
+    })

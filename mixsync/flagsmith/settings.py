@@ -1,0 +1,86 @@
+"""Flagsmith settings from the environment: key, API URL, trait naming, exit semantics, batching."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from mixsync.settings import Secret, SettingsError, parse_int, parse_url, require
+
+EDGE_API_URL = "https://edge.api.flagsmith.com/api/v1"
+DEFAULT_TRAIT_PREFIX = "mp_cohort_"
+DEFAULT_SYNC_CRON = "0 * * * *"
+BULK_MODES = ("auto", "edge", "core", "identities")
+EXIT_MODES = ("false", "delete")
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    return (environ.get(name) or "").strip() or None
+
+
+def api_base(url: str) -> str:
+    """Accept the host alone or the /api/v1 base, as people copy either from Flagsmith's docs."""
+    url = url.rstrip("/")
+    return url if re.search(r"/api/v\d+$", url) else f"{url}/api/v1"
+
+
+@dataclass(frozen=True)
+class FlagsmithSettings:
+    environment_key: Secret = field(repr=False)
+    api_url: str
+    trait_prefix: str
+    exit_mode: str                   # 'false' (default) or 'delete' (trait_value null)
+    identifier_property: str | None  # a profile property instead of distinct_id
+    bulk_mode: str
+    concurrency: int
+    verify_sample: int
+    batch_identities: int            # identities per request (Edge's bulk route takes at most 100)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "FlagsmithSettings":
+        environ = os.environ if environ is None else environ
+        key = require(environ, "FLAGSMITH_ENVIRONMENT_KEY",
+                      "the server-side environment key (starts with 'ser.'): Environment settings → Keys in Flagsmith")
+        if not key.startswith("ser."):
+            # Never echo the value: a client key is public, but a mistyped server key is not.
+            raise SettingsError(
+                "FLAGSMITH_ENVIRONMENT_KEY is not a server-side key (it does not start with 'ser.'). A client-side "
+                "environment key can silently drop trait writes when the environment disallows client traits; "
+                "create a server-side key under Environment settings → Keys and use that")
+        prefix = _env(environ, "FLAGSMITH_TRAIT_PREFIX") or DEFAULT_TRAIT_PREFIX
+        if len(prefix) > 100 or prefix != prefix.strip():
+            raise SettingsError(f"FLAGSMITH_TRAIT_PREFIX={prefix!r} must be at most 100 characters, without spaces "
+                                "around it")
+        exit_mode = (_env(environ, "FLAGSMITH_ON_COHORT_EXIT") or "false").lower()
+        if exit_mode not in EXIT_MODES:
+            raise SettingsError(f"FLAGSMITH_ON_COHORT_EXIT={exit_mode!r} is not one of: false (set the trait to false), "
+                                "delete (remove the trait)")
+        bulk_mode = (_env(environ, "FLAGSMITH_BULK_MODE") or "auto").lower()
+        if bulk_mode not in BULK_MODES:
+            raise SettingsError(f"FLAGSMITH_BULK_MODE={bulk_mode!r} is not one of: {', '.join(BULK_MODES)}")
+        return cls(
+            environment_key=Secret(key),
+            api_url=api_base(parse_url(environ, "FLAGSMITH_API_URL", EDGE_API_URL)),
+            trait_prefix=prefix,
+            exit_mode=exit_mode,
+            identifier_property=_env(environ, "FLAGSMITH_IDENTIFIER_PROPERTY"),
+            bulk_mode=bulk_mode,
+            concurrency=parse_int(environ, "FLAGSMITH_CONCURRENCY", 4, minimum=1, maximum=32),
+            verify_sample=parse_int(environ, "FLAGSMITH_VERIFY_SAMPLE", 100, minimum=0, maximum=100_000),
+            batch_identities=parse_int(environ, "FLAGSMITH_BATCH_IDENTITIES", 100, minimum=1, maximum=100),
+        )
+
+
+def sync_cron(environ: Mapping[str, str] | None = None) -> str:
+    """The cohort sync's cron; read at import time, so a malformed value warns and falls back instead of
+    breaking the code location."""
+    environ = os.environ if environ is None else environ
+    value = _env(environ, "FLAGSMITH_SYNC_CRON") or DEFAULT_SYNC_CRON
+    if len(value.split()) != 5:
+        warnings.warn(f"FLAGSMITH_SYNC_CRON={value!r} is not a 5-field cron expression such as '0 * * * *'; "
+                      f"using {DEFAULT_SYNC_CRON!r}", stacklevel=2)
+        return DEFAULT_SYNC_CRON
+    return value

@@ -1,0 +1,122 @@
+"""The landing folder of impression files: atomic writes, which files are complete, hashing, archive and quarantine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+GZIP_MAGIC = b"\x1f\x8b"
+# Names that tools give a file while they are still writing it; such a file is never picked up.
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".download", "_copying_", ".swp")
+LANDED_SUFFIXES = (".json", ".json.gz", ".gz")
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    """One complete file to load: where it is, its content hash, and whether it is gzipped (sniffed, not guessed)."""
+
+    name: str
+    path: Path
+    content_hash: str
+    size: int
+    gzipped: bool
+
+
+def new_file_name(gzipped: bool, now: dt.datetime | None = None) -> str:
+    """A unique name that sorts by arrival time."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"impressions-{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:12]}.json" + (".gz" if gzipped else "")
+
+
+def write_atomically(directory: Path, name: str, body: bytes) -> Path:
+    """Write `body` under a temporary name, fsync it, rename it into place and fsync the folder.
+
+    Readers never see a partial file under the final name, and the file survives a power cut once this returns.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / name
+    temporary = directory / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(directory)
+    return final
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_landed_name(name: str) -> bool:
+    """A name that a finished writer leaves: not hidden, not a temporary or partial name, a JSON (gz) file."""
+    lowered = name.lower()
+    return (not name.startswith((".", "~", "_"))
+            and lowered.endswith(LANDED_SUFFIXES)
+            and not any(suffix in lowered for suffix in PARTIAL_SUFFIXES))
+
+
+def landed_entries(directory: Path) -> Iterator[tuple[str, int]]:
+    """(name, inode) of candidate files in `directory` (not its subfolders). One readdir, no stat per file."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            # DirEntry.is_file and .inode use what readdir reports: no extra system call on Linux.
+            if is_landed_name(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name, entry.inode()
+
+
+def landed_names(directory: Path) -> list[str]:
+    return [name for name, _ in landed_entries(directory)]
+
+
+def fingerprint(path: Path) -> LandingFile:
+    """Hash the bytes as stored (so a renamed copy is recognised) and sniff gzip from the magic bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 20)
+        gzipped = head[:2] == GZIP_MAGIC
+        while head:
+            digest.update(head)
+            size += len(head)
+            head = handle.read(1 << 20)
+    return LandingFile(path.name, path, digest.hexdigest(), size, gzipped)
+
+
+def move_aside(path: Path, directory: Path, content_hash: str) -> Path:
+    """Move a file into `directory` without overwriting a different file that had the same name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / path.name
+    if target.exists():
+        target = directory / f"{content_hash[:12]}-{path.name}"
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.move(path, target)  # another file system: copy, then remove
+    return target
+
+
+def archive_folder(archive_dir: Path, when: dt.datetime) -> Path:
+    return archive_dir / when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d")

@@ -1,0 +1,164 @@
+"""Split's impressions webhook: persist each valid body as a landing file, durably, before answering 200."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import zlib
+from dataclasses import dataclass, field
+from threading import Lock
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from mixsync.impressions.landing import GZIP_MAGIC, new_file_name, write_atomically
+from mixsync.impressions.settings import ImpressionsSettings
+
+log = logging.getLogger("mixsync.receiver")
+WEBHOOK_PATH = "/impressions"
+# Without these an impression cannot be deduplicated or attributed: such a body is refused, not landed.
+REQUIRED_FIELDS = frozenset({"key", "split", "treatment", "time", "environmentId"})
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ReceiverStats:
+    lock: Lock = field(default_factory=Lock)
+    written: int = 0
+    impressions: int = 0
+    refused: int = 0
+    failed: int = 0
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def as_dict(self) -> dict[str, int]:
+        with self.lock:
+            return {"bodies_written": self.written, "impressions": self.impressions,
+                    "bodies_refused": self.refused, "bodies_failed": self.failed}
+
+
+def gunzip(body: bytes, limit: int) -> bytes:
+    """Decompress a gzip body without ever holding more than `limit` bytes of output (a gzip bomb stops here)."""
+    decompressor = zlib.decompressobj(wbits=31)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BodyRefused(400, f"the body is not valid gzip: {exc}") from None
+    if len(data) > limit:
+        raise BodyRefused(413, f"the body is larger than {limit} bytes once decompressed (MIXSYNC_WEBHOOK_MAX_BYTES)")
+    if not decompressor.eof:
+        raise BodyRefused(400, "the gzip body is truncated")
+    return data
+
+
+def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
+    """The number of impressions in a webhook body; BodyRefused when it is not a JSON array of impressions."""
+    data = gunzip(body, limit) if compressed else body
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BodyRefused(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise BodyRefused(400, f"the body is a JSON {type(items).__name__}, not an array of impressions")
+    # One pass over a few hundred small dicts per request; the bulk parsing happens later, in DuckDB.
+    for position, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BodyRefused(400, f"element {position} is a JSON {type(item).__name__}, not an impression object")
+        if not REQUIRED_FIELDS <= item.keys():
+            missing = ", ".join(sorted(REQUIRED_FIELDS - item.keys()))
+            raise BodyRefused(400, f"element {position} lacks {missing}")
+    return len(items)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyRefused(413, f"the body is larger than {limit} bytes (MIXSYNC_WEBHOOK_MAX_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyRefused(413, f"the body is larger than {limit} bytes (MIXSYNC_WEBHOOK_MAX_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(settings: ImpressionsSettings) -> Starlette:
+    """The webhook app. With MIXSYNC_WEBHOOK_TOKEN set, only POST /impressions/<token> lands anything."""
+    stats = ReceiverStats()
+    token = settings.webhook_token.value if settings.webhook_token else None
+
+    def land(body: bytes, compressed: bool):
+        count = check_impressions(body, compressed, settings.max_body_bytes)
+        if count == 0:
+            return 0, None
+        # Raw bytes as received (still gzipped): the landed file is exactly what Split sent.
+        return count, write_atomically(settings.impressions_dir, new_file_name(compressed), body)
+
+    async def receive(request: Request) -> Response:
+        given = request.path_params.get("token")
+        if token is not None and given is None:
+            return PlainTextResponse("this receiver needs its token in the URL: POST /impressions/<token>",
+                                     status_code=401)
+        if given is not None and (token is None or not hmac.compare_digest(given.encode(), token.encode())):
+            return PlainTextResponse("not found", status_code=404)
+        try:
+            body = await _read_limited(request, settings.max_body_bytes)
+            # Split gzips unless told not to; trust the magic bytes as much as the header.
+            compressed = (request.headers.get("content-encoding", "").lower() == "gzip"
+                          or body[:2] == GZIP_MAGIC)
+            # One hop to a worker thread for the checks and the fsynced write: the event loop keeps accepting.
+            count, path = await run_in_threadpool(land, body, compressed)
+        except BodyRefused as refused:
+            stats.add(refused=1)
+            log.warning("refused a webhook body: %s", refused.message)
+            return JSONResponse({"error": refused.message}, status_code=refused.status)
+        except OSError as exc:
+            stats.add(failed=1)
+            log.error("could not persist a webhook body: %s", exc)
+            # Not 200: Split retries once after 300 ms, and a body we did not persist must not be acknowledged.
+            return JSONResponse({"error": f"could not persist the body: {exc.strerror or exc}"}, status_code=503)
+        if path is None:
+            return PlainTextResponse("ok: no impressions", status_code=200)
+        stats.add(written=1, impressions=count)
+        log.info("landed %s (%d impressions)", path.name, count)
+        return PlainTextResponse("ok", status_code=200)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "landing_dir": str(settings.impressions_dir), **stats.as_dict()})
+
+    app = Starlette(routes=[
+        Route(WEBHOOK_PATH, receive, methods=["POST"]),
+        Route(WEBHOOK_PATH + "/{token}", receive, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ])
+    app.state.stats = stats
+    return app
+
+
+def run(host: str, port: int, settings: ImpressionsSettings | None = None) -> None:
+    """Serve the webhook until interrupted (the `mixsync receive-impressions` command)."""
+    import uvicorn
+
+    settings = settings or ImpressionsSettings.from_env()
+    settings.impressions_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = WEBHOOK_PATH + ("/<MIXSYNC_WEBHOOK_TOKEN>" if settings.webhook_token else "")
+    log.info("receiving Split impressions on POST http://%s:%d%s into %s", host, port, path, settings.impressions_dir)
+    if settings.webhook_token is None:
+        log.warning("MIXSYNC_WEBHOOK_TOKEN is not set: anyone who can reach this port can post impressions")
+    # No access log: it would print the URL, and with it the token.
+    uvicorn.run(build_app(settings), host=host, port=port, access_log=False, log_level="info")

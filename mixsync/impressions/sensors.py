@@ -1,0 +1,138 @@
+"""split_impression_files_sensor: batches new complete landing files into runs of split_impressions."""
+
+import base64
+import hashlib
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import orjson
+
+from mixsync.impressions.assets import split_impressions
+from mixsync.impressions.landing import landed_entries
+from mixsync.impressions.settings import ImpressionsSettings
+
+CURSOR_PREFIX = "z1:"
+
+split_impressions_job = dg.define_asset_job(
+    "split_impressions_job",
+    selection=[split_impressions],
+    tags={"mixsync/writes": "duckdb"},
+    description="Load the landing files named in the run config into split.impressions.",
+)
+
+
+@dataclass
+class CursorState:
+    """Files requested and still in the landing folder (name -> inode), and a counter that makes run keys new.
+
+    A loaded file leaves the folder (archived, deleted or quarantined), so it leaves the cursor too: the cursor
+    stays as small as what is in flight, however many files a day brings. The inode tells a file that came back
+    under a requested name from the one requested."""
+
+    sequence: int = 0
+    requested: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> str:
+        data = orjson.dumps({"sequence": self.sequence, "requested": dict(sorted(self.requested.items()))})
+        # Names share long prefixes: compressed, thousands of in-flight names stay a few kilobytes.
+        return CURSOR_PREFIX + base64.b64encode(zlib.compress(data, 6)).decode()
+
+    @classmethod
+    def decode(cls, cursor: str | None) -> "CursorState":
+        if not cursor:
+            return cls()
+        if not cursor.startswith(CURSOR_PREFIX):
+            raise ValueError(f"unknown cursor format {cursor[:10]!r}: reset the sensor's cursor")
+        data = orjson.loads(zlib.decompress(base64.b64decode(cursor[len(CURSOR_PREFIX):])))
+        return cls(int(data["sequence"]), {name: int(inode) for name, inode in data["requested"].items()})
+
+
+@dataclass
+class FilePlan:
+    batches: list[list[str]]
+    state: CursorState
+    in_folder: int
+    in_flight: int
+    settling: int
+    left_for_next_tick: int
+
+
+def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max_batches: int,
+                      settle_seconds: float, now: float | None = None) -> FilePlan:
+    """Group the new complete files of `directory` into at most `max_batches` batches of `batch_files` names.
+
+    One readdir per tick; a file is stat'ed only when it is a new candidate and only while batches still have room
+    (to skip files modified in the last `settle_seconds`, which a non-atomic writer may still be writing)."""
+    now = time.time() if now is None else now
+    entries = dict(landed_entries(directory))
+    in_flight = {name: inode for name, inode in entries.items() if state.requested.get(name) == inode}
+    candidates = sorted(entries.keys() - in_flight.keys())
+    batches: list[list[str]] = []
+    current: list[str] = []
+    settling = 0
+    considered = 0
+    for name in candidates:
+        if len(batches) >= max_batches:
+            break
+        considered += 1
+        if settle_seconds > 0:
+            try:
+                modified = os.stat(directory / name).st_mtime
+            except FileNotFoundError:
+                continue
+            if now - modified < settle_seconds:
+                settling += 1
+                continue
+        current.append(name)
+        if len(current) == batch_files:
+            batches.append(current)
+            current = []
+    if current and len(batches) < max_batches:
+        batches.append(current)
+    requested = {**in_flight, **{name: entries[name] for batch in batches for name in batch}}
+    return FilePlan(batches, CursorState(state.sequence + (1 if batches else 0), requested), len(entries),
+                    len(in_flight), settling, len(candidates) - considered)
+
+
+def run_key(sequence: int, batch: list[str]) -> str:
+    """Derived from the tick and the file names: a re-evaluated tick asks for the same keys (Dagster drops them),
+    a later tick for new ones (a file that comes back under an old name is loaded again, if its bytes are new)."""
+    digest = hashlib.sha256("\n".join(batch).encode()).hexdigest()[:16]
+    return f"impressions-{sequence}-{len(batch)}-{digest}"
+
+
+@dg.sensor(
+    job=split_impressions_job,
+    # Split posts every ~10 s: a minute gathers a handful of files per run without making people wait long.
+    minimum_interval_seconds=60,
+    description="Requests a run of split_impressions for new complete files in MIXSYNC_IMPRESSIONS_DIR, "
+                "in batches of MIXSYNC_IMPRESSIONS_BATCH_FILES, each file once.",
+)
+def split_impression_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    settings = ImpressionsSettings.from_env()
+    directory = settings.impressions_dir
+    if not directory.is_dir():
+        return dg.SensorResult(skip_reason=f"{directory} does not exist yet (MIXSYNC_IMPRESSIONS_DIR)",
+                               cursor=context.cursor)
+    state = CursorState.decode(context.cursor)
+    plan = plan_file_batches(directory, state, settings.batch_files, settings.max_runs_per_tick,
+                             settings.settle_seconds)
+    if not plan.batches:
+        return dg.SensorResult(
+            skip_reason=f"no new complete files ({plan.in_flight} requested and pending, {plan.settling} still settling)",
+            cursor=plan.state.encode())
+    if plan.left_for_next_tick:
+        context.log.info(f"{plan.left_for_next_tick} more new files wait for the next tick")
+    requests = [
+        dg.RunRequest(
+            run_key=run_key(plan.state.sequence, batch),
+            run_config={"ops": {"split_impressions": {"config": {"files": batch}}}},
+            tags={"mixsync/files": str(len(batch)), "mixsync/first_file": batch[0][:200]},
+        )
+        for batch in plan.batches
+    ]
+    return dg.SensorResult(run_requests=requests, cursor=plan.state.encode())

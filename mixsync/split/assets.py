@@ -1,0 +1,126 @@
+"""mixpanel.events → Split's Events API, through the sync.split_events outbox, a day per partition."""
+
+import datetime as dt
+import time
+
+import dagster as dg
+
+from mixsync.http import RetryStats, ServiceError
+from mixsync.mixpanel.partitions import daily_partitions
+from mixsync.resources import WarehouseResource
+from mixsync.settings import SettingsError
+from mixsync.split.client import SplitEventsClient
+from mixsync.split.mapping import MappingError
+from mixsync.split.resources import SplitResource
+from mixsync.warehouse import markdown_table
+from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
+from mixsync.warehouse.split import EVENTS_OUTBOX, stage_window
+
+
+class SplitEventsConfig(dg.Config):
+    resend: bool = False
+    """Send again events Split already acknowledged. Split does not deduplicate: it will count them twice."""
+
+
+def batch_sender(client: SplitEventsClient):
+    """The outbox's send function: one request per batch; a refusal Split will repeat stops the whole push."""
+
+    def send(payloads: list[bytes]) -> BatchOutcome:
+        try:
+            client.send_payloads(payloads)
+        except ServiceError as exc:
+            raise FatalPushError(str(exc)) from exc
+        return BatchOutcome()
+
+    return send
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    # The same partitions and policy as mixpanel_events: a range backfill of both runs as one run.
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[dg.AssetKey("mixpanel_events")],
+    pool="split_events",
+    group_name="split",
+    kinds={"split", "duckdb"},
+    tags={"mixsync/destination": "split"},
+    description="Mixpanel events of the day sent to Split's Events API, each once (outbox sync.split_events; "
+                "unmappable events in split.events_rejected).",
+)
+def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, split: SplitResource,
+                 warehouse: WarehouseResource) -> dg.MaterializeResult:
+    started = time.monotonic()
+    try:
+        settings = split.settings()
+        mapping = split.mapping(settings)
+    except (SettingsError, MappingError) as exc:
+        raise dg.Failure(str(exc)) from None
+    store = warehouse.warehouse()
+    work_dir = warehouse.settings().landing_dir / "outbox"
+    window = context.partition_time_window
+    first_day = window.start.date()
+    last_day = (window.end - dt.timedelta(days=1)).date()
+    days = [(first_day + dt.timedelta(days=n)).isoformat() for n in range((last_day - first_day).days + 1)]
+
+    # What a crashed push acknowledged is applied before the mapping touches pending rows.
+    recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log)
+    with store.write() as con:
+        staged = stage_window(con, mapping, first_day, last_day, settings.environment,
+                              dt.datetime.now(dt.timezone.utc), resend=config.resend)
+    if config.resend and staged.resend:
+        context.log.warning(f"resend requested: {staged.resend} events Split already acknowledged are sent again; "
+                            "Split does not deduplicate, so its metrics will count them twice")
+    if staged.rejected:
+        context.log.warning(f"{staged.rejected} events could not be mapped (see split.events_rejected): "
+                            f"{staged.rejects_by_reason}")
+    unusable = [name for name, target in staged.renames.items() if target is None]
+    if unusable:
+        context.log.warning(f"event names with no character Split accepts, rejected until renamed in the mapping "
+                            f"file: {unusable[:20]}")
+
+    stats = RetryStats()
+    failure: str | None = None
+    report = PushReport()
+    with split.client(settings, stats) as client:
+        try:
+            report = push(store, EVENTS_OUTBOX, batch_sender(client), work_dir, scopes=days,
+                          max_items=settings.batch_size, max_bytes=settings.max_batch_bytes,
+                          concurrency=settings.concurrency, logger=context.log)
+        except (FatalPushError, ServiceError) as exc:
+            failure = str(exc)
+        requests = client.requests_sent
+    with store.read() as con:
+        pending_after = con.execute(f"""SELECT count(*) FROM {EVENTS_OUTBOX} WHERE status = 'pending'
+                                        AND list_contains(?, scope)""", [days]).fetchone()[0]
+        preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events
+                                          FROM {EVENTS_OUTBOX} WHERE list_contains(?, scope)
+                                          GROUP BY ALL ORDER BY events DESC LIMIT 10""", [days])
+    metadata = {
+        "dagster/row_count": report.sent,
+        "days": f"{first_day}..{last_day}",
+        "events_considered": staged.considered,
+        "events_not_selected": staged.not_selected,
+        "events_mapped": staged.mapped,
+        "events_enqueued": staged.enqueued,
+        "events_sent": report.sent,
+        "events_already_sent_before": staged.already_sent - staged.resend,
+        "events_resent": staged.resend,
+        "events_pending_after": pending_after,
+        "events_withdrawn": staged.withdrawn,
+        "events_rejected": staged.rejected,
+        "rejects_by_reason": staged.rejects_by_reason,
+        "properties_trimmed": staged.properties_trimmed,
+        "renames": len(staged.renames),
+        "renamed_events": dict(list(staged.renames.items())[:50]),
+        "batches": report.batches,
+        "requests": requests,
+        "recovered_sent": recovered.recovered_sent,
+        "in_flight_at_crash": recovered.in_flight_at_crash,
+        **stats.as_metadata(),
+        "duration_seconds": round(time.monotonic() - started, 3),
+        "outbox": dg.MetadataValue.md(preview),
+    }
+    if failure is not None:
+        # Batches Split acknowledged stay marked sent; the rest stay pending for the next run.
+        raise dg.Failure(description=f"Split refused the push: {failure}", metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,277 @@
+"""flagsmith_cohort_traits against the sandbox: only changes are sent, exits, identifiers, renames, crashes, verification."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from mixsync.flagsmith.assets import flagsmith_cohort_traits
+from mixsync.flagsmith.resources import FlagsmithResource
+from mixsync.flagsmith.traits import trait_key
+from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.sandbox.mixpanel_query import profile_properties
+
+RESOURCES = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
+CHAIN = [mixpanel_cohorts, mixpanel_cohort_members, flagsmith_cohort_traits]
+PREFIX = "mp_cohort_"
+
+
+def sync(instance, assets=CHAIN, raise_on_error=True):
+    return dg.materialize(assets, instance=instance, resources=RESOURCES, raise_on_error=raise_on_error)
+
+
+def meta(result, node="flagsmith_cohort_traits"):
+    return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
+
+
+def failure_message(result) -> str:
+    """The step failures' messages, with the exceptions that caused them."""
+    parts = []
+    for event in result.all_events:
+        error = event.event_specific_data.error if event.is_step_failure else None
+        while error is not None:
+            parts.append(error.message)
+            error = error.cause
+    return " ".join(parts)
+
+
+def memberships(query) -> dict[str, set[str]]:
+    """{trait key: members} as the sandbox's Mixpanel holds them now."""
+    return {trait_key(PREFIX, c.id, c.name): set(c.members) for c in query.cohorts.values()}
+
+
+def owned(flagsmith) -> dict[tuple[str, str], object]:
+    return {(identifier, key): value for identifier, traits in flagsmith.all_traits().items()
+            for key, value in traits.items() if key.startswith(PREFIX)}
+
+
+def writes(flagsmith) -> dict[tuple[str, str], int]:
+    return {k: n for k, n in flagsmith.writes.items() if k[1].startswith(PREFIX)}
+
+
+def test_first_sync_sends_everyone_then_only_entries_and_exits(sandbox, env, instance):
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    first = meta(sync(instance))
+    before = memberships(query)
+    expected = {(m, key): True for key, members in before.items() for m in members}
+    assert owned(flagsmith) == expected
+    assert writes(flagsmith) == {pair: 1 for pair in expected}
+    assert first["traits_set_true"] == len(expected) and first["trait_writes"] == len(expected)
+    assert first["bulk_mode"] == "core" and first["verify_mismatches"] == 0
+
+    query.advance()
+    after = memberships(query)
+    entered = {(m, k) for k, members in after.items() for m in members - before[k]}
+    left = {(m, k) for k, members in before.items() for m in members - after[k]}
+    assert entered and left
+    counts_before = writes(flagsmith)
+    second = meta(sync(instance))
+    sent = {pair: n - counts_before.get(pair, 0) for pair, n in writes(flagsmith).items()
+            if n != counts_before.get(pair, 0)}
+    assert sent == {pair: 1 for pair in entered | left}  # exactly the changes, each once
+    assert second["traits_set_true"] == len(entered) and second["traits_set_false"] == len(left)
+    assert second["traits_deleted"] == 0
+    assert owned(flagsmith) == {**{(m, k): True for k, ms in after.items() for m in ms}, **{pair: False for pair in left}}
+
+    counts = writes(flagsmith)
+    third = meta(sync(instance))
+    assert third["trait_writes"] == 0 and writes(flagsmith) == counts  # nothing changed, nothing sent
+
+
+def test_exit_deletes_the_trait_when_asked(sandbox, env, instance, monkeypatch, warehouse):
+    monkeypatch.setenv("FLAGSMITH_ON_COHORT_EXIT", "delete")
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    sync(instance)
+    before = memberships(query)
+    query.advance()
+    after = memberships(query)
+    left = {(m, k) for k, members in before.items() for m in members - after[k]}
+    result = meta(sync(instance))
+    assert result["traits_deleted"] == len(left) > 0 and result["traits_set_false"] == 0
+    assert owned(flagsmith) == {(m, k): True for k, ms in after.items() for m in ms}
+    with warehouse.read() as con:
+        tombstones = con.execute("SELECT count(*) FROM sync.flagsmith_traits WHERE trait_value IS NULL").fetchone()[0]
+    assert tombstones == len(left)
+
+
+def test_a_profile_property_can_be_the_identifier(sandbox, env, instance, monkeypatch):
+    monkeypatch.setenv("FLAGSMITH_IDENTIFIER_PROPERTY", "$email")
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    result = meta(sync(instance))
+    expected, without_email = {}, 0
+    for key, members in memberships(query).items():
+        for m in members:
+            email = profile_properties(m).get("$email")
+            if email:
+                expected[(email, key)] = True
+            else:
+                without_email += 1
+    assert without_email > 0
+    assert owned(flagsmith) == expected
+    assert all("@" in identifier for identifier in flagsmith.all_traits())  # an empty identifier is never sent
+    assert result["skipped_by_reason"] == {"profile has no $email": without_email}
+
+
+def test_colliding_cohort_names_fail_clearly_and_send_nothing(sandbox, env, instance):
+    sandbox.mixpanel.query.rename(1002, "power-users")
+    result = sync(instance, raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert "'mp_cohort_power_users'" in message and "cohort 1001 ('Power Users')" in message
+    assert "cohort 1002 ('power-users')" in message
+    assert sandbox.flagsmith.writes == {}
+
+
+def test_a_renamed_cohort_moves_its_trait_in_one_sync_and_leaves_other_traits_alone(sandbox, env, instance):
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    sync(instance)
+    query.advance()
+    sync(instance)  # some people now hold mp_cohort_power_users = false
+    members = set(query.cohorts[1001].members)
+    held_old = {i for (i, k) in owned(flagsmith) if k == "mp_cohort_power_users"}
+    assert held_old - members
+    someone = sorted(members)[0]
+    flagsmith.set_trait(someone, "favourite_color", "blue")
+    flagsmith.set_trait("hand-made", "mp_cohort_power_users", True)  # set by a person, not owned by mixsync
+    query.rename(1001, "Super Users")
+    result = meta(sync(instance))
+    assert result["traits_set_true"] == len(members) and result["traits_deleted"] == len(held_old)
+    assert result["identities_touched"] == len(held_old | members)
+    after = owned(flagsmith)
+    assert {i for (i, k), v in after.items() if k == "mp_cohort_super_users" and v is True} == members
+    assert {i for (i, k) in after if k == "mp_cohort_power_users"} == {"hand-made"}
+    assert flagsmith.traits(someone)["favourite_color"] == "blue"
+
+
+CHILD = """
+import dagster as dg
+from mixsync.definitions import resources
+from mixsync.flagsmith.assets import flagsmith_cohort_traits
+dg.materialize([flagsmith_cohort_traits], resources=resources)
+"""
+
+
+def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, instance, monkeypatch):
+    for name, value in {"FLAGSMITH_BULK_MODE": "core", "FLAGSMITH_BATCH_IDENTITIES": "10",
+                        "FLAGSMITH_CONCURRENCY": "2"}.items():
+        monkeypatch.setenv(name, value)
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    sync(instance, [mixpanel_cohorts, mixpanel_cohort_members])
+    flagsmith.hold_after_requests = 3  # three batches go through; the next ones hang in flight
+    journal_dir = Path(env["MIXSYNC_LANDING_DIR"]) / "outbox" / "sync_flagsmith_outbox"
+    child = subprocess.Popen([sys.executable, "-c", CHILD], env=os.environ.copy(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            acked = sum(p.read_text().count("\nsent ") + p.read_text().startswith("sent ")
+                        for p in journal_dir.glob("*.journal")) if journal_dir.exists() else 0
+            if flagsmith.held >= 2 and acked >= 3:
+                break
+            assert child.poll() is None, "the push finished before it could be killed"
+            assert time.monotonic() < deadline, "the push never reached the held requests"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        flagsmith.release()
+    flagsmith.hold_after_requests = None
+    assert 0 < len(owned(flagsmith)) < sum(len(m) for m in memberships(query).values())
+
+    result = meta(sync(instance, [flagsmith_cohort_traits]))
+    assert result["recovered_identities"] == 30 and result["resent_in_flight_at_crash"] == 20
+    expected = {(m, k): True for k, ms in memberships(query).items() for m in ms}
+    assert owned(flagsmith) == expected
+    assert writes(flagsmith) == {pair: 1 for pair in expected}  # nothing twice, nothing lost
+
+
+def test_partial_bulk_application_is_caught_by_read_back_and_requeued(sandbox, env, instance, monkeypatch):
+    monkeypatch.setenv("FLAGSMITH_BATCH_IDENTITIES", "20")
+    monkeypatch.setenv("FLAGSMITH_VERIFY_SAMPLE", "1000")
+    flagsmith = sandbox.flagsmith
+    flagsmith.api = "edge"
+    flagsmith.faults.add("bulk_identities_partial")  # the first bulk request applies 10 of its 20 identities
+    result = meta(sync(instance))
+    assert result["bulk_mode"] == "edge"
+    assert result["verify_mismatches"] > 0
+    assert result["requeued_trait_writes"] == result["verify_mismatches"]
+    expected = {(m, k): True for k, ms in memberships(sandbox.mixpanel.query).items() for m in ms}
+    assert owned(flagsmith) == expected
+    assert len(flagsmith.recorder.matching("/bulk-identities/")) > 1
+
+
+def test_a_wrong_key_fails_fast_without_showing_it(sandbox, env, instance, monkeypatch):
+    sync(instance, [mixpanel_cohorts, mixpanel_cohort_members])
+    monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", "ser.wrong-secret-value")
+    result = sync(instance, [flagsmith_cohort_traits], raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert "FLAGSMITH_ENVIRONMENT_KEY" in message and "403" in message
+    assert "wrong-secret-value" not in message
+    assert len(sandbox.flagsmith.recorder.requests) == 1 and sandbox.flagsmith.writes == {}
+    monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", sandbox.flagsmith.client_key)
+    result = sync(instance, [flagsmith_cohort_traits], raise_on_error=False)
+    assert not result.success and "FLAGSMITH_ENVIRONMENT_KEY is not a server-side key" in failure_message(result)
+
+
+def test_a_429_storm_is_ridden_out_and_nothing_is_written_twice(sandbox, env, instance):
+    flagsmith = sandbox.flagsmith
+    limited = '{"detail": "Request was throttled. Expected available in 1 second."}'
+    flagsmith.faults.add("traits_bulk", status=429, body=limited, retry_after="0", times=5)
+    flagsmith.faults.add("identities_read", status=429, body=limited, times=2)
+    result = meta(sync(instance))
+    assert result["retries"] == 7 and sum(result["retry_reasons"].values()) == 7
+    expected = {(m, k): True for k, ms in memberships(sandbox.mixpanel.query).items() for m in ms}
+    assert owned(flagsmith) == expected and writes(flagsmith) == {pair: 1 for pair in expected}
+
+
+def test_a_refused_identity_is_recorded_and_does_not_block_the_rest(sandbox, env, instance, monkeypatch, warehouse):
+    monkeypatch.setenv("FLAGSMITH_BATCH_IDENTITIES", "20")
+    monkeypatch.setenv("FLAGSMITH_BULK_MODE", "core")  # no probe: the planned faults hit the first real batch
+    flagsmith = sandbox.flagsmith
+    # The bulk request of the first batch is refused; it is retried identity by identity, and one is refused.
+    flagsmith.faults.add("traits_bulk", status=400, body='{"non_field_errors": ["bad batch"]}')
+    flagsmith.faults.add("identities", status=400, body='{"traits": [{"trait_value": ["bad value"]}]}')
+    result = meta(sync(instance))
+    assert result["rejected"] == 1 and list(result["rejects_by_reason"].values()) == [1]
+    with warehouse.read() as con:
+        refused, error = con.execute("""SELECT payload->>'identifier', error FROM sync.flagsmith_outbox
+                                        WHERE status = 'rejected'""").fetchone()
+    assert "HTTP 400" in error and "bad value" in error
+    expected = {(m, k): True for k, ms in memberships(sandbox.mixpanel.query).items() for m in ms}
+    assert owned(flagsmith) == {pair: v for pair, v in expected.items() if pair[0] != refused}
+    again = meta(sync(instance))
+    assert again["trait_writes"] == 0 and again["rejected_earlier_not_resent"] >= 1
+
+
+def test_definitions_schedule_the_chain_hourly():
+    from mixsync.definitions import defs
+
+    schedule = defs.resolve_schedule_def("flagsmith_cohort_traits_schedule")
+    assert schedule.cron_schedule == "0 * * * *"
+    job = defs.resolve_job_def("flagsmith_cohort_traits_job")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} >= {
+        "mixpanel_cohorts", "mixpanel_cohort_members", "flagsmith_cohort_traits"}
+
+
+def test_identifiers_flagsmith_cannot_store_are_skipped_with_a_reason(sandbox, env, instance, warehouse):
+    too_long = "x" * 2001  # Flagsmith answers 500 above 2000 characters
+    sandbox.mixpanel.query.cohorts[1003].members.append(too_long)
+    result = meta(sync(instance))
+    assert result["skipped_by_reason"] == {"identifier longer than 2000 characters": 1}
+    assert too_long not in sandbox.flagsmith.all_traits()
+    assert all(r.status < 500 for r in sandbox.flagsmith.recorder.requests)
+    with warehouse.read() as con:
+        assert con.execute("SELECT cohort_id, reason FROM sync.flagsmith_skipped").fetchall() == [
+            (1003, "identifier longer than 2000 characters")]

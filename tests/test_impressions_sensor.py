@@ -1,0 +1,138 @@
+"""split_impression_files_sensor: complete files only, bounded batches, each file once, even across restarts."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dagster as dg
+import orjson
+
+from mixsync.impressions import sensors
+from mixsync.impressions.landing import write_atomically
+from mixsync.impressions.sensors import CursorState, plan_file_batches, split_impression_files_sensor
+from mixsync.sandbox.impressions import ImpressionGenerator, encode
+
+
+def drop(directory, name, size=5, seed=1, gzipped=True):
+    body, _ = encode(ImpressionGenerator(seed=seed).batch(size), gzipped)
+    return write_atomically(directory, name, body)
+
+
+def tick(instance, cursor=None):
+    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+    return result
+
+
+def requested_files(result) -> list[list[str]]:
+    return [r.run_config["ops"]["split_impressions"]["config"]["files"] for r in result.run_requests or []]
+
+
+def test_half_written_files_are_not_picked(impressions_env, instance, tmp_path):
+    landing = tmp_path / "impressions"
+    drop(landing, "impressions-a.json.gz")
+    # What writers leave while a file is still being written, and a file a non-atomic writer is still filling.
+    for partial in (".impressions-b.json.gz.1234.tmp", "impressions-c.json.gz.part", "impressions-d.json.tmp",
+                    "impressions-e.json._COPYING_"):
+        (landing / partial).write_bytes(b'[{"key": ')
+    (landing / "archive").mkdir()
+    result = tick(instance)
+    assert requested_files(result) == [["impressions-a.json.gz"]]
+
+
+def test_recently_modified_files_wait_for_the_settle_time(impressions_env, instance, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXSYNC_IMPRESSIONS_SETTLE_SECONDS", "60")
+    landing = tmp_path / "impressions"
+    old = drop(landing, "impressions-old.json.gz")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    (landing / "impressions-being-copied.json").write_bytes(b'[{"key": "u1", "split"')
+    first = tick(instance)
+    assert requested_files(first) == [["impressions-old.json.gz"]]
+    os.utime(landing / "impressions-being-copied.json", (an_hour_ago, an_hour_ago))
+    second = tick(instance, first.cursor)
+    assert requested_files(second) == [["impressions-being-copied.json"]]
+
+
+def test_files_are_batched_up_to_the_bound_with_the_list_in_run_config(impressions_env, instance, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXSYNC_IMPRESSIONS_BATCH_FILES", "4")
+    monkeypatch.setenv("MIXSYNC_IMPRESSIONS_MAX_RUNS_PER_TICK", "2")
+    landing = tmp_path / "impressions"
+    names = [f"impressions-{n:03d}.json.gz" for n in range(11)]
+    for name in names:
+        drop(landing, name)
+    first = tick(instance)
+    assert requested_files(first) == [names[0:4], names[4:8]]
+    assert len({r.run_key for r in first.run_requests}) == 2
+    second = tick(instance, first.cursor)
+    assert requested_files(second) == [names[8:11]]
+    third = tick(instance, second.cursor)
+    assert not third.run_requests and "no new complete files" in str(third.skip_reason)
+
+
+def test_cursor_survives_a_restart_and_no_file_is_requested_twice(impressions_env, instance, tmp_path):
+    landing = tmp_path / "impressions"
+    drop(landing, "impressions-1.json.gz")
+    drop(landing, "impressions-2.json", gzipped=False)
+    first = tick(instance)
+    assert requested_files(first) == [["impressions-1.json.gz", "impressions-2.json"]]
+    saved = first.cursor
+    # A restarted daemon only has what Dagster stored: the cursor string. The run has not happened yet.
+    drop(landing, "impressions-3.json.gz", seed=3)
+    with dg.instance_for_test() as restarted:
+        second = tick(restarted, saved)
+    assert requested_files(second) == [["impressions-3.json.gz"]]
+    # The runs load and move the files away; the cursor forgets them, and stays as small as what is in flight.
+    for name in ("impressions-1.json.gz", "impressions-2.json", "impressions-3.json.gz"):
+        (landing / name).unlink()
+    third = tick(instance, second.cursor)
+    assert not third.run_requests
+    assert CursorState.decode(third.cursor).requested == {}
+
+
+def test_a_re_evaluated_tick_asks_for_the_same_run_keys(impressions_env, instance, tmp_path):
+    landing = tmp_path / "impressions"
+    for n in range(3):
+        drop(landing, f"impressions-{n}.json.gz", seed=n)
+    first = tick(instance)
+    again = tick(instance)  # the same cursor, as if the first tick's cursor update was lost
+    assert [r.run_key for r in first.run_requests] == [r.run_key for r in again.run_requests]
+    # A later tick never reuses a key: a file that comes back under an old name (after its run archived the
+    # first one) is a new request.
+    (tmp_path / "archive").mkdir()
+    for n in range(3):
+        os.replace(landing / f"impressions-{n}.json.gz", tmp_path / "archive" / f"impressions-{n}.json.gz")
+    drop(landing, "impressions-0.json.gz", seed=9)
+    later = tick(instance, first.cursor)
+    later_keys = {r.run_key for r in later.run_requests}
+    assert later_keys and not later_keys & {r.run_key for r in first.run_requests}
+
+
+def test_a_tick_with_tens_of_thousands_of_files_stats_only_what_it_needs(impressions_env, instance, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MIXSYNC_IMPRESSIONS_SETTLE_SECONDS", "1")
+    landing = tmp_path / "impressions"
+    landing.mkdir()
+    payload = orjson.dumps(ImpressionGenerator(seed=1).batch(1))
+    names = [f"impressions-{n:06d}.json" for n in range(30_000)]
+    for name in names:
+        (landing / name).write_bytes(payload)
+    an_hour_ago = time.time() - 3600
+    for name in names:
+        os.utime(landing / name, (an_hour_ago, an_hour_ago))
+    # 29,990 of them are already requested (their runs are queued); 10 are new.
+    state = CursorState(sequence=7, requested={n: os.stat(landing / n).st_ino for n in names[:29_990]})
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(sensors.os, "stat", lambda path, *a, **k: stats.append(path) or real_stat(path, *a, **k))
+    plan = plan_file_batches(landing, state, batch_files=500, max_batches=10, settle_seconds=1)
+    assert plan.batches == [names[29_990:]]
+    assert len(stats) == 10
+    assert plan.in_flight == 29_990
+    # The cursor for 30,000 in-flight names stays small.
+    assert len(plan.state.encode()) < 200_000
+
+
+def test_missing_folder_is_a_skip_not_a_failure(impressions_env, instance):
+    result = tick(instance)
+    assert not result.run_requests and "does not exist" in str(result.skip_reason)

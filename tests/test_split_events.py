@@ -1,0 +1,218 @@
+"""Materializing split_events against the sandbox: real HTTP, a real DuckDB file, real Dagster runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import orjson
+import pytest
+
+from mixsync.mixpanel.assets import mixpanel_events
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.sandbox.split import BULK_ROUTE
+from mixsync.split.assets import split_events
+from mixsync.split.resources import SplitResource
+from mixsync.warehouse.split import EVENTS_OUTBOX
+
+RESOURCES = {"mixpanel": MixpanelResource(), "split": SplitResource(), "warehouse": WarehouseResource()}
+RESEND = {"ops": {"split_events": {"config": {"resend": True}}}}
+
+
+def materialize(instance, assets, first: str, last: str | None = None, run_config=None, raise_on_error=True):
+    tags, partition_key = {}, first
+    if last and last != first:
+        tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+        partition_key = None
+    return dg.materialize(assets, instance=instance, resources=RESOURCES, partition_key=partition_key, tags=tags,
+                          run_config=run_config, raise_on_error=raise_on_error)
+
+
+def split_metadata(result) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node("split_events")[0].metadata.items()}
+
+
+def failure_text(result) -> str:
+    failure = result.get_step_failure_events()[0].step_failure_data
+    return " ".join(filter(None, [failure.error.message if failure.error else None,
+                                  failure.user_failure_data.description if failure.user_failure_data else None]))
+
+
+def run_logs(instance, result) -> list[str]:
+    return [entry.user_message for entry in instance.all_logs(result.run_id)]
+
+
+def outbox_counts(warehouse) -> dict[str, int]:
+    with warehouse.read() as con:
+        return dict(con.execute(f"SELECT status, count(*) FROM {EVENTS_OUTBOX} GROUP BY status").fetchall())
+
+
+def outbox_identities(warehouse, sandbox) -> set:
+    with warehouse.read() as con:
+        payloads = [orjson.loads(p) for (p,) in con.execute(f"SELECT payload FROM {EVENTS_OUTBOX}").fetchall()]
+    return {sandbox.split.identity(p) for p in payloads}
+
+
+@pytest.fixture
+def day(sandbox, env, instance) -> str:
+    """A day of the sandbox's Mixpanel data, loaded into mixpanel.events."""
+    key = sandbox.dataset.days[0].isoformat()
+    materialize(instance, [mixpanel_events], key)
+    return key
+
+
+def test_a_day_is_sent_once_and_rematerializing_sends_nothing_new(sandbox, env, warehouse, instance, day):
+    first = split_metadata(materialize(instance, [split_events], day))
+    with warehouse.read() as con:
+        considered = con.execute("SELECT count(*) FROM mixpanel.events WHERE day = ?", [day]).fetchone()[0]
+        rejects = dict(con.execute("SELECT reason, count(*) FROM split.events_rejected GROUP BY reason").fetchall())
+    assert first["events_considered"] == considered > 500
+    assert first["events_mapped"] + first["events_rejected"] == considered
+    assert first["events_sent"] == first["events_mapped"] == sandbox.split.accepted
+    assert first["dagster/row_count"] == first["events_sent"]
+    assert first["rejects_by_reason"] == rejects and rejects  # the dataset has events without distinct_id
+    assert first["renames"] > 0 and first["renamed_events"]["$mp_web_page_view"] == "mp_web_page_view"
+    assert first["batches"] == -(-first["events_sent"] // 1000)
+    assert sandbox.split.duplicates() == 0
+    assert outbox_identities(warehouse, sandbox) == set(sandbox.split.received())
+    assert outbox_counts(warehouse) == {"sent": first["events_sent"]}
+
+    again = split_metadata(materialize(instance, [split_events], day))
+    assert again["events_sent"] == 0 and again["events_enqueued"] == 0 and again["batches"] == 0
+    assert again["events_already_sent_before"] == first["events_sent"]
+    assert sandbox.split.accepted == first["events_sent"] and sandbox.split.duplicates() == 0
+
+
+def test_resend_is_explicit_and_warned_about(sandbox, env, warehouse, instance, day):
+    first = split_metadata(materialize(instance, [split_events], day))
+    result = materialize(instance, [split_events], day, run_config=RESEND)
+    again = split_metadata(result)
+    assert again["events_resent"] == again["events_sent"] == first["events_sent"]
+    assert sandbox.split.duplicates() == first["events_sent"]
+    assert any("resend requested" in line and "twice" in line for line in run_logs(instance, result))
+
+
+def test_a_range_backfill_flows_through_both_assets_in_one_run(sandbox, env, warehouse, instance):
+    days = [d.isoformat() for d in sandbox.dataset.days]
+    result = materialize(instance, [mixpanel_events, split_events], days[0], days[-1])
+    meta = split_metadata(result)
+    assert meta["days"] == f"{days[0]}..{days[-1]}"
+    with warehouse.read() as con:
+        scopes = dict(con.execute(f"SELECT scope, count(*) FROM {EVENTS_OUTBOX} GROUP BY scope").fetchall())
+    assert sorted(scopes) == days and sum(scopes.values()) == meta["events_sent"] == sandbox.split.accepted
+
+
+def test_a_429_storm_is_ridden_out_honouring_retry_after(sandbox, env, warehouse, instance, day, monkeypatch):
+    monkeypatch.setenv("MIXSYNC_HTTP_ATTEMPTS", "40")
+    sandbox.split.faults.add(BULK_ROUTE, status=429, body="Too Many Requests", retry_after="0", times=10)
+    sandbox.split.faults.add(BULK_ROUTE, status=429, body="Too Many Requests", retry_after="1", times=2)
+    sandbox.split.faults.add(BULK_ROUTE, status=503, body="Service Unavailable", times=3)
+    meta = split_metadata(materialize(instance, [split_events], day))
+    assert meta["retries"] == 15
+    assert meta["retry_reasons"] == {"HTTP 429 from Split Events API": 12, "HTTP 503 from Split Events API": 3}
+    assert meta["retry_wait_seconds"] >= 2.0  # the two Retry-After: 1 answers were honoured
+    assert meta["events_sent"] == sandbox.split.accepted and sandbox.split.duplicates() == 0
+    assert outbox_counts(warehouse) == {"sent": meta["events_sent"]}
+
+
+def test_a_wrong_key_stops_with_splits_message_and_the_setting_then_a_fixed_key_sends_all(
+        sandbox, env, warehouse, instance, day, monkeypatch):
+    monkeypatch.setenv("SPLIT_SDK_KEY", sandbox.split.admin_key)
+    result = materialize(instance, [split_events], day, raise_on_error=False)
+    assert not result.success
+    text = failure_text(result)
+    assert "HTTP 401" in text and "Admin API key cannot send events" in text and "SPLIT_SDK_KEY" in text
+    assert sandbox.split.admin_key not in text and sandbox.split.admin_key not in " ".join(run_logs(instance, result))
+    # Not retried: one request per concurrent batch at most, nothing accepted, everything still pending.
+    assert len(sandbox.split.recorder.matching(BULK_ROUTE)) <= 4 and sandbox.split.accepted == 0
+    assert set(outbox_counts(warehouse)) == {"pending"}
+
+    monkeypatch.setenv("SPLIT_SDK_KEY", sandbox.split.sdk_key)
+    meta = split_metadata(materialize(instance, [split_events], day))
+    assert meta["events_sent"] == meta["events_mapped"] == sandbox.split.accepted
+    assert sandbox.split.duplicates() == 0
+
+
+def test_an_unknown_traffic_type_stops_naming_the_setting(sandbox, env, warehouse, instance, day, monkeypatch):
+    monkeypatch.setenv("SPLIT_TRAFFIC_TYPE", "accounts")
+    result = materialize(instance, [split_events], day, raise_on_error=False)
+    text = failure_text(result)
+    assert "HTTP 400" in text and "traffic type 'accounts' does not exist" in text and "SPLIT_TRAFFIC_TYPE" in text
+    assert sandbox.split.accepted == 0
+
+
+def test_missing_settings_and_bad_mapping_files_fail_only_this_asset_with_a_clear_message(
+        sandbox, env, warehouse, instance, day, monkeypatch, tmp_path):
+    monkeypatch.delenv("SPLIT_SDK_KEY")
+    result = materialize(instance, [split_events], day, raise_on_error=False)
+    assert "SPLIT_SDK_KEY is not set" in failure_text(result)
+    monkeypatch.setenv("SPLIT_SDK_KEY", sandbox.split.sdk_key)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("events:\n  include: [Purchase]\nvalue:\n  propertes: [price]\n", encoding="utf-8")
+    monkeypatch.setenv("SPLIT_MAPPING_FILE", str(mapping))
+    result = materialize(instance, [split_events], day, raise_on_error=False)
+    assert f"{mapping}, line 4: unknown setting value.propertes" in failure_text(result)
+    assert sandbox.split.accepted == 0
+
+
+def test_a_mapping_file_is_applied(sandbox, env, warehouse, instance, day, monkeypatch, tmp_path):
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("events:\n  include: [Purchase, '$mp_web_page_view']\n  rename:\n    Purchase: purchase\n"
+                       "value:\n  properties: [price]\nproperties:\n  drop_dollar: true\n", encoding="utf-8")
+    monkeypatch.setenv("SPLIT_MAPPING_FILE", str(mapping))
+    meta = split_metadata(materialize(instance, [split_events], day))
+    events = sandbox.split.events
+    assert {e["eventTypeId"] for e in events} == {"purchase", "mp_web_page_view"}
+    assert all(e["value"] is not None for e in events if e["eventTypeId"] == "purchase")
+    assert not any(k.startswith("$") for e in events for k in e["properties"])
+    assert meta["events_not_selected"] == meta["events_considered"] - meta["events_mapped"] - meta["events_rejected"] > 0
+
+
+CRASHING_RUN = """
+import sys
+import dagster as dg
+from mixsync.definitions import resources
+from mixsync.split.assets import split_events
+dg.materialize([split_events], partition_key=sys.argv[1], resources=resources)
+"""
+
+
+def test_a_crash_mid_push_resends_at_most_the_batches_in_flight_and_says_so(
+        sandbox, env, warehouse, instance, day, tmp_path):
+    batch, concurrency = 100, 2
+    # From the third request on, Split receives and keeps the events but the answers never reach the client.
+    sandbox.split.hold_from_request = 3
+    child_env = {**os.environ, "SPLIT_BATCH_SIZE": str(batch), "SPLIT_PUSH_CONCURRENCY": str(concurrency)}
+    child = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, day], env=child_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while sandbox.split.bulk_requests < 2 + concurrency:
+            assert child.poll() is None, "the push ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the push never reached the held requests"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        sandbox.split.hold_from_request = None
+        sandbox.split.release()
+    in_flight = concurrency * batch
+    assert sandbox.split.accepted == 2 * batch + in_flight
+
+    result = materialize(instance, [split_events], day)
+    meta = split_metadata(result)
+    assert meta["recovered_sent"] == 2 * batch
+    assert meta["in_flight_at_crash"] == in_flight
+    assert meta["events_sent"] == meta["events_mapped"] - 2 * batch
+    assert any("interrupted" in line and f"{in_flight} items in flight" in line for line in run_logs(instance, result))
+    # Every event arrived; only the batches in flight at the crash arrived twice.
+    assert set(sandbox.split.received()) == outbox_identities(warehouse, sandbox)
+    assert sandbox.split.duplicates() == in_flight
+    assert outbox_counts(warehouse) == {"sent": meta["events_mapped"]}
