@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +13,8 @@ from mixsync.sandbox import Sandbox
 from mixsync.sandbox.data import Dataset
 
 
+# backfill_policy is a beta parameter in Dagster; saying so on every import would bury the summary.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 # Dagster's per-event DEBUG lines would bury the summary; warnings and failures still show.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 

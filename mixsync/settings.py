@@ -188,7 +188,7 @@ class MixpanelSettings:
             export_url=export_url,
             query_url=query_url,
             ingestion_url=ingestion_url,
-            start_date=parse_date(environ, "MIXPANEL_START_DATE"),
+            start_date=partitions_start_date(environ),
             project_timezone=parse_timezone(environ, "MIXPANEL_PROJECT_TIMEZONE", "UTC"),
             legacy_local_time=parse_bool(environ, "MIXPANEL_LEGACY_LOCAL_TIME", False),
             export_window_days=parse_int(environ, "MIXPANEL_EXPORT_WINDOW_DAYS", 31, minimum=1, maximum=366),
