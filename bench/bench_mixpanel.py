@@ -26,7 +26,9 @@ def child_duckdb_read_json(path: str, db: str, extract: bool) -> dict:
     import duckdb
 
     con = duckdb.connect(db)
-    con.execute("SET threads = 2; SET memory_limit = '512MB'; SET preserve_insertion_order = false")
+    # The same DuckDB settings as mixsync's loader (MIXSYNC_DUCKDB_MEMORY_LIMIT, threads), so only the path differs.
+    con.execute(f"SET threads = 2; SET memory_limit = '{os.environ.get('MIXSYNC_DUCKDB_MEMORY_LIMIT', '256MB')}'; "
+                "SET preserve_insertion_order = false")
     started = time.perf_counter()
     columns = "*"
     if extract:
