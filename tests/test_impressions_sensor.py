@@ -136,3 +136,23 @@ def test_a_tick_with_tens_of_thousands_of_files_stats_only_what_it_needs(impress
 def test_missing_folder_is_a_skip_not_a_failure(impressions_env, instance):
     result = tick(instance)
     assert not result.run_requests and "does not exist" in str(result.skip_reason)
+
+
+def test_a_sensor_run_request_lands_and_forwards_in_one_run_of_the_real_job(impressions_env, instance, tmp_path,
+                                                                            sandbox, warehouse):
+    from mixsync.definitions import defs
+
+    landing = tmp_path / "impressions"
+    drop(landing, "impressions-1.json.gz", size=40, seed=11)
+    drop(landing, "impressions-2.json", size=25, seed=12, gzipped=False)
+    request = tick(instance).run_requests[0]
+    job = defs.resolve_job_def(request.job_name or "split_impressions_job")
+    assert job.name == "split_impressions_job"
+    result = job.execute_in_process(run_config=request.run_config, instance=instance, tags=request.tags)
+    assert result.success
+    with warehouse.read() as con:
+        landed = con.execute("SELECT count(*) FROM split.impressions").fetchone()[0]
+        sent = con.execute("SELECT count(*) FROM sync.mixpanel_exposures WHERE status = 'sent'").fetchone()[0]
+    assert landed == sent > 0
+    held = sandbox.mixpanel.ingest.held()
+    assert len(held) == landed and {event["event"] for event in held} == {"$experiment_started"}

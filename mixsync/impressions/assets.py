@@ -145,7 +145,6 @@ def push_exposures(store: Warehouse, client: MixpanelClient, settings: Impressio
     group_name="impressions",
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/destination": "mixpanel"},
-    automation_condition=dg.AutomationCondition.eager(),
     description="Every impression sent once to Mixpanel's /import as an `$experiment_started` exposure, through the "
                 "outbox sync.mixpanel_exposures (deterministic $insert_id; strict-mode refusals recorded there).",
 )

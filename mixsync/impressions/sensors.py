@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 
-from mixsync.impressions.assets import split_impressions
+from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impressions
 from mixsync.impressions.landing import landed_entries
 from mixsync.impressions.settings import ImpressionsSettings
 
@@ -19,9 +19,11 @@ CURSOR_PREFIX = "z1:"
 
 split_impressions_job = dg.define_asset_job(
     "split_impressions_job",
-    selection=[split_impressions],
+    # Landing and forwarding in one run: exposures reach Mixpanel without a second sensor to switch on.
+    selection=[split_impressions, mixpanel_experiment_exposures],
     tags={"mixsync/writes": "duckdb"},
-    description="Load the landing files named in the run config into split.impressions.",
+    description="Load the landing files named in the run config into split.impressions, then send the new "
+                "impressions to Mixpanel as exposures.",
 )
 
 
