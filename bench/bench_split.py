@@ -180,8 +180,9 @@ def prepare(events: int) -> tuple[Path, Path, dict]:
         con.execute(f"""DELETE FROM {EVENTS_OUTBOX} WHERE id NOT IN
                         (SELECT id FROM {EVENTS_OUTBOX} ORDER BY id LIMIT {events})""")
         assert con.execute(f"SELECT count(*) FROM {EVENTS_OUTBOX}").fetchone()[0] == events
-        snapshot = OUT / "bodies.parquet"
-        con.execute(f"COPY (SELECT id, payload FROM {EVENTS_OUTBOX} ORDER BY id) TO '{snapshot}' (FORMAT parquet)")
+        snapshot = OUT / "bodies.snapshot"  # the outbox's own snapshot format, so the batches are the same
+        con.execute(f"COPY (SELECT id || chr(31) || payload FROM {EVENTS_OUTBOX} ORDER BY id) TO '{snapshot}' "
+                    "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '')")
     with open(bodies_path, "wb") as out:
         for _, payloads in _batches(snapshot, BATCH, 2 << 20):
             body = b"[" + b",".join(payloads) + b"]"

@@ -1,24 +1,67 @@
-"""The outbox changes made for the Split push: snapshots in parts, batches by offsets, acknowledgements by range."""
+"""The shared outbox: batches within both limits, acknowledgements journaled by id, crash recovery without resending."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 import mixsync.warehouse.outbox as outbox
 from mixsync.warehouse import Warehouse
-from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, enqueue, outbox_ddl, push
+from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, enqueue, outbox_ddl, push, recover
+
+TABLE = "sync.test_outbox"
 
 
-@pytest.mark.parametrize("part_rows", [7, 10**9])  # three snapshot parts, or one
-def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the_rest_once(tmp_path, monkeypatch,
-                                                                                          part_rows):
-    monkeypatch.setattr(outbox, "SNAPSHOT_PART_ROWS", part_rows)
+def make_outbox(tmp_path, rows: int = 250) -> Warehouse:
     store = Warehouse(tmp_path / "w.duckdb")
     with store.write() as con:
-        con.execute(outbox_ddl("sync.test_outbox"))
-        enqueue(con, "sync.test_outbox", None,
+        con.execute(outbox_ddl(TABLE))
+        # Multi-byte text, quotes and commas (which a CSV writer would want to quote), and one payload larger
+        # than any batch may be.
+        enqueue(con, TABLE, None,
                 "SELECT 'id' || range AS id, 'day-' || (range % 3) AS scope, "
-                "'{\"n\":' || range || ',\"pad\":\"' || repeat('é', (range % 37)::INT) || '\"}' AS payload FROM range(250)")
+                "json_object('n', range, 'pad', repeat('é,\"', (range % 37)::INT), "
+                "            'big', CASE WHEN range = 77 THEN repeat('x', 700) END)::VARCHAR AS payload "
+                f"FROM range({rows})")
+    return store
+
+
+def rows(store: Warehouse) -> dict[str, tuple]:
+    with store.read() as con:
+        return {payload: (status, error, attempts) for payload, status, error, attempts in con.execute(
+            f"SELECT payload, status, error, attempts FROM {TABLE}").fetchall()}
+
+
+def body_size(payloads: list[bytes]) -> int:
+    return len(b"[" + b",".join(payloads) + b"]")
+
+
+@pytest.mark.parametrize("read_chunk", [97, outbox.READ_CHUNK])  # batches straddling many reads, or one read
+def test_batches_are_as_full_as_both_limits_allow_and_each_row_is_sent_once(tmp_path, monkeypatch, read_chunk):
+    monkeypatch.setattr(outbox, "READ_CHUNK", read_chunk)
+    store = make_outbox(tmp_path)
+    batches: list[list[bytes]] = []
+    report = push(store, TABLE, lambda p: (batches.append(p), BatchOutcome())[1], tmp_path / "work",
+                  max_items=10, max_bytes=400, concurrency=1)
+    sent = [p for batch in batches for p in batch]
+    assert sorted(p.decode() for p in sent) == sorted(rows(store)) and len(set(sent)) == 250
+    assert (report.considered, report.sent, report.batches) == (250, 250, len(batches))
+    assert all(len(b) <= 10 and (body_size(b) <= 400 or len(b) == 1) for b in batches)
+    assert any(body_size(b) > 400 for b in batches)  # the oversized payload went alone
+    # Each batch stopped only because the next payload would not fit (one sender: batches arrive in order).
+    assert all(len(b) == 10 or body_size(b + following[:1]) > 400 for b, following in zip(batches, batches[1:]))
+    assert {s for s, _, _ in rows(store).values()} == {"sent"}
+    assert not list((tmp_path / "work" / "sync_test_outbox").iterdir())
+    assert push(store, TABLE, lambda p: pytest.fail("nothing is pending"), tmp_path / "work").considered == 0
+
+
+def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the_rest_once(tmp_path):
+    store = make_outbox(tmp_path)
     sent: list[bytes] = []
     calls: list[int] = []
 
@@ -26,22 +69,82 @@ def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the
         calls.append(len(payloads))
         sent.extend(payloads)
         if len(calls) == 1:
-            return BatchOutcome(rejected={0: "refused\nby the service", 3: "also refused"})
+            return BatchOutcome(rejected={0: "refused\nby the\tservice", 3: "also refused"})
         if len(calls) == 9:
             raise FatalPushError("stop here")
         return BatchOutcome()
 
     with pytest.raises(FatalPushError):
-        push(store, "sync.test_outbox", send, tmp_path / "work", max_items=10, max_bytes=400, concurrency=1)
+        push(store, TABLE, send, tmp_path / "work", max_items=10, max_bytes=400, concurrency=1)
     acknowledged = sum(calls[:8])
-    with store.read() as con:
-        done = {p.encode() for (p,) in con.execute("SELECT payload FROM sync.test_outbox WHERE status <> 'pending'").fetchall()}
-        errors = sorted(e for (e,) in con.execute("SELECT error FROM sync.test_outbox WHERE status = 'rejected'").fetchall())
-    assert done == set(sent[:acknowledged]) and errors == ["also refused", "refused by the service"]
+    state = rows(store)
+    assert {p for p, (s, _, _) in state.items() if s != "pending"} == {p.decode() for p in sent[:acknowledged]}
+    assert sorted(e for s, e, _ in state.values() if s == "rejected") == ["also refused", "refused by the service"]
+    assert {state[sent[0].decode()][0], state[sent[1].decode()][0]} == {"rejected", "sent"}
 
-    again = push(store, "sync.test_outbox", lambda p: (sent.extend(p), BatchOutcome())[1], tmp_path / "work",
+    again = push(store, TABLE, lambda p: (sent.extend(p), BatchOutcome())[1], tmp_path / "work",
                  max_items=10, scopes=["day-0", "day-1", "day-2"])
-    assert again.sent == 250 - acknowledged
+    assert again.sent == 250 - acknowledged and again.recovered_sent == 0
     assert sorted(set(sent)) == sorted(sent[:acknowledged] + sent[acknowledged + calls[8]:])  # each once, but batch 9
     assert len(sent) == 250 + calls[8]
-    assert not list((tmp_path / "work" / "sync_test_outbox").iterdir())
+    assert {s for s, _, _ in rows(store).values()} == {"sent", "rejected"}
+    assert {a for _, _, a in rows(store).values()} == {1}
+
+
+KILLED_PUSH = """
+import json, os, sys, threading
+from pathlib import Path
+from mixsync.warehouse import Warehouse
+from mixsync.warehouse.outbox import BatchOutcome, push
+
+db, table, work, log = sys.argv[1:5]
+lock, second_in_flight, calls = threading.Lock(), threading.Event(), []
+
+def send(payloads):
+    with lock:
+        calls.append(1)
+        n = len(calls)
+    Path(log, f"{n}.json").write_text(json.dumps([p.decode() for p in payloads]))
+    if n == 4:
+        second_in_flight.wait(30)
+        os._exit(17)  # killed with batches 4 and 5 sent but not acknowledged
+    if n == 5:
+        second_in_flight.set()
+        threading.Event().wait()
+    return BatchOutcome(rejected={2: "bad value"} if n == 1 else {})
+
+push(Warehouse(db), table, send, Path(work), max_items=10, max_bytes=1 << 20, concurrency=2)
+"""
+
+
+def test_a_killed_push_is_recovered_counting_what_was_in_flight_and_never_resending_what_was_acknowledged(tmp_path):
+    store = make_outbox(tmp_path)
+    log = tmp_path / "calls"
+    log.mkdir()
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(store.path), TABLE,
+                             str(tmp_path / "work"), str(log)], capture_output=True, timeout=120)
+    assert killed.returncode == 17, killed.stderr.decode()[-2000:]
+    batch = {n: json.loads(log.joinpath(f"{n}.json").read_text()) for n in range(1, 6)}
+    assert {s for s, _, _ in rows(store).values()} == {"pending"}  # nothing was applied before the kill
+    journal = next((tmp_path / "work" / "sync_test_outbox").glob("*.journal"))
+    kept = tmp_path / "journal.copy"
+    shutil.copy(journal, kept)
+
+    recovered = recover(store, TABLE, tmp_path / "work")
+    assert (recovered.recovered_sent, recovered.recovered_rejected, recovered.in_flight_at_crash) == (29, 1, 20)
+    state = rows(store)
+    acknowledged = set(batch[1] + batch[2] + batch[3])
+    assert {p for p, (s, _, _) in state.items() if s != "pending"} == acknowledged
+    assert state[batch[1][2]] == ("rejected", "bad value", 1)
+    assert not list((tmp_path / "work" / "sync_test_outbox").iterdir())  # journal and snapshot are gone
+
+    shutil.copy(kept, journal)  # applying the same journal again changes nothing
+    recover(store, TABLE, tmp_path / "work")
+    assert rows(store) == state
+
+    resent: list[str] = []
+    report = push(store, TABLE, lambda p: (resent.extend(x.decode() for x in p), BatchOutcome())[1], tmp_path / "work")
+    assert report.sent == 220 and report.in_flight_at_crash == 0
+    assert sorted(resent) == sorted(set(state) - acknowledged)
+    assert set(batch[4] + batch[5]) <= set(resent)  # in flight at the kill: sent again
+    assert {s for s, _, _ in rows(store).values()} == {"sent", "rejected"}
