@@ -20,7 +20,8 @@ def test_the_code_location_has_every_public_name():
     repo = defs.get_repository_def()
     assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} >= PUBLIC_ASSETS
     assert "split_impression_files_sensor" in {s.name for s in repo.sensor_defs}
-    assert {"mixpanel_events_schedule", "flagsmith_cohort_traits_schedule"} <= {s.name for s in repo.schedule_defs}
+    assert {"mixpanel_events_schedule", "split_events_schedule",
+                                                                  "flagsmith_cohort_traits_schedule"} <= {s.name for s in repo.schedule_defs}
     assert {"mixpanel_events_job", "split_events_job", "flagsmith_cohort_traits_job",
             "split_impressions_job"} <= set(repo.job_names)
 

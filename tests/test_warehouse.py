@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from mixsync.cli import main
 from mixsync.mixpanel.schedules import mixpanel_events_schedule
+from mixsync.split.defs import split_events_schedule
 from mixsync.warehouse import Warehouse, WarehouseLockTimeout
 
 
@@ -81,9 +82,11 @@ def test_mixsync_query_prints_a_table_and_cannot_write(tmp_path, monkeypatch):
     assert missing.exit_code != 0 and "no warehouse" in missing.output
 
 
-def test_the_schedule_asks_for_yesterday_and_the_lookback_in_one_run(monkeypatch):
+@pytest.mark.parametrize("schedule", [mixpanel_events_schedule, split_events_schedule])
+def test_the_nightly_schedules_ask_for_yesterday_and_the_lookback_in_one_run(schedule, monkeypatch):
     monkeypatch.setenv("MIXPANEL_LOOKBACK_DAYS", "3")
     when = dt.datetime(2026, 5, 10, 2, 15, tzinfo=dt.timezone.utc)
-    request = mixpanel_events_schedule(dg.build_schedule_context(scheduled_execution_time=when))
+    request = schedule(dg.build_schedule_context(scheduled_execution_time=when))
     assert request.tags["dagster/asset_partition_range_start"] == "2026-05-06"
     assert request.tags["dagster/asset_partition_range_end"] == "2026-05-09"
+    assert request.run_key.endswith("2026-05-09")
