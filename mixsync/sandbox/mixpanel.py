@@ -89,6 +89,17 @@ class MixpanelSandbox:
         return None
 
 
+def json_string_list(value: str) -> list[str] | None:
+    """A JSON-encoded array of strings, as Mixpanel's `event` and `output_properties` take; None if it is not one."""
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        return None
+    return parsed
+
+
 _WHERE_TERM = re.compile(r'^\s*properties\["\$time"\]\s*(>=|>|<=|<)\s*datetime\((\d+)\)\s*$')
 
 
@@ -199,11 +210,8 @@ def _export(state: MixpanelSandbox, request: Request) -> Response:
         return PlainTextResponse("from_date cannot be later than to_date", status_code=400)
     events = None
     if "event" in q:
-        try:
-            names = orjson.loads(q["event"])
-        except orjson.JSONDecodeError:
-            return PlainTextResponse("event must be a JSON-encoded array of event names", status_code=400)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        names = json_string_list(q["event"])
+        if names is None:
             return PlainTextResponse("event must be a JSON-encoded array of event names", status_code=400)
         events = set(names)
     try:

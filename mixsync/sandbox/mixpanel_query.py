@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from mixsync.sandbox.data import user_ids
 from mixsync.sandbox.server import fault_response, record
+from mixsync.sandbox.mixpanel import json_string_list
 
 # Fault routes: state.faults.add(COHORTS_ROUTE, status=429, ...) plans a misbehaviour of the next request.
 COHORTS_ROUTE = "cohorts_list"
@@ -212,11 +213,8 @@ def _engage(state, params: dict[str, str]) -> Response:
         return PlainTextResponse("page must be >= 0 and page_size >= 1", status_code=400)
     output_properties = None
     if "output_properties" in params:
-        try:
-            output_properties = orjson.loads(params["output_properties"])
-        except orjson.JSONDecodeError:
-            return PlainTextResponse("output_properties must be a JSON array of property names", status_code=400)
-        if not isinstance(output_properties, list) or not all(isinstance(p, str) for p in output_properties):
+        output_properties = json_string_list(params["output_properties"])
+        if output_properties is None:
             return PlainTextResponse("output_properties must be a JSON array of property names", status_code=400)
     session_id = params.get("session_id")
     if page == 0:
