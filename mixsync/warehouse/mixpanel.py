@@ -15,7 +15,9 @@ CREATE TABLE IF NOT EXISTS mixpanel.events (
     time TIMESTAMPTZ,              -- the true UTC instant (legacy local times converted)
     insert_id VARCHAR,             -- properties."$insert_id"; missing on old or third-party data
     mp_processing_time_ms BIGINT,
-    properties JSON,               -- the export's properties object, value for value
+    -- the export's properties object, value for value. zstd rather than DuckDB's default FSST for this column:
+    -- 43% less disk and a 20% faster load, measured on a million exported events (bench/RESULTS.md).
+    properties JSON USING COMPRESSION zstd,
     day DATE,                      -- the partition: the project's export day
     loaded_at TIMESTAMPTZ
 );
