@@ -58,7 +58,9 @@ CREATE OR REPLACE MACRO mixpanel.local_to_utc(local_ts, tz) AS (
 """
 
 # `time` arrives in milliseconds (we ask for time_in_ms) as an int or a float; epoch_ms wants an integer.
-_RAW_MS = "TRY_CAST(round(TRY_CAST(properties->>'time' AS DOUBLE)) AS BIGINT)"
+_RAW_MS = "TRY_CAST(round(TRY_CAST(fields[3]->>'$' AS DOUBLE)) AS BIGINT)"
+# The fields are pulled in one parse of `properties`: one `->>` each would parse it four times (0.3 s per million).
+_FIELDS = """json_extract(properties, ['$.distinct_id', '$."$insert_id"', '$.time', '$.mp_processing_time_ms'])"""
 
 
 class TruncatedExport(RuntimeError):
@@ -85,14 +87,14 @@ def _select_events(source_sql: str, legacy_timezone: str | None, loaded_at_param
         day = f"CAST(epoch_ms({_RAW_MS}) AS DATE)"
     return f"""
         SELECT event,
-               properties->>'distinct_id' AS distinct_id,
+               fields[1]->>'$' AS distinct_id,
                {instant} AS time,
-               properties->>'$."$insert_id"' AS insert_id,
-               TRY_CAST(properties->>'mp_processing_time_ms' AS BIGINT) AS mp_processing_time_ms,
+               fields[2]->>'$' AS insert_id,
+               TRY_CAST(fields[4]->>'$' AS BIGINT) AS mp_processing_time_ms,
                properties,
                {day} AS day,
                {loaded_at_param} AS loaded_at
-        FROM ({source_sql})
+        FROM (SELECT event, properties, {_FIELDS} AS fields FROM ({source_sql}))
     """
 
 
@@ -141,8 +143,11 @@ def _replace_window(con, source_sql: str, invalid_lines_sql: str | None, window_
     bounds = {"start": window_start, "end": window_end}
     # Parse once into a temporary stage, then copy only good, deduplicated rows. Deleting rows inserted by
     # the same transaction makes DuckDB's commit rewrite them (measured: +1.1 s per million rows).
-    con.execute(f"CREATE OR REPLACE TEMP TABLE export_stage AS {_select_events(source_sql, legacy_timezone, '$loaded_at')}",
-                {"loaded_at": loaded_at})
+    # key_hash is Mixpanel's dedupe key in one number: grouping and joining on it is cheaper than on four
+    # columns. A collision only sends two keys through the exact, per-key path below; both are kept.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE export_stage AS
+        SELECT *, hash(event, distinct_id, time, insert_id) AS key_hash
+        FROM ({_select_events(source_sql, legacy_timezone, '$loaded_at')})""", {"loaded_at": loaded_at})
     # A `properties` that is not an object has no `time`, so it lands here as 'missing properties.time'.
     bad = "(event IS NULL OR event = '' OR time IS NULL OR day NOT BETWEEN $start AND $end)"
     reason = """CASE WHEN event IS NULL OR event = '' THEN 'missing event'
@@ -151,19 +156,18 @@ def _replace_window(con, source_sql: str, invalid_lines_sql: str | None, window_
                      ELSE 'outside the requested window' END"""
     # Mixpanel's dedupe key; the copy processed last wins. Only keys seen more than once are sorted.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE export_duplicate_keys AS
-        SELECT event, distinct_id, time, insert_id FROM export_stage WHERE NOT {bad}
-        GROUP BY ALL HAVING count(*) > 1""", bounds)
-    same_key = """s.event = d.event AND s.distinct_id IS NOT DISTINCT FROM d.distinct_id
-                  AND s.time = d.time AND s.insert_id IS NOT DISTINCT FROM d.insert_id"""
+        SELECT key_hash FROM export_stage WHERE NOT {bad} GROUP BY key_hash HAVING count(*) > 1""", bounds)
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute("DELETE FROM mixpanel.events WHERE day BETWEEN ? AND ?", window)
         con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
         con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
         con.execute(f"""INSERT INTO mixpanel.events
-            SELECT s.* FROM export_stage s ANTI JOIN export_duplicate_keys d ON {same_key} WHERE NOT {bad}
+            SELECT s.* EXCLUDE (key_hash) FROM export_stage s ANTI JOIN export_duplicate_keys d USING (key_hash)
+            WHERE NOT {bad}
             UNION ALL
-            (SELECT s.* FROM export_stage s SEMI JOIN export_duplicate_keys d ON {same_key} WHERE NOT {bad}
+            (SELECT s.* EXCLUDE (key_hash) FROM export_stage s SEMI JOIN export_duplicate_keys d USING (key_hash)
+             WHERE NOT {bad}
              QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
                                         ORDER BY mp_processing_time_ms DESC NULLS LAST) = 1)""", bounds)
         con.execute(f"""INSERT INTO mixpanel.events_rejected
