@@ -118,6 +118,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     for module in (mixpanel, cohorts, split, flagsmith, impressions):
+        if hasattr(module, "migrate"):
+            module.migrate(con)
         if module.DDL.strip():
             con.execute(module.DDL)
 

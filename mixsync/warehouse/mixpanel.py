@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 import duckdb
 
 DDL = """
-CREATE TABLE IF NOT EXISTS mixpanel.events (
-    event VARCHAR,                 -- never NULL after a load; left unconstrained so bad rows can be moved to rejects
+-- Every row of every load, tagged with its load. A load writes its rows here in one streaming insert straight
+-- from the export file, then in one short transaction drops its duplicates and rejects, deletes the rows it
+-- replaces and becomes current in mixpanel.event_loads. mixpanel.events shows only current loads, so a load
+-- that failed half-way is invisible and the next load deletes its rows.
+CREATE TABLE IF NOT EXISTS mixpanel.event_rows (
+    event VARCHAR,                 -- never NULL in mixpanel.events; bad rows move to events_rejected
     distinct_id VARCHAR,           -- may be '' or NULL in Mixpanel's own data
     time TIMESTAMPTZ,              -- the true UTC instant (legacy local times converted)
     insert_id VARCHAR,             -- properties."$insert_id"; missing on old or third-party data
@@ -19,7 +24,8 @@ CREATE TABLE IF NOT EXISTS mixpanel.events (
     -- 43% less disk and a 20% faster load, measured on a million exported events (bench/RESULTS.md).
     properties JSON USING COMPRESSION zstd,
     day DATE,                      -- the partition: the project's export day
-    loaded_at TIMESTAMPTZ
+    loaded_at TIMESTAMPTZ,
+    load_id BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS mixpanel.events_rejected (
     day DATE,                      -- the event's day when known, else the first day of the export window
@@ -34,8 +40,20 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_loads (
     duplicates_dropped BIGINT NOT NULL,
     window_start DATE NOT NULL,
     window_end DATE NOT NULL,
-    loaded_at TIMESTAMPTZ NOT NULL
+    loaded_at TIMESTAMPTZ NOT NULL,
+    load_id BIGINT NOT NULL        -- the load whose rows are this day's in mixpanel.events
 );
+-- Loads whose rows are written but not yet current; a crash leaves its load here for the next load to clear.
+CREATE TABLE IF NOT EXISTS mixpanel.event_loads_unfinished (
+    load_id BIGINT PRIMARY KEY,
+    window_start DATE NOT NULL,
+    window_end DATE NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS mixpanel.event_load_ids START 1;
+CREATE VIEW IF NOT EXISTS mixpanel.events AS
+    SELECT r.event, r.distinct_id, r.time, r.insert_id, r.mp_processing_time_ms, r.properties, r.day, r.loaded_at
+    FROM mixpanel.event_rows r SEMI JOIN mixpanel.event_loads l ON r.day = l.day AND r.load_id = l.load_id;
 -- Legacy projects store local wall-clock time as if it were UTC epoch time. Convert with the tz database:
 -- the candidates are the local time minus the offset in force a day before and a day after; a candidate
 -- is valid when it reads back as the same wall-clock time. In a DST fold both are valid and the earlier
@@ -114,85 +132,126 @@ def _line_source(path: Path) -> str:
             "quote='', escape='', header=false, auto_detect=false, strict_mode=false, null_padding=true)")
 
 
+def migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Files from before event_rows kept mixpanel.events as a table: its rows become load 0, all current."""
+    kind = con.execute("""SELECT table_type FROM information_schema.tables
+                          WHERE table_schema = 'mixpanel' AND table_name = 'events'""").fetchone()
+    if kind and kind[0] == "BASE TABLE":
+        con.execute("BEGIN TRANSACTION")
+        con.execute("ALTER TABLE mixpanel.events RENAME TO event_rows")
+        con.execute("ALTER TABLE mixpanel.event_rows ADD COLUMN load_id BIGINT DEFAULT 0")
+        con.execute("ALTER TABLE mixpanel.event_loads ADD COLUMN load_id BIGINT DEFAULT 0")
+        con.execute("COMMIT")
+
+
 def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: dt.date, window_end: dt.date,
                      legacy_timezone: str | None = None) -> ExportLoad:
-    """Replace the days window_start..window_end with the export in `path`, in one transaction.
+    """Replace the days window_start..window_end with the export in `path`.
 
+    The file's rows are written in one streaming insert, then become mixpanel.events in one short transaction
+    that drops duplicates and rejects and deletes the rows they replace. Until then, and forever if anything
+    fails, the previous copy of each day is what mixpanel.events shows.
     Raises TruncatedExport (and changes nothing) when the body ends in `terminated early`.
     """
+    clear_unfinished_loads(con)
     loaded_at = dt.datetime.now(dt.timezone.utc)
+    load_id = con.execute("SELECT nextval('mixpanel.event_load_ids')").fetchone()[0]
+    con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
+                [load_id, window_start, window_end, loaded_at])
     try:
-        return _replace_window(con, _fast_source(path), None, window_start, window_end, legacy_timezone, loaded_at)
-    except duckdb.InvalidInputException as exc:
-        if "json" not in str(exc).lower():
-            raise
-    lines = f"SELECT line FROM ({_line_source(path)}) WHERE line IS NOT NULL AND trim(line) <> ''"
-    truncated = con.execute(f"SELECT count(*) FROM ({lines}) WHERE trim(line) = 'terminated early'").fetchone()[0]
-    if truncated:
-        raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'")
-    parsed = f"SELECT json_extract_string(line, '$.event') AS event, json_extract(line, '$.properties') AS properties FROM ({lines}) WHERE json_valid(line)"
-    invalid = f"SELECT line FROM ({lines}) WHERE NOT json_valid(line)"
-    return _replace_window(con, parsed, invalid, window_start, window_end, legacy_timezone, loaded_at)
+        invalid_lines_sql = None
+        try:
+            _insert_rows(con, _fast_source(path), load_id, legacy_timezone, loaded_at)
+        except duckdb.InvalidInputException as exc:
+            if "json" not in str(exc).lower():
+                raise
+            lines = f"SELECT line FROM ({_line_source(path)}) WHERE line IS NOT NULL AND trim(line) <> ''"
+            truncated = con.execute(f"SELECT count(*) FROM ({lines}) WHERE trim(line) = 'terminated early'").fetchone()[0]
+            if truncated:
+                raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'")
+            parsed = ("SELECT json_extract_string(line, '$.event') AS event, json_extract(line, '$.properties') AS properties "
+                      f"FROM ({lines}) WHERE json_valid(line)")
+            invalid_lines_sql = f"SELECT line FROM ({lines}) WHERE NOT json_valid(line)"
+            _insert_rows(con, parsed, load_id, legacy_timezone, loaded_at)
+        return _make_current(con, load_id, invalid_lines_sql, window_start, window_end, loaded_at)
+    except BaseException:
+        # Best effort: the next load clears whatever this one could not.
+        with contextlib.suppress(duckdb.Error):
+            clear_unfinished_loads(con)
+        raise
 
 
-def _replace_window(con, source_sql: str, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
-                    legacy_timezone: str | None, loaded_at: dt.datetime) -> ExportLoad:
-    result = ExportLoad()
+def clear_unfinished_loads(con: duckdb.DuckDBPyConnection) -> None:
+    """Delete the rows of loads that never became current (a crash between their insert and their switch)."""
+    for (load_id,) in con.execute("SELECT load_id FROM mixpanel.event_loads_unfinished").fetchall():
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM mixpanel.event_rows WHERE load_id = ?", [load_id])
+        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
+        con.execute("COMMIT")
+
+
+def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None, loaded_at: dt.datetime) -> None:
+    # Straight from the file into the table, committed on its own: DuckDB writes a bulk insert to disk as it
+    # goes and commits it by reference. Dropping some of these rows in the same transaction would make the
+    # commit rewrite all of them (measured: +2.6 s per million rows); dropping them once committed costs ~0.
+    con.execute(f"INSERT INTO mixpanel.event_rows SELECT *, $load_id FROM ({_select_events(source_sql, legacy_timezone, '$loaded_at')})",
+                {"load_id": load_id, "loaded_at": loaded_at})
+
+
+def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
+                  loaded_at: dt.datetime) -> ExportLoad:
     window = [window_start, window_end]
-    params = {"loaded_at": loaded_at, "start": window_start, "end": window_end}
-    bounds = {"start": window_start, "end": window_end}
-    # Parse once into a temporary stage, then copy only good, deduplicated rows. Deleting rows inserted by
-    # the same transaction makes DuckDB's commit rewrite them (measured: +1.1 s per million rows).
-    # key_hash is Mixpanel's dedupe key in one number: grouping and joining on it is cheaper than on four
-    # columns. A collision only sends two keys through the exact, per-key path below; both are kept.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE export_stage AS
-        SELECT *, hash(event, distinct_id, time, insert_id) AS key_hash
-        FROM ({_select_events(source_sql, legacy_timezone, '$loaded_at')})""", {"loaded_at": loaded_at})
-    # A `properties` that is not an object has no `time`, so it lands here as 'missing properties.time'.
+    params = {"load_id": load_id, "start": window_start, "end": window_end, "loaded_at": loaded_at}
     bad = "(event IS NULL OR event = '' OR time IS NULL OR day NOT BETWEEN $start AND $end)"
+    # A `properties` that is not an object has no `time`, so it lands here as 'missing properties.time'.
     reason = """CASE WHEN event IS NULL OR event = '' THEN 'missing event'
                      WHEN (properties->'time') IS NULL THEN 'missing properties.time'
                      WHEN time IS NULL THEN 'properties.time is not a number'
                      ELSE 'outside the requested window' END"""
-    # Mixpanel's dedupe key; the copy processed last wins. Only keys seen more than once are sorted.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE export_duplicate_keys AS
-        SELECT key_hash FROM export_stage WHERE NOT {bad} GROUP BY key_hash HAVING count(*) > 1""", bounds)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("DELETE FROM mixpanel.events WHERE day BETWEEN ? AND ?", window)
         con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
-        con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
-        con.execute(f"""INSERT INTO mixpanel.events
-            SELECT s.* EXCLUDE (key_hash) FROM export_stage s ANTI JOIN export_duplicate_keys d USING (key_hash)
-            WHERE NOT {bad}
-            UNION ALL
-            (SELECT s.* EXCLUDE (key_hash) FROM export_stage s SEMI JOIN export_duplicate_keys d USING (key_hash)
-             WHERE NOT {bad}
-             QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
-                                        ORDER BY mp_processing_time_ms DESC NULLS LAST) = 1)""", bounds)
         con.execute(f"""INSERT INTO mixpanel.events_rejected
             SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
                    json_object('event', event, 'properties', properties)::VARCHAR, $loaded_at
-            FROM export_stage WHERE {bad}""", params)
+            FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}""", params)
         if invalid_lines_sql:
             con.execute(f"""INSERT INTO mixpanel.events_rejected
                 SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
                         {"start": window_start, "loaded_at": loaded_at})
-        con.execute(f"""INSERT INTO mixpanel.event_loads
+        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}",
+                    {"load_id": load_id, "start": window_start, "end": window_end})
+        # Mixpanel's dedupe key; the copy processed last wins. key_hash puts the key in one number so only
+        # keys seen more than once are sorted; a hash collision only sends two keys through the exact
+        # per-key window, where both are kept.
+        con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
+            WITH keyed AS (SELECT rowid AS row_id, event, distinct_id, time, insert_id, mp_processing_time_ms, day,
+                                  hash(event, distinct_id, time, insert_id) AS key_hash
+                           FROM mixpanel.event_rows WHERE load_id = $load_id),
+                 repeated AS (SELECT key_hash FROM keyed GROUP BY key_hash HAVING count(*) > 1)
+            SELECT row_id, day FROM keyed SEMI JOIN repeated USING (key_hash)
+            QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
+                                       ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
+        con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM export_dropped)")
+        con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
+                    {"load_id": load_id, "start": window_start, "end": window_end})
+        con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
+        con.execute("""INSERT INTO mixpanel.event_loads
             WITH days AS (SELECT unnest(range($start::TIMESTAMP, $end::TIMESTAMP + INTERVAL 1 DAY, INTERVAL 1 DAY))::DATE AS day),
-                 staged AS (SELECT day, count(*) AS n FROM export_stage WHERE NOT {bad} GROUP BY day),
-                 loaded AS (SELECT day, count(*) AS n FROM mixpanel.events WHERE day BETWEEN $start AND $end GROUP BY day),
+                 loaded AS (SELECT day, count(*) AS n FROM mixpanel.event_rows WHERE load_id = $load_id GROUP BY day),
+                 dropped AS (SELECT day, count(*) AS n FROM export_dropped GROUP BY day),
                  rejected AS (SELECT day, count(*) AS n FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end GROUP BY day)
-            SELECT days.day, coalesce(loaded.n, 0), coalesce(rejected.n, 0),
-                   coalesce(staged.n, 0) - coalesce(loaded.n, 0),
-                   $start, $end, $loaded_at
-            FROM days LEFT JOIN staged USING (day) LEFT JOIN loaded USING (day) LEFT JOIN rejected USING (day)""", params)
+            SELECT days.day, coalesce(loaded.n, 0), coalesce(rejected.n, 0), coalesce(dropped.n, 0),
+                   $start, $end, $loaded_at, $load_id
+            FROM days LEFT JOIN loaded USING (day) LEFT JOIN dropped USING (day) LEFT JOIN rejected USING (day)""", params)
+        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     finally:
-        con.execute("DROP TABLE IF EXISTS export_stage; DROP TABLE IF EXISTS export_duplicate_keys")
+        con.execute("DROP TABLE IF EXISTS export_dropped")
+    result = ExportLoad()
     result.per_day = dict(con.execute("SELECT day, events FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window).fetchall())
     result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
                                                    WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
