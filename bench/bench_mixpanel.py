@@ -1,7 +1,7 @@
 """Mixpanel export → DuckDB: mixsync's end-to-end path against DuckDB's own read_json of the same file.
 
 Prints ratios measured side by side in one run. Each measurement runs in a fresh child process, so its
-peak RSS (ru_maxrss) is its own. Usage: python bench/bench_mixpanel.py [--events 1000000] [--rounds 2]
+peak RSS (ru_maxrss) is its own. Usage: python bench/bench_mixpanel.py [--events 1000000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ DAY = dt.date(2026, 1, 15)
 
 def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
     """extract: "tuned" (the columns mixsync lands, as fast as DuckDB does them), "plain" (the same columns
-    written the obvious way: one `->>` per field, default storage) or "bare" (event and properties only)."""
+    written the obvious way: one `->>` per field, default storage), "bare" (event and properties only) or
+    "auto" (`SELECT *` with read_json's own schema detection: properties become a STRUCT)."""
     import duckdb
 
     con = duckdb.connect(db)
@@ -50,6 +51,8 @@ def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
                    properties, CAST(epoch_ms(TRY_CAST(round(TRY_CAST(f[3]->>'$' AS DOUBLE)) AS BIGINT)) AS DATE)
             FROM (SELECT event, properties,
                          json_extract(properties, ['$.distinct_id', '$."$insert_id"', '$.time']) AS f FROM {source})""")
+    elif extract == "auto":
+        con.execute(f"CREATE TABLE events AS SELECT * FROM read_json('{path}')")
     else:
         con.execute(f"CREATE TABLE events AS SELECT * FROM {source}")
     rows = con.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -89,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--small-events", type=int, default=250_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mixsync.sandbox import Sandbox
@@ -102,7 +105,8 @@ def main() -> None:
         local_file = ensure_day_file(dataset, DAY, data_dir / "mixpanel")
         with Sandbox(dataset, data_dir=data_dir) as sandbox, tempfile.TemporaryDirectory() as tmp:
             env = {**sandbox.env(), **{k: v for k, v in os.environ.items() if k.startswith("MIXSYNC_DUCKDB")}}
-            runs: dict[str, list[dict]] = {"read_json": [], "read_json_plain": [], "read_json_bare": [], "mixsync": []}
+            runs: dict[str, list[dict]] = {"read_json": [], "read_json_plain": [], "read_json_bare": [],
+                                           "read_json_auto": [], "mixsync": []}
             rounds = args.rounds if label == "large" else 1
             for r in range(rounds):
                 runs["read_json"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/a{r}.duckdb", "tuned"))
@@ -110,12 +114,14 @@ def main() -> None:
                 if label == "large":
                     runs["read_json_bare"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/b{r}.duckdb", "bare"))
                     runs["read_json_plain"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/p{r}.duckdb", "plain"))
+                    runs["read_json_auto"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/x{r}.duckdb", "auto"))
         results[label] = {"events": n, "gz_mb": round(local_file.stat().st_size / 2**20, 1), "runs": runs}
 
     large = results["large"]["runs"]
     t_base = statistics.median(r["seconds"] for r in large["read_json"])
     t_bare = statistics.median(r["seconds"] for r in large["read_json_bare"])
     t_plain = statistics.median(r["seconds"] for r in large["read_json_plain"])
+    t_auto = statistics.median(r["seconds"] for r in large["read_json_auto"])
     t_ours = statistics.median(r["seconds"] for r in large["mixsync"])
     rows = large["mixsync"][0]["rows"]
     print(f"events: {results['large']['events']:,} ({results['large']['gz_mb']} MB gzipped), rounds: {args.rounds}")
@@ -123,11 +129,13 @@ def main() -> None:
           f"peak RSS {max(r['peak_rss_mb'] for r in large['read_json']):.0f} MB")
     print(f"DuckDB read_json, same columns, plain SQL   : {t_plain:6.2f} s")
     print(f"DuckDB read_json, bare (event, properties)  : {t_bare:6.2f} s")
+    print(f"DuckDB read_json, auto-detected (SELECT *)  : {t_auto:6.2f} s")
     print(f"mixsync export over HTTP → mixpanel.events  : {t_ours:6.2f} s  {rows / t_ours:>10,.0f} ev/s  "
           f"peak RSS {max(r['peak_rss_mb'] for r in large['mixsync']):.0f} MB")
     print(f"ratio (mixsync throughput / read_json same columns, tuned): {t_base / t_ours:.2f}   (target >= 0.7)")
     print(f"ratio (mixsync throughput / read_json same columns, plain): {t_plain / t_ours:.2f}")
     print(f"ratio (mixsync throughput / read_json bare)               : {t_bare / t_ours:.2f}")
+    print(f"ratio (mixsync throughput / read_json auto-detected)      : {t_auto / t_ours:.2f}")
     small = results["small"]["runs"]["mixsync"][0]
     print(f"peak RSS, {results['small']['events']:,} events: {small['peak_rss_mb']:.0f} MB; "
           f"{results['large']['events']:,} events: {max(r['peak_rss_mb'] for r in large['mixsync']):.0f} MB "

@@ -27,6 +27,8 @@ def _configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads
         con.execute(f"SET threads = {int(threads)}")
     # Bulk loads need no ordering guarantees; dropping them lets DuckDB stream within the memory limit.
     con.execute("SET preserve_insertion_order = false")
+    # DuckDB draws a progress bar on the terminal for queries over 2 s; in a Dagster step it is log noise.
+    con.execute("SET enable_progress_bar = false")
 
 
 @contextlib.contextmanager
