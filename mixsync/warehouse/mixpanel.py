@@ -140,7 +140,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("BEGIN TRANSACTION")
         con.execute("ALTER TABLE mixpanel.events RENAME TO event_rows")
         con.execute("ALTER TABLE mixpanel.event_rows ADD COLUMN load_id BIGINT DEFAULT 0")
-        con.execute("ALTER TABLE mixpanel.event_loads ADD COLUMN load_id BIGINT DEFAULT 0")
+        if con.execute("SELECT count(*) FROM information_schema.tables "
+                       "WHERE table_schema = 'mixpanel' AND table_name = 'event_loads'").fetchone()[0]:
+            con.execute("ALTER TABLE mixpanel.event_loads ADD COLUMN IF NOT EXISTS load_id BIGINT DEFAULT 0")
         con.execute("COMMIT")
 
 
