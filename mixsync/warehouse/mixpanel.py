@@ -132,16 +132,19 @@ def _line_source(path: Path) -> str:
             "quote='', escape='', header=false, auto_detect=false, strict_mode=false, null_padding=true)")
 
 
+def _table_type(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    row = con.execute("SELECT table_type FROM information_schema.tables WHERE table_schema = 'mixpanel' AND table_name = ?",
+                      [name]).fetchone()
+    return row[0] if row else None
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Files from before event_rows kept mixpanel.events as a table: its rows become load 0, all current."""
-    kind = con.execute("""SELECT table_type FROM information_schema.tables
-                          WHERE table_schema = 'mixpanel' AND table_name = 'events'""").fetchone()
-    if kind and kind[0] == "BASE TABLE":
+    if _table_type(con, "events") == "BASE TABLE":
         con.execute("BEGIN TRANSACTION")
         con.execute("ALTER TABLE mixpanel.events RENAME TO event_rows")
         con.execute("ALTER TABLE mixpanel.event_rows ADD COLUMN load_id BIGINT DEFAULT 0")
-        if con.execute("SELECT count(*) FROM information_schema.tables "
-                       "WHERE table_schema = 'mixpanel' AND table_name = 'event_loads'").fetchone()[0]:
+        if _table_type(con, "event_loads"):
             con.execute("ALTER TABLE mixpanel.event_loads ADD COLUMN IF NOT EXISTS load_id BIGINT DEFAULT 0")
         con.execute("COMMIT")
 
@@ -203,7 +206,8 @@ def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None
 def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
                   loaded_at: dt.datetime) -> ExportLoad:
     window = [window_start, window_end]
-    params = {"load_id": load_id, "start": window_start, "end": window_end, "loaded_at": loaded_at}
+    this_load = {"load_id": load_id, "start": window_start, "end": window_end}
+    params = {**this_load, "loaded_at": loaded_at}
     bad = "(event IS NULL OR event = '' OR time IS NULL OR day NOT BETWEEN $start AND $end)"
     # A `properties` that is not an object has no `time`, so it lands here as 'missing properties.time'.
     reason = """CASE WHEN event IS NULL OR event = '' THEN 'missing event'
@@ -221,8 +225,7 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
             con.execute(f"""INSERT INTO mixpanel.events_rejected
                 SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
                         {"start": window_start, "loaded_at": loaded_at})
-        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}",
-                    {"load_id": load_id, "start": window_start, "end": window_end})
+        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}", this_load)
         # Mixpanel's dedupe key; the copy processed last wins. key_hash puts the key in one number so only
         # keys seen more than once are sorted; a hash collision only sends two keys through the exact
         # per-key window, where both are kept.
@@ -235,8 +238,7 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
             QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
                                        ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
         con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM export_dropped)")
-        con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
-                    {"load_id": load_id, "start": window_start, "end": window_end})
+        con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id", this_load)
         con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
         con.execute("""INSERT INTO mixpanel.event_loads
             WITH days AS (SELECT unnest(range($start::TIMESTAMP, $end::TIMESTAMP + INTERVAL 1 DAY, INTERVAL 1 DAY))::DATE AS day),
