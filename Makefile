@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: help venv home demo test dev sandbox bench validate clean
+.PHONY: help venv lock home demo test dev sandbox bench validate clean
 
 help:
 	@echo "make demo      run every flow against the sandbox and print what landed"
@@ -14,13 +14,24 @@ help:
 	@echo "make sandbox   serve the emulated APIs on loopback"
 	@echo "make bench     run the benchmarks (writes bench/out/, see bench/RESULTS.md)"
 
-$(STAMP): pyproject.toml
+# The environment is installed from requirements.lock (exact versions); mixsync itself goes in editable, without deps.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a throwaway environment and write the exact versions to requirements.lock.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)-lock/bin/python -m pip install --quiet -e '.[dev]'
+	( echo "# Exact versions of every package mixsync and its tests use. Regenerate with 'make lock'; 'make venv' installs from it."; \
+	  $(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' ) > requirements.lock
+	rm -rf $(VENV)-lock
 
 # Dagster reads dagster.yaml only from $DAGSTER_HOME: link the repository's copy there.
 home:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -158,6 +160,17 @@ def _detail(exc: duckdb.Error) -> str:
     return text[:1000]
 
 
+def _gzip_is_whole(path) -> bool:
+    """Whether a gzip file decompresses to its end (DuckDB 1.5 reports a truncated stream as bad JSON)."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 20):
+                pass
+        return True
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
 def _stage(con: duckdb.DuckDBPyConnection, files: list[LandedFile], compression: str) -> dict[str, tuple[str, str]]:
     """Parse `files` into impression_stage; return the files that would not parse, with reason and detail.
 
@@ -172,7 +185,8 @@ def _stage(con: duckdb.DuckDBPyConnection, files: list[LandedFile], compression:
         return {}
     except DATA_ERRORS as exc:
         if len(files) == 1:
-            return {files[0].name: (_classify(exc), _detail(exc))}
+            reason = "corrupt gzip" if files[0].gzipped and not _gzip_is_whole(files[0].path) else _classify(exc)
+            return {files[0].name: (reason, _detail(exc))}
     middle = len(files) // 2
     return {**_stage(con, files[:middle], compression), **_stage(con, files[middle:], compression)}
 
@@ -205,7 +219,7 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     to_parse = [f for f in files if f.name not in duplicates]
     con.execute(STAGE_DDL)
     bad = _stage(con, [f for f in to_parse if f.gzipped], "gzip")
-    bad.update(_stage(con, [f for f in to_parse if not f.gzipped], "none"))
+    bad.update(_stage(con, [f for f in to_parse if not f.gzipped], "uncompressed"))
     # Every impression needs the fields of the dedupe key; a file with any impression lacking one is set aside.
     counts = con.execute(f"""SELECT b.name, count(s.path), {", ".join(f"count(*) FILTER (WHERE {c})" for c in KEY_CHECKS.values())}
                              FROM impression_batch b LEFT JOIN impression_stage s ON s.path = b.path
