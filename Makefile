@@ -42,7 +42,7 @@ demo: venv home
 	$(BIN)/mixsync demo
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --durations=15
 
 validate: venv home
 	$(BIN)/dagster definitions validate -m mixsync.definitions
