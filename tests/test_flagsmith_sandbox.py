@@ -116,9 +116,99 @@ def test_read_back_returns_the_traits(api):
     assert [(t["trait_key"], t["trait_value"]) for t in body["traits"]] == [("a", True)]
 
 
-def test_client_key_writes_are_silently_dropped(api, sandbox):
+def test_client_key_trait_writes_follow_allow_client_traits(api, sandbox):
     client, state = api
-    response = httpx.post(sandbox.url("flagsmith") + "/api/v1/identities/",
-                          json={"identifier": "c", "traits": [{"trait_key": "a", "trait_value": True}]},
-                          headers={"X-Environment-Key": state.client_key})
-    assert response.status_code == 200 and state.traits("c") == {}
+    url = sandbox.url("flagsmith") + "/api/v1/"
+    headers = {"X-Environment-Key": state.client_key}
+    body = {"identifier": "c", "traits": [{"trait_key": "a", "trait_value": True}]}
+    assert state.allow_client_traits is True  # Flagsmith's default: client keys may write traits
+    assert httpx.post(url + "identities/", json=body, headers=headers).status_code == 200
+    assert state.traits("c") == {"a": True}
+    state.allow_client_traits = False
+    body["traits"][0]["trait_value"] = False
+    assert httpx.post(url + "identities/", json=body, headers=headers).status_code == 200  # dropped silently
+    assert state.traits("c") == {"a": True}
+    bulk = [{"identity": {"identifier": "c"}, "trait_key": "a", "trait_value": None}]
+    assert httpx.put(url + "traits/bulk/", json=bulk, headers=headers).status_code == 400
+    assert state.traits("c") == {"a": True}
+
+
+def test_identity_level_transient_stores_nothing(api):
+    client, state = api
+    post(client, "t", [{"trait_key": "kept", "trait_value": 1}])
+    response = client.post("identities/", json={"identifier": "t", "transient": True,
+                                                "traits": [{"trait_key": "new", "trait_value": 2}]})
+    assert response.status_code == 200
+    assert {t["trait_key"] for t in response.json()["traits"]} == {"kept", "new"}
+    assert state.traits("t") == {"kept": 1}
+    client.post("identities/", json={"identifier": "ghost", "transient": True, "traits": []})
+    assert "ghost" not in state.all_traits()
+
+
+def test_bulk_identities_wrong_key_on_core_is_404(sandbox):
+    url = sandbox.url("flagsmith") + "/api/v1/bulk-identities/"
+    assert httpx.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 404
+    sandbox.flagsmith.api = "edge"
+    assert httpx.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 403
+
+
+def test_core_bulk_over_long_key_is_500_after_the_deletes(api):
+    client, state = api
+    post(client, "d", [{"trait_key": "gone", "trait_value": 1}, {"trait_key": "stays", "trait_value": 2}])
+    items = [{"identity": {"identifier": "d"}, "trait_key": "gone", "trait_value": None},
+             {"identity": {"identifier": "d"}, "trait_key": "k" * 201, "trait_value": 1},
+             {"identity": {"identifier": "e"}, "trait_key": "x", "trait_value": 1}]
+    assert client.put("traits/bulk/", json=items).status_code == 500
+    assert state.traits("d") == {"stays": 2}  # the delete of the same request was applied
+    assert client.put("traits/bulk/", json=items).status_code == 500  # a retry is harmless
+
+
+def test_core_bulk_null_for_unknown_identity_creates_nothing_and_echo_is_non_null_only(api):
+    client, state = api
+    response = client.put("traits/bulk/", json=[{"identity": {"identifier": "nobody"}, "trait_key": "k",
+                                                 "trait_value": None}])
+    assert response.status_code == 200 and response.json() == []
+    assert "nobody" not in state.all_traits()
+    mixed = [{"identity": {"identifier": "m"}, "trait_key": "a", "trait_value": 1},
+             {"identity": {"identifier": "m"}, "trait_key": "b", "trait_value": None}]
+    assert client.put("traits/bulk/", json=mixed).json() == [
+        {"identity": {"identifier": "m"}, "trait_value": 1, "trait_key": "a"}]
+
+
+def test_core_bulk_identifiers_are_not_trimmed_for_deletes_and_integers_are_stringified(api):
+    client, state = api
+    post(client, "p6", [{"trait_key": "k", "trait_value": 1}])
+    client.put("traits/bulk/", json=[{"identity": {"identifier": " p6 "}, "trait_key": "k", "trait_value": None}])
+    assert state.traits("p6") == {"k": 1}
+    assert client.put("traits/bulk/", json=[{"identity": {"identifier": 42}, "trait_key": "n",
+                                             "trait_value": 1}]).status_code == 200
+    assert state.traits("42") == {"n": 1}
+    assert post(client, 7, [{"trait_key": "n", "trait_value": 2}]).json()["identifier"] == "7"
+    assert state.traits("7") == {"n": 2}
+
+
+def test_core_bulk_blank_identifier_is_a_field_error(api):
+    client, state = api
+    response = client.put("traits/bulk/", json=[{"identity": {"identifier": ""}, "trait_key": "k",
+                                                 "trait_value": 1}])
+    assert response.status_code == 400
+    assert response.json() == [{"identity": {"identifier": ["This field may not be blank."]}}]
+
+
+def test_get_identity_with_empty_identifier_is_200_missing_identifier(api):
+    client, state = api
+    response = client.get("identities/", params={"identifier": ""})
+    assert response.status_code == 200 and response.json() == {"detail": "Missing identifier"}
+
+
+def test_identity_flags_apply_overrides_and_keep_value_types(api):
+    client, state = api
+    state.add_feature("on_plain", enabled=True)
+    state.add_feature("zero", enabled=True, value=0)
+    state.add_feature("off", enabled=False, value="x")
+    state.override("vip", "off", True, False)
+    flags = {f["feature"]["name"]: (f["enabled"], f["feature_state_value"])
+             for f in client.get("identities/", params={"identifier": "vip"}).json()["flags"]}
+    assert flags == {"on_plain": (True, None), "zero": (True, 0), "off": (True, False)}
+    environment = {f["feature"]["name"]: (f["enabled"], f["feature_state_value"]) for f in client.get("flags/").json()}
+    assert environment["off"] == (False, "x")

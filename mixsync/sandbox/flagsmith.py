@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mixsync.sandbox.server import Faults, Recorder, control_routes, fault_response, record
@@ -21,6 +21,7 @@ from mixsync.sandbox.server import Faults, Recorder, control_routes, fault_respo
 # next non-empty bulk-identities request apply only its first half and still answer 202.
 IDENTITIES_ROUTE = "identities"
 IDENTITIES_READ_ROUTE = "identities_read"
+FLAGS_ROUTE = "flags"
 BULK_IDENTITIES_ROUTE = "bulk_identities"
 TRAITS_BULK_ROUTE = "traits_bulk"
 PARTIAL_BULK_ROUTE = "bulk_identities_partial"
@@ -54,8 +55,13 @@ class FlagsmithSandbox:
     api: str = "core"
     server_key: str = "ser.sandbox-server-key"
     client_key: str = "sandbox-client-key"
-    allow_client_traits: bool = False
+    # Flagsmith's default: a client key may write traits too (the real server then stores them).
+    allow_client_traits: bool = True
     identities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Features by name: {"id", "type", "enabled", "value"} (the environment's defaults), and per-identity
+    # overrides {identifier: {feature name: (enabled, value)}}.
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, tuple[bool, Any]]] = field(default_factory=dict)
     writes: Counter = field(default_factory=Counter)
     recorder: Recorder = field(default_factory=Recorder)
     faults: Faults = field(default_factory=Faults)
@@ -86,6 +92,43 @@ class FlagsmithSandbox:
     def release(self) -> None:
         self._release.set()
 
+    def add_feature(self, name: str, enabled: bool = True, value: Any = None, feature_type: str = "STANDARD") -> None:
+        """Create (or redefine) a feature with its environment default state and remote-config value."""
+        with self._lock:
+            existing = self.features.get(name)
+            feature_id = existing["id"] if existing else 1 + max((f["id"] for f in self.features.values()), default=0)
+            self.features[name] = {"id": feature_id, "type": feature_type, "enabled": enabled, "value": value}
+
+    def delete_feature(self, name: str) -> None:
+        with self._lock:
+            self.features.pop(name, None)
+            for overrides in self.overrides.values():
+                overrides.pop(name, None)
+
+    def override(self, identifier: str, name: str, enabled: bool, value: Any = None) -> None:
+        """An identity override: this identity sees `enabled` and `value` for the feature."""
+        with self._lock:
+            self.overrides.setdefault(identifier, {})[name] = (enabled, value)
+
+    def flags_json(self, identifier: str | None = None) -> list[dict[str, Any]]:
+        """Flags as the SDK API serializes them, with this identity's overrides applied (None: the environment's)."""
+        with self._lock:
+            overrides = dict(self.overrides.get(identifier, {})) if identifier is not None else {}
+            features = list(self.features.items())
+        flags = []
+        for name, feature in features:
+            enabled, value = overrides.get(name, (feature["enabled"], feature["value"]))
+            flag = {"id": feature["id"] * 1000 + (1 if name in overrides else 0),
+                    "feature": {"id": feature["id"], "name": name, "created_date": "2025-01-01T00:00:00Z",
+                                "description": None, "initial_value": _flag_value(feature["value"]),
+                                "default_enabled": feature["enabled"], "type": feature["type"]},
+                    "feature_state_value": _flag_value(value), "environment": 1,
+                    "identity": None, "feature_segment": None, "enabled": enabled}
+            if identifier is not None:
+                flag["variant"] = None
+            flags.append(flag)
+        return flags
+
     # --- the write semantics shared by every route ---
 
     def _apply(self, identifier: str, traits: list[tuple[str, Any]], overwrite: bool = False) -> None:
@@ -105,6 +148,22 @@ class FlagsmithSandbox:
             items = list(self.identities.get(identifier, {}).items())
         return [{"id": abs(hash((identifier, k))) % 10**9, "trait_key": k, "trait_value": v, "transient": False}
                 for k, v in items]
+
+
+def _flag_value(value: Any) -> Any:
+    """Remote-config values keep their type (string, integer, float, boolean) or are null."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a Flagsmith remote-config value is a string, number or boolean, not {type(value).__name__}")
+
+
+def _identifier(value: Any) -> str:
+    """Identifiers are strings; an integer is stringified and stored (observed), surrounding whitespace trimmed."""
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _stored_value(value: Any) -> Any:
@@ -175,13 +234,16 @@ async def _hold_if_asked(state: FlagsmithSandbox) -> Response | None:
     return PlainTextResponse("held by the sandbox and dropped", status_code=503)
 
 
-def _handler(route: str, handle, write: bool = True):
+def _handler(route: str, handle, write: bool = True, exists=lambda state: True):
     async def endpoint(request: Request) -> Response:
         state: FlagsmithSandbox = request.app.state.flagsmith
         recorded = await record(state.recorder, request)
         key = _key(request, state)
-        if key is None:
-            response: Response = JSONResponse(FORBIDDEN, status_code=403)
+        if not exists(state):
+            # A route this flavour of Flagsmith does not have: 404 before any key check (observed).
+            response: Response = JSONResponse({"detail": "Not found."}, status_code=404)
+        elif key is None:
+            response = JSONResponse(FORBIDDEN, status_code=403)
         elif (fault := state.faults.take(route)) is not None:
             response = fault_response(fault)
         else:
@@ -203,16 +265,25 @@ async def post_identity(state: FlagsmithSandbox, request: Request, server_side: 
     body = await _body(request)
     if not isinstance(body, dict):
         raise BadRequest({"non_field_errors": ["Invalid data. Expected a dictionary."]})
-    identifier = body.get("identifier")
-    identifier = identifier.strip() if isinstance(identifier, str) else ""
+    identifier = _identifier(body.get("identifier"))
     traits = _checked_traits(body.get("traits"))
+    if not (server_side or state.allow_client_traits):
+        traits = []  # a client key where client traits are off: the traits are dropped silently (observed)
     if not identifier:
         # Observed: no identifier gives 200 and a transient identity with a hashed identifier; nothing stored.
         hashed = hashlib.sha256(orjson.dumps(body.get("traits") or [])).hexdigest()
         return JSONResponse({"identifier": hashed, "traits": [
-            {"id": None, "trait_key": k, "trait_value": v, "transient": True} for k, v, _ in traits], "flags": []})
+            {"id": None, "trait_key": k, "trait_value": v, "transient": True} for k, v, _ in traits],
+            "flags": state.flags_json(hashed)})
     if len(identifier) > MAX_IDENTIFIER:
         return _server_error()
+    if body.get("transient") is True:
+        # An identity-level transient request persists nothing: the stored traits, overlaid by the sent ones.
+        stored = {t["trait_key"]: t for t in state._trait_json(identifier)}
+        for k, v, _ in traits:
+            stored[k] = {"id": None, "trait_key": k, "trait_value": v, "transient": True}
+        return JSONResponse({"identifier": identifier, "traits": [t for t in stored.values() if t["trait_value"]
+                                                                  is not None], "flags": state.flags_json(identifier)})
     new_identity = identifier not in state.identities
     keys = [k for k, _, _ in traits]
     if len(keys) != len(set(keys)):
@@ -221,27 +292,28 @@ async def post_identity(state: FlagsmithSandbox, request: Request, server_side: 
             return _server_error()
         seen: set[str] = set()
         traits = [t for t in traits if not (t[0] in seen or seen.add(t[0]))]  # the first value wins
-    persistent = [(k, v) for k, v, transient in traits if not transient]
-    if server_side or state.allow_client_traits:
-        state._apply(identifier, persistent)
-    else:
-        state._apply(identifier, [])  # a client key in an environment without client traits: silently dropped
-    return JSONResponse({"identifier": identifier, "traits": state._trait_json(identifier), "flags": []})
+    state._apply(identifier, [(k, v) for k, v, transient in traits if not transient])
+    return JSONResponse({"identifier": identifier, "traits": state._trait_json(identifier),
+                         "flags": state.flags_json(identifier)})
 
 
 async def get_identity(state: FlagsmithSandbox, request: Request, server_side: bool) -> Response:
     identifier = (request.query_params.get("identifier") or "").strip()
     if not identifier:
-        raise BadRequest({"detail": "Missing identifier"})
+        return JSONResponse({"detail": "Missing identifier"})  # observed: 200, not 400
     if len(identifier) > MAX_IDENTIFIER:
         return _server_error()
     state._apply(identifier, [])  # the SDK read creates the identity, as the real server does
-    return JSONResponse({"identifier": identifier, "traits": state._trait_json(identifier), "flags": []})
+    return JSONResponse({"identifier": identifier, "traits": state._trait_json(identifier),
+                         "flags": state.flags_json(identifier)})
+
+
+async def environment_flags(state: FlagsmithSandbox, request: Request, server_side: bool) -> Response:
+    """GET /flags/: the environment's flags, no identity (a JSON array)."""
+    return JSONResponse(state.flags_json())
 
 
 async def bulk_identities(state: FlagsmithSandbox, request: Request, server_side: bool) -> Response:
-    if state.api != "edge":
-        return JSONResponse({"detail": "Not found."}, status_code=404)
     if not server_side:
         return JSONResponse(FORBIDDEN, status_code=403)
     body = await _body(request)
@@ -266,42 +338,85 @@ async def bulk_identities(state: FlagsmithSandbox, request: Request, server_side
 
 
 async def traits_bulk(state: FlagsmithSandbox, request: Request, server_side: bool) -> Response:
-    if state.api == "identities":
-        return JSONResponse({"detail": "Not found."}, status_code=404)
+    """Core's PUT traits/bulk/, in the order the real server works (observed on v2.265.0 and in its code):
+    the null items are deleted first, by exact identifier and key (not trimmed, creating nothing); then the
+    other items are validated (400 per item, deletes already done) and written, each identity created if needed.
+    A key over 200 characters passes validation and fails in the database: a 500 after the deletes."""
     if request.method != "PUT":
         return JSONResponse({"detail": f'Method "{request.method}" not allowed.'}, status_code=405)
+    if not (server_side or state.allow_client_traits):
+        return HTMLResponse("<h1>Bad Request (400)</h1>", status_code=400)  # "Unable to set traits with client key."
     body = await _body(request)
     if not isinstance(body, list):
-        raise BadRequest({"non_field_errors": ["Expected a list of items but got type \"dict\"."]})
-    by_identity: dict[str, list[tuple[str, Any]]] = {}
-    errors = []
+        raise BadRequest({"non_field_errors": ['Expected a list of items but got type "dict".']})
+    deletes, sets = [], []
     for item in body:
+        if isinstance(item, dict) and item.get("trait_value") is None:
+            identity = item.get("identity")
+            identifier = identity.get("identifier") if isinstance(identity, dict) else None
+            deletes.append((identifier, item.get("trait_key")))
+        else:
+            sets.append(item)
+    with state._lock:
+        for identifier, key in deletes:
+            traits = state.identities.get(str(identifier)) if isinstance(identifier, (str, int)) else None
+            if traits is not None and isinstance(key, str):
+                state.writes[(str(identifier), key)] += 1
+                traits.pop(key, None)
+    errors: list[dict] = []
+    valid: list[tuple[str, str, Any]] = []
+    too_long_key = False
+    for item in sets:
+        error: dict[str, Any] = {}
         identity = item.get("identity") if isinstance(item, dict) else None
-        identifier = identity.get("identifier") if isinstance(identity, dict) else None
-        if not isinstance(identifier, str) or not identifier.strip():
-            errors.append({"identity": ["This field is required."]})
-            continue
-        try:
-            (key, value, _), = _checked_traits([{k: v for k, v in item.items() if k != "identity"}])
-        except BadRequest as exc:
-            errors.append(exc.body["traits"][0])
-            continue
-        errors.append({})
-        by_identity.setdefault(identifier.strip(), []).append((key, value))
+        raw = identity.get("identifier") if isinstance(identity, dict) else None
+        identifier = _identifier(raw)
+        if not isinstance(item, dict):
+            error["non_field_errors"] = ["Invalid data. Expected a dictionary."]
+        elif not isinstance(identity, dict) or raw is None:
+            error["identity"] = {"identifier": ["This field is required."]} if isinstance(identity, dict) \
+                else ["This field is required."]
+        elif not identifier:
+            error["identity"] = {"identifier": ["This field may not be blank."]}
+        elif len(identifier) > MAX_IDENTIFIER:
+            error["identity"] = {"identifier": [f"Ensure this field has no more than {MAX_IDENTIFIER} characters."]}
+        key = item.get("trait_key") if isinstance(item, dict) else None
+        if isinstance(item, dict):
+            if not isinstance(key, str) or not key.strip():
+                error["trait_key"] = ["This field is required."] if key is None else ["This field may not be blank."]
+            value = item.get("trait_value")
+            if isinstance(value, str) and len(value) > MAX_STRING:
+                error["trait_value"] = [f"Value string is too long. Must be less than {MAX_STRING} character"]
+        errors.append(error)
+        if not error:
+            if len(key.strip()) > MAX_TRAIT_KEY:
+                too_long_key = True
+            valid.append((identifier, key.strip(), _stored_value(item["trait_value"])))
     if any(errors):
         raise BadRequest(errors)
-    if server_side or state.allow_client_traits:
-        for identifier, traits in by_identity.items():
-            state._apply(identifier, traits)
-    return JSONResponse(body)
+    if too_long_key or any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_INT for _, _, v in valid):
+        # Unknown on the real server: whether writes of other identities in the request land before the failing
+        # one. The sandbox applies none of them (the deletes above stay applied, as observed).
+        return _server_error()
+    by_identity: dict[str, list[tuple[str, Any]]] = {}
+    for identifier, key, value in valid:
+        by_identity.setdefault(identifier, []).append((key, value))
+    for identifier, traits in by_identity.items():
+        state._apply(identifier, traits)
+    # The answer echoes only the written (non-null) items, as the serializer saw them.
+    return JSONResponse([{"identity": {"identifier": identifier}, "trait_value": value, "trait_key": key}
+                         for identifier, key, value in valid])
 
 
 def build_app(state: FlagsmithSandbox) -> Starlette:
     routes = [
         Route("/api/v1/identities/", _handler(IDENTITIES_ROUTE, post_identity), methods=["POST"]),
         Route("/api/v1/identities/", _handler(IDENTITIES_READ_ROUTE, get_identity, write=False), methods=["GET"]),
-        Route("/api/v1/bulk-identities/", _handler(BULK_IDENTITIES_ROUTE, bulk_identities), methods=["PUT", "POST"]),
-        Route("/api/v1/traits/bulk/", _handler(TRAITS_BULK_ROUTE, traits_bulk), methods=["PUT", "POST"]),
+        Route("/api/v1/flags/", _handler(FLAGS_ROUTE, environment_flags, write=False), methods=["GET"]),
+        Route("/api/v1/bulk-identities/", _handler(BULK_IDENTITIES_ROUTE, bulk_identities,
+                                                   exists=lambda state: state.api == "edge"), methods=["PUT", "POST"]),
+        Route("/api/v1/traits/bulk/", _handler(TRAITS_BULK_ROUTE, traits_bulk,
+                                               exists=lambda state: state.api != "identities"), methods=["PUT", "POST"]),
     ]
     app = Starlette(routes=routes + control_routes(state.recorder, state.faults))
     app.state.flagsmith = state

@@ -37,15 +37,17 @@ class MixpanelSandbox:
     token: str = "sandbox-project-token"
     recorder: Recorder = field(default_factory=Recorder)
     faults: Faults = field(default_factory=Faults)
-    # State of the sibling emulations (cohorts and engage; /import), set by their modules.
+    # State of the sibling emulations (cohorts and engage queries; /import and /track; /engage profiles).
     query: Any = None
     ingest: Any = None
+    profiles: Any = None
 
     def __post_init__(self) -> None:
-        from mixsync.sandbox import mixpanel_ingest, mixpanel_query
+        from mixsync.sandbox import mixpanel_ingest, mixpanel_profiles, mixpanel_query
 
         self.query = mixpanel_query.create_state(self)
         self.ingest = mixpanel_ingest.create_state(self)
+        self.profiles = mixpanel_profiles.create_state(self)
 
     def env(self, url: str) -> dict[str, str]:
         first_day = min(self.dataset.days)
@@ -253,10 +255,11 @@ def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def build_app(state: MixpanelSandbox) -> Starlette:
-    from mixsync.sandbox import mixpanel_ingest, mixpanel_query
+    from mixsync.sandbox import mixpanel_ingest, mixpanel_profiles, mixpanel_query
 
     # One origin for every Mixpanel API, as MIXPANEL_BASE_URL gives it: export, query (/api/query/...), ingestion.
-    routes = [Route("/api/2.0/export", export, methods=["GET"])] + mixpanel_query.routes() + mixpanel_ingest.routes()
+    routes = ([Route("/api/2.0/export", export, methods=["GET"])] + mixpanel_query.routes() + mixpanel_ingest.routes()
+              + mixpanel_profiles.routes())
     app = Starlette(routes=routes + control_routes(state.recorder, state.faults))
     app.state.mixpanel = state
     return app

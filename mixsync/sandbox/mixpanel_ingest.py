@@ -1,4 +1,4 @@
-"""Emulated Mixpanel ingestion API: POST /import with auth, gzip, limits, strict validation and dedupe."""
+"""Emulated Mixpanel ingestion API: POST /import and /track with auth, gzip, limits, strict validation and dedupe."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import datetime as dt
 import re
 import threading
 import time
+import urllib.parse
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,12 +16,15 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mixsync.sandbox.server import fault_response, record
 
 IMPORT_ROUTE = "import"
+TRACK_ROUTE = "track"
+# /track refuses events older than this (the SDKs' reason for /import); "time" is optional there.
+TRACK_MAX_AGE_SECONDS = 5 * 24 * 3600
 MAX_EVENTS = 2000
 MAX_BYTES = 2 * 1024 * 1024        # uncompressed; newer docs say 10 MB, the 413 example says 2 MB
 MAX_EVENT_BYTES = 1024 * 1024
@@ -151,6 +156,34 @@ def _parse(body: bytes) -> list | None:
         return None
 
 
+def is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded")
+
+
+def form_fields(body: bytes) -> dict[str, str]:
+    """The fields of a form-encoded body, as the official SDKs post them (`data=<json>&verbose=1&ip=0`)."""
+    return dict(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
+
+
+def form_data(fields: dict[str, str]) -> list | None:
+    """The `data` field of a form body: JSON (an object or an array), or the base64 of it that older SDKs send."""
+    raw = fields.get("data")
+    if raw is None:
+        return None
+    items = _parse(raw.encode())
+    if items is None:
+        try:
+            items = _parse(base64.b64decode(raw, validate=True))
+        except ValueError:
+            return None
+    return items
+
+
+def verbose_answer(error: str | None, status: int = 200) -> JSONResponse:
+    """The answer of the ingestion endpoints to `verbose=1`: `{"status": 1, "error": null}` or status 0 and why."""
+    return JSONResponse({"status": 0 if error else 1, "error": error}, status_code=status)
+
+
 def _gunzip(body: bytes) -> bytes | None:
     decompressor = zlib.decompressobj(wbits=31)
     try:
@@ -186,41 +219,113 @@ def _import(mixpanel, state: IngestState, request: Request, body: bytes) -> Resp
             return _error(400, "could not decompress the gzip request body")
     if len(body) > MAX_BYTES:
         return _error(413, f"request body is larger than {MAX_BYTES} bytes uncompressed")
-    items = _parse(body)
+    form = form_fields(body) if is_form(request) else None
+    items = form_data(form) if form is not None else _parse(body)
     if items is None:
+        if form is not None:
+            return verbose_answer("the form field 'data' must hold a JSON object or array of events", 400)
         return _error(400, "request body is not a JSON array or newline-delimited JSON")
     if len(items) > MAX_EVENTS:
         return _error(400, f"too many events in one request: {len(items)}, the limit is {MAX_EVENTS}")
-    strict = request.query_params.get("strict") == "1"
+    strict = request.query_params.get("strict") == "1" or (form or {}).get("strict") == "1"
+    imported, failed_records = _hold(state, items, _validate)
+    if form is not None:
+        # Form posts (the SDKs') read the verbose answer. Which answer the real endpoint gives a form post with
+        # invalid events is not documented: the strictest reading is a 400 naming the first refused event.
+        if failed_records:
+            first = failed_records[0]
+            return verbose_answer(f"event {first['index']}: {first['field']}: {first['message']}", 400)
+        return verbose_answer(None)
+    if failed_records and strict:
+        return _error(400, "some data points in the request failed validation", num_records_imported=imported,
+                      failed_records=failed_records)
+    return JSONResponse({"code": 200, "num_records_imported": imported, "status": "OK"})
+
+
+def _hold(state: IngestState, items: list, validate) -> tuple[int, list[dict]]:
+    """Keep the valid events (one copy per dedupe key, the latest wins); returns (imported, failed records)."""
     now = time.time()
     failed_records = []
     imported = 0
     with state.lock:
         state.received += len(items)
         for index, item in enumerate(items):
-            problem = _validate(item, now)
+            problem = validate(item, now)
             if problem is not None:
                 state.failed += 1
-                if strict:
-                    props = item.get("properties") if isinstance(item, dict) else None
-                    insert_id = props.get("$insert_id") if isinstance(props, dict) else None
-                    failed_records.append({"index": index, "$insert_id": insert_id, "field": problem[0],
-                                           "message": problem[1]})
+                props = item.get("properties") if isinstance(item, dict) else None
+                insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+                failed_records.append({"index": index, "$insert_id": insert_id, "field": problem[0],
+                                       "message": problem[1]})
                 continue
             props = item["properties"]
             moment = props["time"]
-            key = (item["event"], str(props["distinct_id"]), int(moment if moment > 1e11 else moment * 1000),
-                   props["$insert_id"])
+            key = (item["event"], str(props.get("distinct_id")), int(moment if moment > 1e11 else moment * 1000),
+                   props.get("$insert_id") or uuid.uuid4().hex)
             if key in state.events:
                 state.duplicates += 1
-            # Mixpanel keeps one copy per key; the latest one wins.
             state.events[key] = {"event": item["event"], "properties": _truncate(props)}
             imported += 1
         state.imported += imported
+    return imported, failed_records
+
+
+def _validate_track(item: Any, now: float, token: str) -> tuple[str, str] | None:
+    """/track: the project token rides in each event; `time` defaults to now and must be within 5 days."""
+    if not isinstance(item, dict) or not isinstance(item.get("event"), str) or not item["event"]:
+        return "event", "'event' must be a non-empty string"
+    props = item.get("properties")
+    if not isinstance(props, dict):
+        return "properties", "'properties' must be an object"
+    if props.get("token") != token:
+        return "properties.token", "'properties.token' must be the project token"
+    props.setdefault("time", now)
+    moment = props["time"]
+    if isinstance(moment, bool) or not isinstance(moment, (int, float)):
+        return "properties.time", "'properties.time' must be a number (seconds or milliseconds)"
+    seconds = moment / 1000 if moment > 1e11 else moment
+    if seconds < now - TRACK_MAX_AGE_SECONDS:
+        return "properties.time", "events older than 5 days are refused by /track: use /import"
+    if seconds > now + 3600:
+        return "properties.time", "'properties.time' is more than 1 hour in the future"
+    insert_id = props.get("$insert_id")
+    if insert_id is not None and (not isinstance(insert_id, str) or not INSERT_ID.match(insert_id)):
+        return "properties.$insert_id", "'properties.$insert_id': at most 36 characters of [A-Za-z0-9-]"
+    if len(props) >= MAX_PROPERTIES:
+        return "properties", f"too many properties: {len(props)}, the limit is {MAX_PROPERTIES - 1}"
+    return None
+
+
+async def track(request: Request) -> Response:
+    mixpanel = request.app.state.mixpanel
+    state: IngestState = mixpanel.ingest
+    recorded = await record(mixpanel.recorder, request)
+    response = _track(mixpanel, state, request, recorded.body)
+    recorded.status = response.status_code
+    with state.lock:
+        state.requests[response.status_code] += 1
+    return response
+
+
+def _track(mixpanel, state: IngestState, request: Request, body: bytes) -> Response:
+    """POST /track: form (`data=`) or a JSON array; answers 200 `1`/`0`, or the verbose object with verbose=1."""
+    fault = mixpanel.faults.take(TRACK_ROUTE)
+    if fault is not None:
+        return fault_response(fault)
+    fields = form_fields(body) if is_form(request) else {}
+    verbose = request.query_params.get("verbose") == "1" or fields.get("verbose") == "1"
+    if len(body) > MAX_BYTES:
+        return _error(413, f"request body is larger than {MAX_BYTES} bytes")
+    items = form_data(fields) if is_form(request) else _parse(body)
+    if items is None or len(items) > MAX_EVENTS:
+        problem = "the body must hold a JSON object or an array of at most 2000 events"
+        return verbose_answer(problem) if verbose else PlainTextResponse("0")
+    _, failed_records = _hold(state, items, lambda item, now: _validate_track(item, now, mixpanel.token))
     if failed_records:
-        return _error(400, "some data points in the request failed validation", num_records_imported=imported,
-                      failed_records=failed_records)
-    return JSONResponse({"code": 200, "num_records_imported": imported, "status": "OK"})
+        first = failed_records[0]
+        message = f"event {first['index']}: {first['field']}: {first['message']}"
+        return verbose_answer(message) if verbose else PlainTextResponse("0")
+    return verbose_answer(None) if verbose else PlainTextResponse("1")
 
 
 async def imported_summary(request: Request) -> Response:
@@ -229,4 +334,5 @@ async def imported_summary(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [Route("/import", import_events, methods=["POST"]),
+            Route("/track", track, methods=["POST"]),
             Route("/_sandbox/imported", imported_summary, methods=["GET"])]

@@ -148,12 +148,23 @@ def create_state(mixpanel_state) -> QueryState:
     return state
 
 
-async def _form(request: Request) -> dict[str, str]:
-    """Mixpanel's query API takes parameters form-encoded in the body or in the query string."""
+async def _form(request: Request) -> dict[str, str] | None:
+    """Mixpanel's query API takes parameters in the query string and in the body, form-encoded or as a JSON
+    object (Airbyte's connector sends `{"filter_by_cohort": "{\"id\":N}"}`). JSON values that are objects or
+    arrays count as their JSON text, as if form-encoded. None when a JSON body is not an object."""
     params = dict(request.query_params)
     if request.method == "POST":
-        body = (await request.body()).decode("utf-8", errors="replace")
-        params.update(urllib.parse.parse_qsl(body, keep_blank_values=True))
+        body = await request.body()
+        if request.headers.get("content-type", "").lower().startswith("application/json"):
+            try:
+                parsed = orjson.loads(body) if body.strip() else {}
+            except orjson.JSONDecodeError:
+                return None
+            if not isinstance(parsed, dict):
+                return None
+            params.update({k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in parsed.items()})
+        else:
+            params.update(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
     return params
 
 
@@ -197,7 +208,10 @@ async def engage(request: Request) -> Response:
     state = request.app.state.mixpanel
     recorded = await record(state.recorder, request)
     params = await _form(request)
-    response = _answer(state, request, ENGAGE_ROUTE, lambda: _engage(state, params))
+    if params is None:
+        response: Response = PlainTextResponse("a JSON request body must be an object of parameters", status_code=400)
+    else:
+        response = _answer(state, request, ENGAGE_ROUTE, lambda: _engage(state, params))
     recorded.status = response.status_code
     return response
 

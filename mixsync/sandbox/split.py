@@ -160,10 +160,59 @@ def build_app(state: SplitSandbox) -> Starlette:
         return Response(orjson.dumps(counts), media_type="application/json")
 
     routes = control_routes(state.recorder, state.faults) + [
-        Route(BULK_ROUTE, bulk, methods=["POST"]), Route("/_sandbox/split/stats", stats, methods=["GET"])]
+        Route(BULK_ROUTE, bulk, methods=["POST"]), Route("/_sandbox/split/stats", stats, methods=["GET"])] + \
+        sdk_routes(state)
     app = Starlette(routes=routes)
     app.state.split = state
     return app
+
+
+def sdk_routes(state: SplitSandbox) -> list[Route]:
+    """The least of Split's SDK API an official SDK needs to start and send events: an environment without
+    feature flags or segments, streaming refused (the SDK polls), impressions and telemetry accepted.
+    Their responses follow the SDK's own parser (splitio-client 10.7, spec 1.3); nothing else is emulated."""
+
+    def authorized(request: Request) -> bool:
+        return request.headers.get("authorization", "") == f"Bearer {state.sdk_key}"
+
+    def since(request: Request, name: str) -> int:
+        try:
+            return int(request.query_params.get(name, "-1"))
+        except ValueError:
+            return -1
+
+    async def split_changes(request: Request) -> Response:
+        if not authorized(request):
+            return PlainTextResponse("Unauthorized", status_code=401)
+        # Nothing ever changes: the first fetch (since=-1) moves to change number 1, later fetches stay there.
+        ff, rbs = since(request, "since"), since(request, "rbSince")
+        body = {"ff": {"d": [], "s": ff, "t": max(ff, 1)}, "rbs": {"d": [], "s": rbs, "t": max(rbs, 1)}}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def segment_changes(request: Request) -> Response:
+        if not authorized(request):
+            return PlainTextResponse("Unauthorized", status_code=401)
+        value = since(request, "since")
+        body = {"name": request.path_params["name"], "added": [], "removed": [], "since": value,
+                "till": max(value, 1)}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def auth(request: Request) -> Response:
+        if not authorized(request):
+            return PlainTextResponse("Unauthorized", status_code=401)
+        return Response(orjson.dumps({"pushEnabled": False, "token": ""}), media_type="application/json")
+
+    async def accepted(request: Request) -> Response:
+        await request.body()
+        return Response(status_code=200 if authorized(request) else 401)
+
+    return [Route("/api/splitChanges", split_changes, methods=["GET"]),
+            Route("/api/segmentChanges/{name}", segment_changes, methods=["GET"]),
+            Route("/api/v2/auth", auth, methods=["GET"]),
+            Route("/api/testImpressions/bulk", accepted, methods=["POST"]),
+            Route("/api/testImpressions/count", accepted, methods=["POST"]),
+            Route("/api/v1/metrics/config", accepted, methods=["POST"]),
+            Route("/api/v1/metrics/usage", accepted, methods=["POST"])]
 
 
 def _bulk(state: SplitSandbox, request: Request, body: bytes) -> Response:
