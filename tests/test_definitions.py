@@ -12,7 +12,8 @@ import dagster as dg
 from mixsync.definitions import defs
 
 PUBLIC_ASSETS = {"mixpanel_events", "mixpanel_cohorts", "mixpanel_cohort_members", "split_events",
-                 "flagsmith_cohort_traits", "split_impressions", "mixpanel_experiment_exposures"}
+                 "flagsmith_cohort_traits", "split_impressions", "mixpanel_experiment_exposures",
+                 "experiment_results"}
 
 
 def test_the_code_location_has_every_public_name():
@@ -21,9 +22,9 @@ def test_the_code_location_has_every_public_name():
     assert {key.to_user_string() for key in repo.asset_graph.get_all_asset_keys()} >= PUBLIC_ASSETS
     assert "split_impression_files_sensor" in {s.name for s in repo.sensor_defs}
     assert {"mixpanel_events_schedule", "split_events_schedule",
-                                                                  "flagsmith_cohort_traits_schedule"} <= {s.name for s in repo.schedule_defs}
+                                                                  "flagsmith_cohort_traits_schedule", "experiment_results_schedule"} <= {s.name for s in repo.schedule_defs}
     assert {"mixpanel_events_job", "split_events_job", "flagsmith_cohort_traits_job",
-            "split_impressions_job"} <= set(repo.job_names)
+            "split_impressions_job", "experiment_results_job"} <= set(repo.job_names)
 
 
 def test_every_asset_names_its_group_kinds_and_pool():
@@ -32,7 +33,8 @@ def test_every_asset_names_its_group_kinds_and_pool():
         assert spec.kinds, spec.key
     # dagster.yaml gives every pool one slot: one step at a time per external API.
     assert {asset.op.pool for asset in defs.assets} == {
-        "mixpanel_export", "mixpanel_query", "mixpanel_import", "split_events", "flagsmith", "impressions_landing"}
+        "mixpanel_export", "mixpanel_query", "mixpanel_import", "split_events", "flagsmith", "impressions_landing",
+        "experiments"}
 
 
 def test_the_code_location_loads_without_any_service_settings(tmp_path):

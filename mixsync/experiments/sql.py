@@ -1,0 +1,253 @@
+"""The experiments flow's SQL: exposures from split.impressions, per-user metric values over mixpanel.events, and the
+per-treatment sufficient statistics; every bulk step runs in DuckDB, Python receives a few rows per treatment."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import duckdb
+
+from mixsync.experiments.settings import Experiment, Metric
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS analytics;
+-- Each key's first impression of a split (in the configured environment); keys that saw more than one treatment
+-- of the split are left out (counted as users_multiple_treatments in the materialization's metadata).
+CREATE TABLE IF NOT EXISTS analytics.experiment_exposures (
+    split VARCHAR NOT NULL,
+    environment_id VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,                -- the Split key; Mixpanel's distinct_id
+    treatment VARCHAR NOT NULL,
+    first_exposed_at TIMESTAMPTZ NOT NULL
+);
+-- One row per configured split, metric and treatment; the control's row holds its users and mean only.
+CREATE TABLE IF NOT EXISTS analytics.experiment_results (
+    split VARCHAR NOT NULL,
+    metric VARCHAR NOT NULL,
+    treatment VARCHAR NOT NULL,
+    is_control BOOLEAN NOT NULL,
+    users BIGINT NOT NULL,
+    mean DOUBLE,
+    lift DOUBLE,                         -- (mean - control mean) / control mean
+    ci_low DOUBLE,                       -- 95% confidence interval of the lift
+    ci_high DOUBLE,
+    p_value DOUBLE,                      -- Welch's two-sided t test of the difference of means
+    reason VARCHAR                       -- why a number is null, or a warning about the comparison
+);
+CREATE TABLE IF NOT EXISTS analytics.experiment_srm (
+    split VARCHAR NOT NULL,
+    treatment VARCHAR NOT NULL,
+    users BIGINT NOT NULL,
+    expected_share DOUBLE NOT NULL,
+    srm_p_value DOUBLE                   -- chi-square goodness of fit of users per treatment; null with < 2 treatments
+);
+"""
+
+
+class ExperimentDataError(ValueError):
+    """The data cannot be analysed as configured (for example: which environment is meant is ambiguous)."""
+
+
+@dataclass(frozen=True)
+class SplitExposures:
+    split: str
+    environment_id: str
+    users: int                           # keys exposed to exactly one treatment
+    users_multiple_treatments: int
+
+
+@dataclass
+class TreatmentStats:
+    """Sufficient statistics of one treatment: users, and per metric the mean and sample variance."""
+
+    treatment: str
+    users: int
+    means: dict[str, float | None] = field(default_factory=dict)
+    variances: dict[str, float | None] = field(default_factory=dict)
+    missing_values: dict[str, int] = field(default_factory=dict)       # sum metrics: events without the property
+    non_numeric_values: dict[str, int] = field(default_factory=dict)   # sum metrics: events where it is not a number
+
+
+def _insert_columns(con: duckdb.DuckDBPyConnection, table: str, columns: list[list]) -> None:
+    """Insert rows given column by column, in one statement."""
+    if not columns or not columns[0]:
+        return
+    names = [f"c{i}" for i in range(len(columns))]
+    con.execute(f"INSERT INTO {table} SELECT {', '.join(f'unnest(${n})' for n in names)}", dict(zip(names, columns)))
+
+
+def environments(con: duckdb.DuckDBPyConnection, splits: list[str]) -> dict[str, list[tuple[str, str | None, int]]]:
+    """For each of `splits` with impressions: its environments (id, name, impressions), most impressions first."""
+    if not splits:
+        return {}
+    rows = con.execute("""SELECT split, environment_id, any_value(environment_name), count(*) AS impressions
+                          FROM split.impressions WHERE split IN (SELECT unnest($splits))
+                          GROUP BY ALL ORDER BY split, impressions DESC, environment_id""", {"splits": splits}).fetchall()
+    out: dict[str, list[tuple[str, str | None, int]]] = {}
+    for split, environment_id, name, impressions in rows:
+        out.setdefault(split, []).append((environment_id, name, impressions))
+    return out
+
+
+def _describe(envs: list[tuple[str, str | None, int]]) -> str:
+    return ", ".join(f"{eid!r}" + (f" ({name})" if name else "") + f" with {n} impressions" for eid, name, n in envs)
+
+
+def resolve_environments(experiments: tuple[Experiment, ...], envs: dict[str, list[tuple[str, str | None, int]]]
+                         ) -> dict[str, str]:
+    """The environment each configured split with impressions is analysed in. Raises ExperimentDataError when a
+    split has impressions from several environments and none is configured, or the configured one has none."""
+    chosen: dict[str, str] = {}
+    for experiment in experiments:
+        found = envs.get(experiment.split)
+        if not found:
+            continue
+        ids = [eid for eid, _, _ in found]
+        if experiment.environment_id is None:
+            if len(ids) > 1:
+                raise ExperimentDataError(
+                    f"split {experiment.split} (experiments file, line {experiment.line}) has impressions from "
+                    f"{len(ids)} environments: {_describe(found)}. Set environment_id to one of them.")
+            chosen[experiment.split] = ids[0]
+        elif experiment.environment_id not in ids:
+            raise ExperimentDataError(
+                f"split {experiment.split} (experiments file, line {experiment.line}): environment_id "
+                f"{experiment.environment_id!r} has no impressions; the split's environments are {_describe(found)}")
+        else:
+            chosen[experiment.split] = experiment.environment_id
+    return chosen
+
+
+def write_exposures(con: duckdb.DuckDBPyConnection, environment_by_split: dict[str, str]) -> list[SplitExposures]:
+    """Replace analytics.experiment_exposures: every split's first exposures (configured splits: in their one
+    environment; others: per environment). Returns the users and excluded users per split and environment."""
+    con.execute("CREATE OR REPLACE TEMP TABLE experiment_environment (split VARCHAR, environment_id VARCHAR)")
+    _insert_columns(con, "experiment_environment", [list(environment_by_split), list(environment_by_split.values())])
+    # arg_min picks the first impression's treatment; a key with two treatments at the same instant is counted
+    # in `treatments` > 1 and left out anyway.
+    con.execute("""CREATE OR REPLACE TEMP TABLE experiment_first_impressions AS
+        SELECT i.split, i.environment_id, i.key, arg_min(i.treatment, i.time) AS treatment,
+               min(i.time) AS first_exposed_at, count(DISTINCT i.treatment) AS treatments
+        FROM split.impressions i LEFT JOIN experiment_environment c ON c.split = i.split
+        WHERE c.environment_id IS NULL OR c.environment_id = i.environment_id
+        GROUP BY i.split, i.environment_id, i.key""")
+    con.execute("DELETE FROM analytics.experiment_exposures")
+    con.execute("""INSERT INTO analytics.experiment_exposures
+                   SELECT split, environment_id, key, treatment, first_exposed_at
+                   FROM experiment_first_impressions WHERE treatments = 1""")
+    rows = con.execute("""SELECT split, environment_id, count(*) FILTER (WHERE treatments = 1),
+                                 count(*) FILTER (WHERE treatments > 1)
+                          FROM experiment_first_impressions GROUP BY ALL ORDER BY ALL""").fetchall()
+    con.execute("DROP TABLE experiment_first_impressions; DROP TABLE experiment_environment")
+    return [SplitExposures(*row) for row in rows]
+
+
+def users_per_treatment(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], dict[str, int]]:
+    """(split, environment_id) -> treatment -> users, from analytics.experiment_exposures."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for split, environment_id, treatment, users in con.execute(
+            """SELECT split, environment_id, treatment, count(*) FROM analytics.experiment_exposures
+               GROUP BY ALL ORDER BY ALL""").fetchall():
+        out.setdefault((split, environment_id), {})[treatment] = users
+    return out
+
+
+def json_pointer(name: str) -> str:
+    """A top-level property name as a JSON pointer (RFC 6901), so any character in the name is safe."""
+    return "/" + name.replace("~", "~0").replace("/", "~1")
+
+
+def metric_statistics_sql(metrics: tuple[Metric, ...]) -> str:
+    """The query of one experiment's per-treatment statistics. Parameters: $split, $environment_id, $window_days,
+    $events, $from, $until, and per metric i: $event_i (and $pointer_i for sums)."""
+    per_user, finals, outer = [], [], []
+    raws = []
+    for i, metric in enumerate(metrics):
+        matches = f"e.event = $event_{i}"
+        if metric.type == "conversion":
+            per_user.append(f"(count(*) FILTER (WHERE {matches}) > 0)::INTEGER AS m{i}")
+        elif metric.type == "count":
+            per_user.append(f"count(*) FILTER (WHERE {matches}) AS m{i}")
+        else:
+            # One parse of properties per matching event: its text, then a number when it reads as a finite one.
+            raws.append(f"CASE WHEN e.event = $event_{i} THEN json_extract_string(e.properties, $pointer_{i}) END AS raw{i}")
+            value = f"TRY_CAST(raw{i} AS DOUBLE)"
+            per_user.append(f"sum(CASE WHEN isfinite({value}) THEN {value} END) FILTER (WHERE {matches}) AS m{i}")
+            per_user.append(f"count(*) FILTER (WHERE {matches} AND raw{i} IS NULL) AS missing{i}")
+            per_user.append(f"count(*) FILTER (WHERE {matches} AND raw{i} IS NOT NULL "
+                            f"AND NOT coalesce(isfinite({value}), false)) AS non_numeric{i}")
+            outer.append(f"coalesce(sum(h.missing{i}), 0) AS missing{i}, coalesce(sum(h.non_numeric{i}), 0) AS non_numeric{i}")
+        finals.append(f"avg(coalesce(h.m{i}, 0)) AS mean{i}, var_samp(coalesce(h.m{i}, 0)) AS variance{i}")
+    if not metrics:
+        return """SELECT treatment, count(*) AS users FROM analytics.experiment_exposures
+                  WHERE split = $split AND environment_id = $environment_id GROUP BY treatment"""
+    return f"""
+        WITH exposed AS (
+            SELECT key, treatment, first_exposed_at FROM analytics.experiment_exposures
+            WHERE split = $split AND environment_id = $environment_id),
+        events AS (
+            SELECT e.distinct_id, e.event, e.time{''.join(', ' + r for r in raws)}
+            FROM mixpanel.events e
+            WHERE e.event IN (SELECT unnest($events)) AND e.time >= $from AND e.time < $until),
+        hits AS (
+            SELECT x.key, {', '.join(per_user)}
+            FROM exposed x JOIN events e ON e.distinct_id = x.key
+            WHERE e.time >= x.first_exposed_at AND e.time < x.first_exposed_at + to_days($window_days)
+            GROUP BY x.key)
+        SELECT x.treatment, count(*) AS users, {', '.join(finals + outer)}
+        FROM exposed x LEFT JOIN hits h ON h.key = x.key
+        GROUP BY x.treatment"""
+
+
+def metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str
+                      ) -> list[TreatmentStats]:
+    """Each treatment's users and, per metric, the mean and sample variance of the per-user values."""
+    bounds = con.execute("""SELECT min(first_exposed_at), max(first_exposed_at) FROM analytics.experiment_exposures
+                            WHERE split = $split AND environment_id = $environment_id""",
+                         {"split": experiment.split, "environment_id": environment_id}).fetchone()
+    if bounds[0] is None:
+        return []
+    params: dict[str, object] = {"split": experiment.split, "environment_id": environment_id}
+    if experiment.metrics:
+        params.update({"window_days": experiment.window_days,
+                       "events": sorted({m.event for m in experiment.metrics}),
+                       "from": bounds[0], "until": bounds[1] + dt.timedelta(days=experiment.window_days)})
+        for i, metric in enumerate(experiment.metrics):
+            params[f"event_{i}"] = metric.event
+            if metric.type == "sum":
+                params[f"pointer_{i}"] = json_pointer(metric.property or "")
+    cursor = con.execute(metric_statistics_sql(experiment.metrics), params)
+    columns = [d[0] for d in cursor.description]
+    out = []
+    for row in cursor.fetchall():
+        values = dict(zip(columns, row))
+        stats = TreatmentStats(values["treatment"], values["users"])
+        for i, metric in enumerate(experiment.metrics):
+            stats.means[metric.name] = values[f"mean{i}"]
+            stats.variances[metric.name] = values[f"variance{i}"]
+            if metric.type == "sum":
+                stats.missing_values[metric.name] = int(values[f"missing{i}"])
+                stats.non_numeric_values[metric.name] = int(values[f"non_numeric{i}"])
+        out.append(stats)
+    return sorted(out, key=lambda s: s.treatment)
+
+
+def incomplete_windows(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str) -> int:
+    """Exposed users whose window ends after the last day loaded into mixpanel.events (their values may still grow)."""
+    return con.execute("""SELECT count(*) FROM analytics.experiment_exposures
+                          WHERE split = $split AND environment_id = $environment_id
+                            AND first_exposed_at + to_days($window_days)
+                                > coalesce((SELECT (max(day) + 1)::TIMESTAMPTZ FROM mixpanel.event_loads), '-infinity'::TIMESTAMPTZ)""",
+                       {"split": experiment.split, "environment_id": environment_id,
+                        "window_days": experiment.window_days}).fetchone()[0]
+
+
+def replace_results(con: duckdb.DuckDBPyConnection, results: list[tuple], srm: list[tuple]) -> None:
+    """Replace analytics.experiment_results and analytics.experiment_srm with these rows (in the caller's transaction)."""
+    con.execute("DELETE FROM analytics.experiment_results")
+    con.execute("DELETE FROM analytics.experiment_srm")
+    if results:
+        _insert_columns(con, "analytics.experiment_results", [list(c) for c in zip(*results)])
+    if srm:
+        _insert_columns(con, "analytics.experiment_srm", [list(c) for c in zip(*srm)])

@@ -1,0 +1,290 @@
+"""experiment_results: definitions on hand-made data, statistics against scipy, sample ratios, a real materialization."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from experiments_data import T0, load, write_experiments
+from mixsync.experiments.analysis import analyse
+from mixsync.experiments.assets import experiment_results
+from mixsync.experiments.settings import ExperimentsFileError, parse_experiments
+from mixsync.experiments.stats import Arm, compare, sample_ratio_p_value
+from mixsync.warehouse import Warehouse
+
+H = dt.timedelta(hours=1)
+D = dt.timedelta(days=1)
+S = dt.timedelta(seconds=1)
+
+
+@pytest.fixture
+def warehouse(tmp_path, monkeypatch) -> Warehouse:
+    """A fresh DuckDB file; this flow reads only the warehouse, so no sandbox is started."""
+    monkeypatch.setenv("MIXSYNC_DUCKDB_PATH", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("MIXSYNC_LANDING_DIR", str(tmp_path / "landing"))
+    monkeypatch.delenv("MIXSYNC_EXPERIMENTS_CHART_DIR", raising=False)
+    return Warehouse(tmp_path / "warehouse.duckdb", lock_timeout_seconds=60)
+
+CHECKOUT = """experiments:
+  - split: checkout
+    environment_id: prod
+    control: off
+    window_days: 2
+    metrics:
+      - {name: purchased, event: Purchase, type: conversion}
+      - {name: purchases, event: Purchase, type: count}
+      - {name: revenue, event: Purchase, type: sum, property: amount}
+"""
+
+
+def _known_answer_data(store) -> None:
+    impressions = [
+        ("prod", "checkout", "c1", "off", T0), ("prod", "checkout", "c1", "off", T0 + 3 * H),
+        ("prod", "checkout", "c2", "off", T0 + 5 * H), ("prod", "checkout", "c2", "off", T0 + H),
+        ("prod", "checkout", "c3", "off", T0 + 2 * H),
+        ("prod", "checkout", "t1", "on", T0), ("prod", "checkout", "t2", "on", T0),
+        ("prod", "checkout", "m1", "on", T0), ("prod", "checkout", "m1", "off", T0 + H),   # saw both: excluded
+        ("staging", "checkout", "s1", "on", T0),                                           # other environment
+    ]
+    events = [
+        ("Purchase", "c1", T0 - S, {"amount": 1}),                 # before exposure
+        ("Purchase", "c1", T0, {"amount": 10}),                    # at exposure: counts
+        ("Purchase", "c1", T0 + H, {"amount": "abc"}),             # counts; its amount is not a number
+        ("Purchase", "c1", T0 + 2 * D - S, {"amount": "5"}),       # last second of the window; a numeric string
+        ("Purchase", "c1", T0 + 2 * D, {"amount": 100}),           # window end: excluded
+        ("Viewed Page", "c1", T0 + H, {"amount": 7}),              # another event
+        ("Purchase", "c2", T0 + H / 2, {"amount": 7}),             # before c2's FIRST impression (T0 + 1h)
+        ("Purchase", "c2", T0 + 2 * H, {}),                        # no amount
+        ("Purchase", "t1", T0 + D, {"amount": 20}),
+        ("Purchase", "t1", T0 + D + H, {"amount": 30.0}),
+        ("Purchase", "m1", T0 + 2 * H, {"amount": 1000}),          # excluded user
+        ("Purchase", "s1", T0 + 2 * H, {"amount": 1000}),          # other environment
+    ]
+    load(store, impressions, events)
+
+
+def test_definitions_on_hand_made_data(warehouse):
+    _known_answer_data(warehouse)
+    with warehouse.write() as con:
+        analysis = analyse(con, parse_experiments(CHECKOUT))
+        exposures = con.execute("""SELECT key, treatment, first_exposed_at, environment_id
+                                   FROM analytics.experiment_exposures WHERE split = 'checkout' ORDER BY key""").fetchall()
+        results = {(m, t): (c, n, mean) for m, t, c, n, mean in con.execute(
+            "SELECT metric, treatment, is_control, users, mean FROM analytics.experiment_results").fetchall()}
+    assert exposures == [("c1", "off", T0, "prod"), ("c2", "off", T0 + H, "prod"), ("c3", "off", T0 + 2 * H, "prod"),
+                         ("t1", "on", T0, "prod"), ("t2", "on", T0, "prod")]
+    assert results == {
+        ("purchased", "off"): (True, 3, pytest.approx(2 / 3)), ("purchased", "on"): (False, 2, 0.5),
+        ("purchases", "off"): (True, 3, pytest.approx(4 / 3)), ("purchases", "on"): (False, 2, 1.0),
+        ("revenue", "off"): (True, 3, 5.0), ("revenue", "on"): (False, 2, 25.0),
+    }
+    [summary] = analysis.summaries
+    assert summary.users_multiple_treatments == 1
+    assert summary.non_numeric_values == {"revenue": 1} and summary.missing_values == {"revenue": 1}
+
+
+def _random_experiment(store, seed: int = 5):
+    """Per-user purchase counts and amounts drawn at random; returns the per-user arrays the warehouse should see."""
+    rng = np.random.default_rng(seed)
+    impressions, events, per_user = [], [], {"off": ([], []), "on": ([], [])}
+    for treatment, users, rate in (("off", 400, 0.35), ("on", 380, 0.5)):
+        for n in range(users):
+            key = f"{treatment}-{n}"
+            impressions.append(("prod", "checkout", key, treatment, T0))
+            k = int(rng.poisson(rate))
+            amounts = [round(float(rng.uniform(1, 100)), 2) for _ in range(k)]
+            events += [("Purchase", key, T0 + (i + 1) * H, {"amount": a}) for i, a in enumerate(amounts)]
+            per_user[treatment][0].append(k)
+            per_user[treatment][1].append(sum(amounts))
+    load(store, impressions, events)
+    return {t: (np.array(c, dtype=float), np.array(r)) for t, (c, r) in per_user.items()}
+
+
+def _delta_method(t: np.ndarray, c: np.ndarray, vt: float, vc: float):
+    """The relative lift's 95% interval by the delta method, written out directly, with Welch's degrees of freedom."""
+    nt, nc, mt, mc = len(t), len(c), t.mean(), c.mean()
+    var = vt / (nt * mc ** 2) + vc * mt ** 2 / (nc * mc ** 4)
+    a, b = vt / nt, vc / nc
+    df = (a + b) ** 2 / (a ** 2 / (nt - 1) + b ** 2 / (nc - 1))
+    q = scipy_stats.t.ppf(0.975, df)
+    lift = mt / mc - 1
+    return lift, lift - q * math.sqrt(var), lift + q * math.sqrt(var)
+
+
+def test_statistics_match_scipy_and_the_delta_method(warehouse):
+    arrays = _random_experiment(warehouse)
+    with warehouse.write() as con:
+        analyse(con, parse_experiments(CHECKOUT))
+        rows = {m: (lift, low, high, p) for m, lift, low, high, p in con.execute(
+            """SELECT metric, lift, ci_low, ci_high, p_value FROM analytics.experiment_results
+               WHERE treatment = 'on'""").fetchall()}
+    (tc, tr), (cc, cr) = arrays["on"], arrays["off"]
+    for metric, t, c in (("purchases", tc, cc), ("revenue", tr, cr)):
+        lift, low, high, p_value = rows[metric]
+        assert p_value == pytest.approx(scipy_stats.ttest_ind(t, c, equal_var=False).pvalue, rel=1e-9)
+        assert (lift, low, high) == pytest.approx(_delta_method(t, c, t.var(ddof=1), c.var(ddof=1)), rel=1e-9)
+    # Conversion: variance p(1 - p) of the 0/1 values.
+    t, c = (tc > 0).astype(float), (cc > 0).astype(float)
+    vt, vc = t.mean() * (1 - t.mean()), c.mean() * (1 - c.mean())
+    lift, low, high, p_value = rows["purchased"]
+    expected = scipy_stats.ttest_ind_from_stats(t.mean(), math.sqrt(vt), len(t), c.mean(), math.sqrt(vc), len(c),
+                                                equal_var=False).pvalue
+    assert p_value == pytest.approx(expected, rel=1e-9)
+    assert (lift, low, high) == pytest.approx(_delta_method(t, c, vt, vc), rel=1e-9)
+
+
+def test_undefined_statistics_are_null_with_a_reason():
+    zero_control = compare(Arm(10, 0.3, 0.21), Arm(10, 0.0, 0.0))
+    assert zero_control.lift is None and zero_control.ci_low is None and zero_control.p_value is not None
+    assert "control mean is 0" in zero_control.reason
+    flat = compare(Arm(10, 1.0, 0.0), Arm(12, 1.0, 0.0))
+    assert (flat.lift, flat.p_value) == (None, None) and "zero variance" in flat.reason
+    lonely = compare(Arm(1, 1.0, None), Arm(12, 1.0, 0.5))
+    assert lonely.p_value is None and "fewer than 2 users" in lonely.reason
+
+
+def test_sample_ratio_p_value_is_the_chi_square_goodness_of_fit():
+    expected = scipy_stats.chisquare([520, 480], [500, 500]).pvalue
+    assert sample_ratio_p_value([520, 480], [0.5, 0.5]) == pytest.approx(expected, rel=1e-12)
+    expected = scipy_stats.chisquare([610, 190, 200], [600, 200, 200]).pvalue
+    assert sample_ratio_p_value([610, 190, 200], [0.6, 0.2, 0.2]) == pytest.approx(expected, rel=1e-12)
+    assert sample_ratio_p_value([10, 5], [1.0, 0.0]) == 0.0        # traffic where none was expected
+    assert sample_ratio_p_value([10], [1.0]) is None
+
+
+def _materialize(instance, raise_on_error: bool = False):
+    from mixsync.definitions import resources
+
+    return dg.materialize([experiment_results], instance=instance, resources=resources, raise_on_error=raise_on_error)
+
+
+def _skewed_split(store, on: int, off: int) -> None:
+    load(store, [("prod", "checkout", f"u{n}", "on" if n < on else "off", T0) for n in range(on + off)])
+
+
+def test_a_skewed_split_fails_the_sample_ratio_check(warehouse, instance, tmp_path, monkeypatch):
+    _skewed_split(warehouse, 600, 400)
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE", write_experiments(tmp_path / "e.yaml", CHECKOUT))
+    result = _materialize(instance, raise_on_error=True)
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "experiment_sample_ratio" and not check.passed
+    assert check.severity == dg.AssetCheckSeverity.ERROR
+    assert check.metadata["splits_failing"].value["checkout"] < 0.001
+    with warehouse.read() as con:
+        reasons = con.execute("SELECT DISTINCT reason FROM analytics.experiment_results WHERE NOT is_control").fetchall()
+        srm = con.execute("SELECT treatment, users, expected_share FROM analytics.experiment_srm ORDER BY 1").fetchall()
+    assert srm == [("off", 400, 0.5), ("on", 600, 0.5)]
+    assert all("sample ratio mismatch" in r for (r,) in reasons)
+    # The same counts are what a 60/40 design expects: the check passes.
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE", write_experiments(
+        tmp_path / "e.yaml", CHECKOUT.replace("control: off", 'control: off\n    weights: {"on": 60, "off": 40}')))
+    [check] = _materialize(instance, raise_on_error=True).get_asset_check_evaluations()
+    assert check.passed
+
+
+def test_without_a_file_every_split_gets_exposures_and_a_sample_ratio(warehouse, instance, monkeypatch):
+    monkeypatch.delenv("MIXSYNC_EXPERIMENTS_FILE", raising=False)
+    _skewed_split(warehouse, 500, 500)
+    load(warehouse, [("prod", "rollout", f"r{n}", "on" if n < 900 else "off", T0) for n in range(1000)])
+    result = _materialize(instance, raise_on_error=True)
+    [check] = result.get_asset_check_evaluations()
+    # The unconfigured rollout (90/10 against equal shares) fails, but only as a warning.
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert set(check.metadata["srm_p_values"].value) == {"checkout", "rollout"}
+    with warehouse.read() as con:
+        assert con.execute("SELECT split, count(*) FROM analytics.experiment_exposures GROUP BY 1 ORDER BY 1"
+                           ).fetchall() == [("checkout", 1000), ("rollout", 1000)]
+        assert con.execute("SELECT count(*) FROM analytics.experiment_results").fetchone()[0] == 0
+
+
+def test_a_split_in_several_environments_needs_environment_id(warehouse, instance, tmp_path, monkeypatch):
+    _known_answer_data(warehouse)
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE",
+                       write_experiments(tmp_path / "e.yaml", CHECKOUT.replace("    environment_id: prod\n", "")))
+    result = _materialize(instance)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert "has impressions from 2 environments" in message
+    assert "'prod' (Env prod)" in message and "'staging' (Env staging)" in message
+    assert "e.yaml" in message and "line 2" in message
+    # A configured environment without impressions names the ones there are.
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE", write_experiments(
+        tmp_path / "e.yaml", CHECKOUT.replace("environment_id: prod", "environment_id: prdo")))
+    result = _materialize(instance)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "'prdo' has no impressions" in failure.step_failure_data.error.message
+    assert "'prod'" in failure.step_failure_data.error.message
+
+
+def test_a_materialization_writes_tables_chart_and_markdown(warehouse, instance, tmp_path, monkeypatch):
+    _random_experiment(warehouse)
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE", write_experiments(tmp_path / "e.yaml", CHECKOUT))
+    result = _materialize(instance, raise_on_error=True)
+    metadata = result.asset_materializations_for_node("experiment_results")[0].metadata
+    chart = metadata["chart checkout"].value
+    assert chart.startswith("![checkout](data:image/png;base64,iVBORw0KGgo")   # base64 of the PNG signature
+    path = Path(metadata["chart_path checkout"].value)
+    assert path.parent == Path(warehouse.path).parent / "experiment_charts"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = metadata["results"].value
+    assert "| checkout | purchases | on |" in table and "off (control)" in table
+    assert metadata["dagster/row_count"].value == 6
+    with warehouse.read() as con:
+        first = con.execute("SELECT * FROM analytics.experiment_results ORDER BY ALL").fetchall()
+    # Re-runnable: a second run replaces the tables with the same rows.
+    _materialize(instance, raise_on_error=True)
+    with warehouse.read() as con:
+        assert con.execute("SELECT * FROM analytics.experiment_results ORDER BY ALL").fetchall() == first
+        assert con.execute("SELECT count(*) FROM analytics.experiment_exposures").fetchone()[0] == 780
+
+
+def test_a_bad_experiments_file_fails_the_run_naming_file_and_line(warehouse, instance, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE",
+                       write_experiments(tmp_path / "bad.yaml", CHECKOUT.replace("type: count", "type: counts")))
+    result = _materialize(instance)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"{tmp_path / 'bad.yaml'}, line 8: type of metric purchases is 'counts'" in failure.step_failure_data.error.message
+
+
+@pytest.mark.parametrize("text, error", [
+    ("experiments:\n  - split: a\n", "line 2: an experiment needs 'control'"),
+    ("experiments:\n  - split: a\n    control: off\n    colour: red\n", "line 4: unknown setting 'colour'"),
+    ("experiments:\n  - split: a\n    control: off\n    window_days: 0\n", "line 4: window_days of a must be a whole number"),
+    ("experiments:\n  - split: a\n    control: off\n    weights: {on: 1, x: 1}\n", "line 4: weights of a have no weight for the control 'off'"),
+    ("experiments:\n  - split: a\n    control: off\n    weights: {on: 1, off: -1}\n", "line 4: the weight of 'off' in a must be a number greater than 0"),
+    ("experiments:\n  - split: a\n    control: off\n    metrics:\n      - {name: r, event: P, type: sum}\n",
+     "line 5: metric r is a sum: name the numeric event property"),
+    ("experiments:\n  - split: a\n    control: off\n    metrics:\n      - {name: r, event: P, type: count, property: x}\n",
+     "line 5: metric r is a count: property applies only to sum"),
+    ("experiments:\n  - split: a\n    control: off\n    metrics:\n      - {name: 2x, event: P, type: count}\n",
+     "line 5: metric name '2x' must be letters"),
+    ("experiments:\n  - split: a\n    control: off\n  - split: a\n    control: on\n", "line 4: split a is configured twice"),
+    ("experiments:\n  - split: a\n    control: [off\n", "line 4: not valid YAML"),
+    ("experiment:\n  - split: a\n", "line 1: unknown setting 'experiment'"),
+])
+def test_experiments_file_errors_name_the_line(text, error):
+    with pytest.raises(ExperimentsFileError) as raised:
+        parse_experiments(text, "exp.yaml")
+    assert str(raised.value).startswith("exp.yaml, ")
+    assert error in str(raised.value)
+
+
+def test_the_example_file_is_valid_and_unquoted_treatments_stay_names():
+    example = Path(__file__).parent.parent / "mixsync" / "experiments" / "experiments.example.yaml"
+    assert parse_experiments(example.read_text(), str(example))
+    [experiment] = parse_experiments("experiments:\n  - split: a\n    control: off\n    weights: {on: 3, off: 1}\n")
+    assert experiment.control == "off" and experiment.weights == {"on": 0.75, "off": 0.25}
+
+
+def test_a_missing_file_is_named():
+    from mixsync.experiments.settings import ExperimentsSettings
+
+    with pytest.raises(ExperimentsFileError, match="MIXSYNC_EXPERIMENTS_FILE=/nope.yaml: no such file"):
+        ExperimentsSettings.from_env({"MIXSYNC_EXPERIMENTS_FILE": "/nope.yaml"})
