@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# The instance: dagster_home/dagster.yaml is the configuration; history and storage are written next to it.
+export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: help venv lock home demo test dev sandbox bench validate clean
+.PHONY: help venv lock home demo test check dev sandbox query bench validate clean
 
 help:
 	@echo "make demo      run every flow against the sandbox and print what landed"
 	@echo "make test      run the test suite"
-	@echo "make dev       Dagster UI on http://127.0.0.1:3000 (dagster.yaml as the instance)"
+	@echo "make check     lint (ruff) and type-check (mypy)"
+	@echo "make dev       Dagster UI on http://127.0.0.1:3000 (dagster_home/ as the instance)"
 	@echo "make sandbox   serve the emulated APIs on loopback"
+	@echo "make query SQL='SELECT ...'   read-only SQL on MIXSYNC_DUCKDB_PATH (default data/mixsync.duckdb)"
 	@echo "make bench     run the benchmarks (writes bench/out/, see bench/RESULTS.md)"
 
 # The environment is installed from requirements.lock (exact versions); mixsync itself goes in editable, without deps.
@@ -33,16 +36,20 @@ lock:
 	  $(VENV)-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' ) > requirements.lock
 	rm -rf $(VENV)-lock
 
-# Dagster reads dagster.yaml only from $DAGSTER_HOME: link the repository's copy there.
+# Kept for old instructions: the instance folder is part of the repository now.
 home:
-	@mkdir -p $(DAGSTER_HOME)
-	@ln -sf $(CURDIR)/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@test -f $(DAGSTER_HOME)/dagster.yaml || echo "note: no dagster.yaml in DAGSTER_HOME=$(DAGSTER_HOME): Dagster's defaults apply"
 
 demo: venv home
 	$(BIN)/mixsync demo
 
 test: venv
 	$(BIN)/python -m pytest -n auto --durations=15
+
+# Lint and type-check; CI runs this before the tests. `ruff check --fix .` repairs most of what ruff reports.
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 validate: venv home
 	$(BIN)/dagster definitions validate -m mixsync.definitions
@@ -53,8 +60,12 @@ dev: venv home
 sandbox: venv
 	$(BIN)/mixsync sandbox
 
+query: venv
+	@$(BIN)/mixsync query "$(SQL)"
+
 bench: venv
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .dagster_home data bench/out .pytest_cache
+	rm -rf $(VENV) data bench/out .pytest_cache
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name .gitignore -prune -exec rm -rf {} +

@@ -20,8 +20,8 @@ import dagster as dg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixsync.sandbox import Sandbox  # noqa: E402
-from mixsync.sandbox.data import Dataset, user_ids  # noqa: E402
+from mixsync.sandbox import Sandbox
+from mixsync.sandbox.data import Dataset, user_ids
 
 
 def peak_rss_mb() -> float:

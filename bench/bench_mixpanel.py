@@ -10,7 +10,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,13 +60,13 @@ def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
 
 def child_mixsync(env: dict, db: str, landing: str) -> dict:
     os.environ.update(env)
+    import logging
+
     from mixsync.http import RetryPolicy
     from mixsync.mixpanel.assets import load_export_window
     from mixsync.mixpanel.client import MixpanelClient
     from mixsync.settings import MixpanelSettings, WarehouseSettings
     from mixsync.warehouse import Warehouse
-
-    import logging
 
     settings = MixpanelSettings.from_env()
     ws = WarehouseSettings.from_env()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -173,7 +172,7 @@ def prepare(events: int) -> tuple[Path, Path, dict]:
         mapping = parse_mapping("events:\n  rename:\n    購入完了: purchase_completed\n"
                                 "value:\n  properties: [price]\n", "bench mapping")
         started = time.perf_counter()
-        staged = stage_window(con, mapping, DAY, DAY, None, dt.datetime.now(dt.timezone.utc))
+        staged = stage_window(con, mapping, DAY, DAY, None, dt.datetime.now(dt.UTC))
         figures["map_seconds"] = round(time.perf_counter() - started, 2)
         figures["mapped"] = staged.mapped
         figures["map_events_per_second"] = round(staged.considered / figures["map_seconds"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import sys
 import threading
@@ -52,9 +52,9 @@ def format_table(cursor, max_rows: int = 50) -> str:
     more = len(rows) > max_rows
     cells = [[("NULL" if v is None else str(v)).replace("\n", " ")[:60] for v in row] for row in rows[:max_rows]]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     out.append(f"({len(cells)} rows{', more not shown' if more else ''})")
     return "\n".join(out)
 
@@ -84,20 +84,24 @@ def sandbox(host: str, mixpanel_port: int, split_port: int, flagsmith_port: int,
         click.echo("# what each service received: GET <url>/_sandbox/requests. Ctrl-C stops.", err=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
 
 
 @main.command()
 @click.option("--workdir", default="data/demo", show_default=True, type=click.Path(path_type=Path),
               help="Where the demo's DuckDB file and landing files go (emptied first).")
-def demo(workdir: Path) -> None:
-    """Run every flow against the sandbox through Dagster and print what landed."""
+@click.option("--days", default=5, show_default=True, help="Days of sandbox data.")
+@click.option("--events-per-day", default=4000, show_default=True)
+@click.option("--users", default=2000, show_default=True)
+def demo(workdir: Path, days: int, events_per_day: int, users: int) -> None:
+    """Run every flow against the sandbox through Dagster and print what landed.
+
+    Its runs go to a Dagster instance of its own (<workdir>/dagster_home), never to $DAGSTER_HOME's.
+    """
     from mixsync.demo import run_demo
 
-    sys.exit(run_demo(workdir))
+    sys.exit(run_demo(workdir, days=days, events_per_day=events_per_day, users=users))
 
 
 @main.command("receive-impressions")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
-import warnings
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -12,16 +13,27 @@ import dagster as dg
 from mixsync.sandbox import Sandbox
 from mixsync.sandbox.data import Dataset
 
-
-# backfill_policy is a beta parameter in Dagster; saying so on every import would bury the summary.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 # Dagster's per-event DEBUG lines would bury the summary; warnings and failures still show.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def _instance() -> dg.DagsterInstance:
-    # With DAGSTER_HOME (the Makefile sets it) runs are kept and show up in `make dev`'s UI.
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+def _instance(workdir: Path) -> dg.DagsterInstance:
+    # The demo's runs go to an instance of its own, never to $DAGSTER_HOME's: demo history in the real instance would
+    # show partitions as materialized that the real warehouse does not hold. Browse it with
+    # `make dev DAGSTER_HOME=$PWD/data/demo/dagster_home`.
+    home = workdir / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(tempdir=str(home))
+
+
+def query_hint(database: Path) -> str:
+    """A command the user can paste as it is: the mixsync next to this Python, the demo's file, a real query."""
+    mixsync = Path(sys.executable).with_name("mixsync")
+    with_cwd = Path.cwd()
+    shown = mixsync.relative_to(with_cwd) if mixsync.is_relative_to(with_cwd) else mixsync
+    db = database.relative_to(with_cwd) if database.is_relative_to(with_cwd) else database
+    sql = "SELECT event, count(*) AS events FROM mixpanel.events GROUP BY event ORDER BY events DESC LIMIT 5"
+    return f"MIXSYNC_DUCKDB_PATH={shlex.quote(str(db))} {shlex.quote(str(shown))} query {shlex.quote(sql)}"
 
 
 def _print_query(con, title: str, sql: str, params: list | None = None) -> None:
@@ -160,7 +172,7 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
     print(f"posted {posted.bodies} bodies ({posted.resent} resent, as Split's retry does), {posted.impressions} "
           f"distinct impressions; answers {posted.statuses}; {len(os.listdir(settings.impressions_dir))} files landed")
     result = split_impression_files_sensor(dg.build_sensor_context(instance=instance))
-    requests = result.run_requests or []
+    requests = (result.run_requests or []) if isinstance(result, dg.SensorResult) else []
     print(f"split_impression_files_sensor asked for {len(requests)} run(s) of split_impressions: "
           + ", ".join(f"{r.tags['mixsync/files']} files" for r in requests))
     for request in requests:
@@ -191,23 +203,23 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
 STEPS = [mixpanel_step, split_step, flagsmith_step, impressions_step]
 
 
-def run_demo(workdir: Path) -> int:
+def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: int = 2000) -> int:
     from mixsync.warehouse import Warehouse
 
     workdir = workdir.absolute()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    dataset = Dataset.recent(5, users=2000, events_per_day=4000, malformed_per_day=2)
+    dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2)
     with Sandbox(dataset, data_dir=workdir / "sandbox") as sandbox:
         os.environ.update(sandbox.env())
         os.environ["MIXSYNC_DUCKDB_PATH"] = str(workdir / "mixsync.duckdb")
         os.environ["MIXSYNC_LANDING_DIR"] = str(workdir / "landing")
         print("sandbox:", ", ".join(f"{name} {server.url}" for name, server in sandbox.servers.items()))
         store = Warehouse(workdir / "mixsync.duckdb")
-        with _instance() as instance:
+        with _instance(workdir) as instance:
             for step in STEPS:
                 if not step(instance, sandbox, store):
                     print(f"\ndemo step {step.__name__} failed; see the Dagster log above")
                     return 1
-    print(f"\nDone. Query it yourself: MIXSYNC_DUCKDB_PATH={workdir / 'mixsync.duckdb'} mixsync query \"SELECT ...\"")
+    print(f"\nDone. Query it yourself:\n  {query_hint(workdir / 'mixsync.duckdb')}")
     return 0

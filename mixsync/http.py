@@ -8,8 +8,9 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 import httpx
 
@@ -49,7 +50,7 @@ class RetryPolicy:
     sleep: Callable[[float], None] = time.sleep
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RetryPolicy":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
         environ = os.environ if environ is None else environ
         initial_ms = parse_int(environ, "MIXSYNC_HTTP_BACKOFF_MS", 2000, minimum=0)
         return cls(

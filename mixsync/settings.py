@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_DUCKDB_PATH = "data/mixsync.duckdb"
@@ -96,6 +97,10 @@ def parse_date(environ: Mapping[str, str], name: str, default: str | None = None
         raise SettingsError(f"{name}={value!r} is not a date: use YYYY-MM-DD") from None
 
 
+@overload
+def parse_url(environ: Mapping[str, str], name: str, default: str) -> str: ...
+@overload
+def parse_url(environ: Mapping[str, str], name: str, default: None = None) -> str | None: ...
 def parse_url(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     value = _env(environ, name) or default
     if value is None:
@@ -123,7 +128,7 @@ class WarehouseSettings:
     lock_timeout_seconds: int
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "WarehouseSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WarehouseSettings:
         environ = os.environ if environ is None else environ
         return cls(
             duckdb_path=Path(_env(environ, "MIXSYNC_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH).expanduser().absolute(),
@@ -150,7 +155,7 @@ class MixpanelSettings:
     lookback_days: int
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "MixpanelSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MixpanelSettings:
         environ = os.environ if environ is None else environ
         project_id = require(environ, "MIXPANEL_PROJECT_ID", "the numeric id of your Mixpanel project")
         if not project_id.isdigit():
@@ -200,5 +205,5 @@ def partitions_start_date(environ: Mapping[str, str] | None = None) -> dt.date:
     """The first daily partition; read at import time, so an unset value must not break loading."""
     environ = os.environ if environ is None else environ
     if _env(environ, "MIXPANEL_START_DATE") is None:
-        return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)).date()
+        return (dt.datetime.now(dt.UTC) - dt.timedelta(days=30)).date()
     return parse_date(environ, "MIXPANEL_START_DATE")

@@ -8,13 +8,13 @@ import os
 # Daily partitions are defined when mixsync is imported; start them early enough for every test's days.
 os.environ.setdefault("MIXPANEL_START_DATE", "2024-01-01")
 
-import dagster as dg  # noqa: E402
+import dagster as dg
 import pytest
 
-from mixsync.sandbox import Sandbox  # noqa: E402
-from mixsync.sandbox.data import Dataset  # noqa: E402
-from mixsync.settings import WarehouseSettings  # noqa: E402
-from mixsync.warehouse import Warehouse  # noqa: E402
+from mixsync.sandbox import Sandbox
+from mixsync.sandbox.data import Dataset
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import Warehouse
 
 FAST_RETRIES = {
     "MIXSYNC_HTTP_BACKOFF_MS": "5",

@@ -63,7 +63,7 @@ def test_first_sync_sends_everyone_then_only_entries_and_exits(sandbox, env, ins
     before = memberships(query)
     expected = {(m, key): True for key, members in before.items() for m in members}
     assert owned(flagsmith) == expected
-    assert writes(flagsmith) == {pair: 1 for pair in expected}
+    assert writes(flagsmith) == dict.fromkeys(expected, 1)
     assert first["traits_set_true"] == len(expected) and first["trait_writes"] == len(expected)
     assert first["bulk_mode"] == "core" and first["verify_mismatches"] == 0
 
@@ -76,10 +76,10 @@ def test_first_sync_sends_everyone_then_only_entries_and_exits(sandbox, env, ins
     second = meta(sync(instance))
     sent = {pair: n - counts_before.get(pair, 0) for pair, n in writes(flagsmith).items()
             if n != counts_before.get(pair, 0)}
-    assert sent == {pair: 1 for pair in entered | left}  # exactly the changes, each once
+    assert sent == dict.fromkeys(entered | left, 1)  # exactly the changes, each once
     assert second["traits_set_true"] == len(entered) and second["traits_set_false"] == len(left)
     assert second["traits_deleted"] == 0
-    assert owned(flagsmith) == {**{(m, k): True for k, ms in after.items() for m in ms}, **{pair: False for pair in left}}
+    assert owned(flagsmith) == {**{(m, k): True for k, ms in after.items() for m in ms}, **dict.fromkeys(left, False)}
 
     counts = writes(flagsmith)
     third = meta(sync(instance))
@@ -193,7 +193,7 @@ def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, 
     assert result["recovered_identities"] == 30 and result["resent_in_flight_at_crash"] == 20
     expected = {(m, k): True for k, ms in memberships(query).items() for m in ms}
     assert owned(flagsmith) == expected
-    assert writes(flagsmith) == {pair: 1 for pair in expected}  # nothing twice, nothing lost
+    assert writes(flagsmith) == dict.fromkeys(expected, 1)  # nothing twice, nothing lost
 
 
 def test_partial_bulk_application_is_caught_by_read_back_and_requeued(sandbox, env, instance, monkeypatch):
@@ -234,7 +234,7 @@ def test_a_429_storm_is_ridden_out_and_nothing_is_written_twice(sandbox, env, in
     result = meta(sync(instance))
     assert result["retries"] == 7 and sum(result["retry_reasons"].values()) == 7
     expected = {(m, k): True for k, ms in memberships(sandbox.mixpanel.query).items() for m in ms}
-    assert owned(flagsmith) == expected and writes(flagsmith) == {pair: 1 for pair in expected}
+    assert owned(flagsmith) == expected and writes(flagsmith) == dict.fromkeys(expected, 1)
 
 
 def test_a_refused_identity_is_recorded_and_does_not_block_the_rest(sandbox, env, instance, monkeypatch, warehouse):

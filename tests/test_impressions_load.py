@@ -13,12 +13,12 @@ import dagster as dg
 import orjson
 import pytest
 
+from mixsync.definitions import resources as RESOURCES
 from mixsync.impressions.assets import split_impressions
 from mixsync.impressions.landing import write_atomically
 from mixsync.impressions.sensors import split_impression_files_sensor
 from mixsync.impressions.settings import ImpressionsSettings
 from mixsync.sandbox.impressions import ImpressionGenerator, encode
-from mixsync.definitions import resources as RESOURCES
 
 
 def drop(directory, name, batch, gzipped=True):
@@ -70,7 +70,7 @@ def test_gzip_and_plain_files_land_with_every_field(settings, warehouse, instanc
     assert ledger == [("impressions-a.json.gz", "loaded", 40, 40, 64), ("impressions-b.json", "loaded", 25, 25, 64)]
     # Loaded files leave the landing folder for a dated archive.
     assert os.listdir(settings.impressions_dir) == []
-    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     assert sorted(os.listdir(settings.archive_dir / day)) == ["impressions-a.json.gz", "impressions-b.json"]
 
 

@@ -83,7 +83,7 @@ def test_the_body_is_kept_as_sent_gzip_and_utf8(sandbox, client, tmp_path):
 
 
 def test_future_to_date_is_mixpanels_400(sandbox, client, tmp_path):
-    tomorrow = dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=1)
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
     with pytest.raises(ServiceError, match="to_date cannot be later than today") as caught:
         client.export_to_file(sandbox.dataset.days[0], tomorrow, tmp_path)
     assert caught.value.status == 400
@@ -91,7 +91,7 @@ def test_future_to_date_is_mixpanels_400(sandbox, client, tmp_path):
 
 def test_event_and_where_filters(sandbox, client, tmp_path):
     day = sandbox.dataset.days[0]
-    start = int(dt.datetime(day.year, day.month, day.day, 12, tzinfo=dt.timezone.utc).timestamp())
+    start = int(dt.datetime(day.year, day.month, day.day, 12, tzinfo=dt.UTC).timestamp())
     download = client.export_to_file(day, day, tmp_path, events=["$identify", "Purchase"],
                                      where=f'properties["$time"]>=datetime({start})')
     import orjson
@@ -113,9 +113,9 @@ def test_the_legacy_api_secret_authenticates(sandbox, tmp_path):
 
 def test_wrong_credentials_are_a_401_naming_the_settings(sandbox, tmp_path):
     env = dict(sandbox.env(), MIXPANEL_SERVICE_ACCOUNT_SECRET="not-the-secret")
-    with MixpanelClient(MixpanelSettings.from_env(env)) as wrong:
-        with pytest.raises(ServiceError, match="HTTP 401.*MIXPANEL_SERVICE_ACCOUNT_SECRET") as caught:
-            wrong.export_to_file(sandbox.dataset.days[0], sandbox.dataset.days[0], tmp_path)
+    with (MixpanelClient(MixpanelSettings.from_env(env)) as wrong,
+          pytest.raises(ServiceError, match=r"HTTP 401.*MIXPANEL_SERVICE_ACCOUNT_SECRET") as caught):
+        wrong.export_to_file(sandbox.dataset.days[0], sandbox.dataset.days[0], tmp_path)
     assert "not-the-secret" not in str(caught.value)
     assert len(sandbox.mixpanel.recorder.requests) == 1
     assert "authorization" not in sandbox.mixpanel.recorder.requests[0].headers

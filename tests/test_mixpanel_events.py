@@ -267,7 +267,7 @@ def test_legacy_local_times_become_true_utc_across_dst(dataset, sandbox, env, wa
     in_gap = in_fold = 0
     for local_ms, instant, day in rows:
         local = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=local_ms)
-        expected = local.replace(tzinfo=zone, fold=0).astimezone(dt.timezone.utc)
+        expected = local.replace(tzinfo=zone, fold=0).astimezone(dt.UTC)
         assert instant == expected, (local, instant, expected)
         assert day == local.date()
         in_gap += local.date() == DST_DAYS[0] and local.hour == 2
@@ -280,7 +280,7 @@ def test_legacy_local_times_become_true_utc_across_dst(dataset, sandbox, env, wa
 
 
 def _cli_env(env: dict, home: Path) -> dict:
-    out = {k: v for k, v in os.environ.items()}
+    out = dict(os.environ)
     out.update(env)
     out["DAGSTER_HOME"] = str(home)
     return out
@@ -299,9 +299,9 @@ def test_cli_partition_range_and_concurrent_runs_with_a_reader_open(sandbox, env
         pass  # create the file so a reader can hold it
     with warehouse.read() as reader:
         runs = [
-            subprocess.Popen(base + ["--partition-range", f"{days[0]}...{days[1]}"], env=_cli_env(env, home),
+            subprocess.Popen([*base, "--partition-range", f"{days[0]}...{days[1]}"], env=_cli_env(env, home),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
-            subprocess.Popen(base + ["--partition", str(days[2])], env=_cli_env(env, home),
+            subprocess.Popen([*base, "--partition", str(days[2])], env=_cli_env(env, home),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
         ]
         deadline = time.monotonic() + 120

@@ -17,7 +17,7 @@ from mixsync.warehouse import mixpanel as warehouse_mixpanel
 from mixsync.warehouse.mixpanel import load_export_file
 
 DAY = dt.date(2026, 3, 2)
-NOON_MS = int(dt.datetime(2026, 3, 2, 12, tzinfo=dt.timezone.utc).timestamp() * 1000)
+NOON_MS = int(dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def export_file(path: Path, version: str, n: int) -> Path:

@@ -74,9 +74,9 @@ def test_wrong_keys_fail_fast_naming_the_setting_without_showing_the_key(sandbox
     secret = sandbox.split.admin_key if key == "admin" else "not-a-real-key-123"
     settings = dataclasses.replace(SplitSettings.from_env(), sdk_key=type(SplitSettings.from_env().sdk_key)(secret))
     assert secret not in repr(settings)
-    with SplitEventsClient(settings, RetryPolicy(attempts=4, initial_seconds=0.001)) as client:
-        with pytest.raises(ServiceError) as error:
-            post(client, [GOOD])
+    with (SplitEventsClient(settings, RetryPolicy(attempts=4, initial_seconds=0.001)) as client,
+          pytest.raises(ServiceError) as error):
+        post(client, [GOOD])
     text = str(error.value)
     assert error.value.status == 401 and message in text and "SPLIT_SDK_KEY" in text and secret not in text
     assert len(sandbox.split.recorder.matching(BULK_ROUTE)) == 1
@@ -84,9 +84,9 @@ def test_wrong_keys_fail_fast_naming_the_setting_without_showing_the_key(sandbox
 
 def test_a_wrong_url_names_the_setting(sandbox, env, monkeypatch):
     monkeypatch.setenv("SPLIT_EVENTS_URL", sandbox.url("split") + "/nowhere")
-    with SplitEventsClient(SplitSettings.from_env(), RetryPolicy(attempts=2, initial_seconds=0.001)) as client:
-        with pytest.raises(ServiceError, match="HTTP 404.*SPLIT_EVENTS_URL"):
-            post(client, [GOOD])
+    with (SplitEventsClient(SplitSettings.from_env(), RetryPolicy(attempts=2, initial_seconds=0.001)) as client,
+          pytest.raises(ServiceError, match=r"HTTP 404.*SPLIT_EVENTS_URL")):
+        post(client, [GOOD])
 
 
 def test_429_and_5xx_are_retried_with_retry_after(sandbox, client):
@@ -98,7 +98,7 @@ def test_429_and_5xx_are_retried_with_retry_after(sandbox, client):
 
 def test_retries_run_out_with_a_clear_error(sandbox, client):
     sandbox.split.faults.add(BULK_ROUTE, status=503, body="down for maintenance", times=10)
-    with pytest.raises(ServiceError, match="failed after 4 attempts.*HTTP 503.*down for maintenance"):
+    with pytest.raises(ServiceError, match=r"failed after 4 attempts.*HTTP 503.*down for maintenance"):
         post(client, [GOOD])
     assert sandbox.split.accepted == 0
 

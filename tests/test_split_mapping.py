@@ -8,14 +8,22 @@ from pathlib import Path
 import orjson
 import pytest
 
-from mixsync.split.mapping import (EVENT_TYPE_ID, MAX_PROPERTIES, MAX_PROPERTIES_BYTES, Mapping, MappingError,
-                                   TrafficTypeRule, load_mapping, parse_mapping)
+from mixsync.split.mapping import (
+    EVENT_TYPE_ID,
+    MAX_PROPERTIES,
+    MAX_PROPERTIES_BYTES,
+    Mapping,
+    MappingError,
+    TrafficTypeRule,
+    load_mapping,
+    parse_mapping,
+)
 from mixsync.warehouse import Warehouse
 from mixsync.warehouse.split import EVENTS_OUTBOX, stage_window
 
 DAY = dt.date(2026, 3, 10)
-NOON = dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.timezone.utc)
-NOW = dt.datetime(2026, 3, 11, 8, 0, tzinfo=dt.timezone.utc)
+NOON = dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.UTC)
+NOW = dt.datetime(2026, 3, 11, 8, 0, tzinfo=dt.UTC)
 EXAMPLE = Path(__file__).resolve().parents[1] / "mixsync" / "split" / "mapping.example.yaml"
 
 
@@ -60,7 +68,7 @@ def test_bad_mapping_files_name_the_line(text, line, fragment):
 
 
 def test_missing_mapping_file_names_the_setting(tmp_path):
-    with pytest.raises(MappingError, match="SPLIT_MAPPING_FILE=.*no such file"):
+    with pytest.raises(MappingError, match=r"SPLIT_MAPPING_FILE=.*no such file"):
         load_mapping(tmp_path / "nope.yaml")
 
 
@@ -205,7 +213,7 @@ def test_a_property_can_be_the_key_of_another_traffic_type(store):
 
 def test_timestamps_are_the_true_instant_in_ms_and_future_or_too_old_events_are_rejected(store):
     load_events(store, [
-        {"event": "Now", "distinct_id": "u-1", "time": dt.datetime(2026, 3, 10, 23, 59, 59, 123000, tzinfo=dt.timezone.utc)},
+        {"event": "Now", "distinct_id": "u-1", "time": dt.datetime(2026, 3, 10, 23, 59, 59, 123000, tzinfo=dt.UTC)},
         {"event": "Future", "distinct_id": "u-1", "time": NOW + dt.timedelta(minutes=5)},
         {"event": "Old", "distinct_id": "u-1", "time": NOW - dt.timedelta(days=40)},
     ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -54,7 +55,7 @@ def test_batches_are_as_full_as_both_limits_allow_and_each_row_is_sent_once(tmp_
     assert all(len(b) <= 10 and (body_size(b) <= 400 or len(b) == 1) for b in batches)
     assert any(body_size(b) > 400 for b in batches)  # the oversized payload went alone
     # Each batch stopped only because the next payload would not fit (one sender: batches arrive in order).
-    assert all(len(b) == 10 or body_size(b + following[:1]) > 400 for b, following in zip(batches, batches[1:]))
+    assert all(len(b) == 10 or body_size(b + following[:1]) > 400 for b, following in itertools.pairwise(batches))
     assert {s for s, _, _ in rows(store).values()} == {"sent"}
     assert not list((tmp_path / "work" / "sync_test_outbox").iterdir())
     assert push(store, TABLE, lambda p: pytest.fail("nothing is pending"), tmp_path / "work").considered == 0

@@ -32,7 +32,7 @@ def test_local_to_utc_matches_zoneinfo_minute_by_minute(zone, day, tmp_path):
     assert len(rows) == 1440
     tz = ZoneInfo(zone)
     for local, instant in rows:
-        assert instant == local.replace(tzinfo=tz, fold=0).astimezone(dt.timezone.utc), local
+        assert instant == local.replace(tzinfo=tz, fold=0).astimezone(dt.UTC), local
 
 
 def test_a_writer_waits_for_a_reader_and_readers_share(tmp_path):
@@ -61,10 +61,8 @@ def test_a_writer_waits_for_a_reader_and_readers_share(tmp_path):
 def test_a_lock_held_too_long_fails_with_the_setting_to_raise(tmp_path):
     store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
     impatient = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
-    with store.write():
-        with pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"):
-            with impatient.write():
-                pass
+    with store.write(), pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"), impatient.write():
+        pass
 
 
 def test_mixsync_query_prints_a_table_and_cannot_write(tmp_path, monkeypatch):
@@ -85,7 +83,7 @@ def test_mixsync_query_prints_a_table_and_cannot_write(tmp_path, monkeypatch):
 @pytest.mark.parametrize("schedule", [mixpanel_events_schedule, split_events_schedule])
 def test_the_nightly_schedules_ask_for_yesterday_and_the_lookback_in_one_run(schedule, monkeypatch):
     monkeypatch.setenv("MIXPANEL_LOOKBACK_DAYS", "3")
-    when = dt.datetime(2026, 5, 10, 2, 15, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 5, 10, 2, 15, tzinfo=dt.UTC)
     request = schedule(dg.build_schedule_context(scheduled_execution_time=when))
     assert request.tags["dagster/asset_partition_range_start"] == "2026-05-06"
     assert request.tags["dagster/asset_partition_range_end"] == "2026-05-09"

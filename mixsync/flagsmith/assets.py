@@ -13,8 +13,18 @@ from mixsync.flagsmith.traits import TraitKeyError, trait_keys
 from mixsync.http import RetryStats, ServiceError
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import Warehouse, markdown_table
-from mixsync.warehouse.flagsmith import (OUTBOX, Plan, begin_sync, finish_sync, fold_acknowledged, ledger_summary,
-                                         plan_changes, reconcile_read_back, rejected_by_reason, verification_sample)
+from mixsync.warehouse.flagsmith import (
+    OUTBOX,
+    Plan,
+    begin_sync,
+    finish_sync,
+    fold_acknowledged,
+    ledger_summary,
+    plan_changes,
+    reconcile_read_back,
+    rejected_by_reason,
+    verification_sample,
+)
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
 # Per-identity POSTs go one by one inside a batch: smaller batches keep FLAGSMITH_CONCURRENCY requests in flight.

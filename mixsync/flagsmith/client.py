@@ -9,8 +9,7 @@ import httpx
 import orjson
 
 from mixsync.flagsmith.settings import FlagsmithSettings
-from mixsync.http import (RetryPolicy, RetryStats, ServiceError, raise_for_status, timeouts, user_agent,
-                          with_retries)
+from mixsync.http import RetryPolicy, RetryStats, ServiceError, raise_for_status, timeouts, user_agent, with_retries
 
 KEY_HINT = ("Check FLAGSMITH_ENVIRONMENT_KEY: it must be the server-side key (ser.…) of the environment that "
             "FLAGSMITH_API_URL serves")
@@ -50,7 +49,7 @@ class FlagsmithClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "FlagsmithClient":
+    def __enter__(self) -> FlagsmithClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,7 +122,7 @@ class FlagsmithClient:
 def _core_bulk_body(payloads: list[bytes]) -> bytes:
     # Core's traits/bulk wants one item per trait. A batch is at most a few thousand small objects, and the
     # server needs ~1 ms per item (observed), so reshaping here costs nothing next to the request itself.
-    items = []
+    items: list[dict] = []
     for payload in payloads:
         identity = orjson.loads(payload)
         owner = {"identifier": identity["identifier"]}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from mixsync.settings import Secret, SettingsError, parse_int, parse_url, require
 
@@ -40,7 +40,7 @@ class FlagsmithSettings:
     batch_identities: int            # identities per request (Edge's bulk route takes at most 100)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "FlagsmithSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FlagsmithSettings:
         environ = os.environ if environ is None else environ
         key = require(environ, "FLAGSMITH_ENVIRONMENT_KEY",
                       "the server-side environment key (starts with 'ser.'): Environment settings → Keys in Flagsmith")

@@ -20,8 +20,13 @@ from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.warehouse import Warehouse, markdown_table
 from mixsync.warehouse.impressions import (
-    EXPOSURES_OUTBOX, ImpressionLoad, enqueue_exposures, exposure_counts, exposure_rejects_by_reason,
-    ledger_by_name, load_impression_files,
+    EXPOSURES_OUTBOX,
+    ImpressionLoad,
+    enqueue_exposures,
+    exposure_counts,
+    exposure_rejects_by_reason,
+    ledger_by_name,
+    load_impression_files,
 )
 from mixsync.warehouse.outbox import BatchOutcome, PushReport, push
 
@@ -96,7 +101,7 @@ def split_impressions(context: dg.AssetExecutionContext, config: SplitImpression
     quarantine_paths = {f.name: str(settings.quarantine_dir / f"{f.content_hash[:12]}-{f.name}") for f in landed}
     with store.write() as con:
         # Taken under the writer lock: rows committed after an exposures enqueue carry a later loaded_at.
-        loaded_at = dt.datetime.now(dt.timezone.utc)
+        loaded_at = dt.datetime.now(dt.UTC)
         load = load_impression_files(con, landed, context.run.run_id, quarantine_paths, loaded_at)
         known = ledger_by_name(con, absent)
     _settle(load, {f.name: f for f in landed}, settings, quarantine_paths, loaded_at)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 # Mixpanel's /import: `$insert_id` must be at most 36 bytes of [A-Za-z0-9-] (apis/mixpanel.md).
 INSERT_ID_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,36}$")
@@ -42,7 +42,7 @@ def exposure_payload_sql(event_name: str, property_names: Mapping[str, str]) -> 
     if missing:
         raise ValueError(f"property names missing for roles: {', '.join(sorted(missing))}")
     properties = ", ".join(
-        [f"'time', epoch_ms(i.time)", "'distinct_id', i.key", f"'$insert_id', {insert_id_sql()}"]
+        ["'time', epoch_ms(i.time)", "'distinct_id', i.key", f"'$insert_id', {insert_id_sql()}"]
         + [f"{sql_literal(property_names[role])}, {expression}" for role, expression in ROLE_EXPRESSIONS.items()]
     )
     return (f"SELECT {insert_id_sql()} AS id, "

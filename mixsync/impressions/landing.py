@@ -8,9 +8,9 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Names that tools give a file while they are still writing it; such a file is never picked up.
@@ -31,7 +31,7 @@ class LandingFile:
 
 def new_file_name(gzipped: bool, now: dt.datetime | None = None) -> str:
     """A unique name that sorts by arrival time."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return f"impressions-{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:12]}.json" + (".gz" if gzipped else "")
 
 
@@ -119,4 +119,4 @@ def move_aside(path: Path, directory: Path, content_hash: str) -> Path:
 
 
 def archive_folder(archive_dir: Path, when: dt.datetime) -> Path:
-    return archive_dir / when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
+    return archive_dir / when.astimezone(dt.UTC).strftime("%Y-%m-%d")

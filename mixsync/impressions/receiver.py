@@ -77,7 +77,7 @@ def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
     for position, item in enumerate(items):
         if not isinstance(item, dict):
             raise BodyRefused(400, f"element {position} is a JSON {type(item).__name__}, not an impression object")
-        if not REQUIRED_FIELDS <= item.keys():
+        if not item.keys() >= REQUIRED_FIELDS:
             missing = ", ".join(sorted(REQUIRED_FIELDS - item.keys()))
             raise BodyRefused(400, f"element {position} lacks {missing}")
     return len(items)

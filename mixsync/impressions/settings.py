@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import orjson
 
@@ -97,7 +97,7 @@ class ImpressionsSettings:
     exposure_concurrency: int
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ImpressionsSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ImpressionsSettings:
         environ = os.environ if environ is None else environ
         landing = Path(_env(environ, "MIXSYNC_LANDING_DIR") or DEFAULT_LANDING_DIR)
         directory = Path(_env(environ, "MIXSYNC_IMPRESSIONS_DIR") or landing / "impressions").expanduser().absolute()

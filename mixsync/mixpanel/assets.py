@@ -21,7 +21,7 @@ TRUNCATION_ATTEMPTS = 3
 
 def export_today(settings: MixpanelSettings) -> dt.date:
     """Mixpanel's "today": UTC for new projects, the project's timezone for legacy ones."""
-    zone = ZoneInfo(settings.project_timezone) if settings.legacy_local_time else dt.timezone.utc
+    zone = ZoneInfo(settings.project_timezone) if settings.legacy_local_time else dt.UTC
     return dt.datetime.now(zone).date()
 
 

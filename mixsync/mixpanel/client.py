@@ -55,7 +55,7 @@ class MixpanelClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "MixpanelClient":
+    def __enter__(self) -> MixpanelClient:
         return self
 
     def __exit__(self, *exc) -> None:

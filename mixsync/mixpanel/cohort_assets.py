@@ -11,8 +11,13 @@ from mixsync.mixpanel.query_client import download_cohort_members, list_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import markdown_table
-from mixsync.warehouse.cohorts import (UnknownCohorts, load_cohort_members, remove_unselected_cohorts,
-                                       replace_cohorts, select_cohorts)
+from mixsync.warehouse.cohorts import (
+    UnknownCohorts,
+    load_cohort_members,
+    remove_unselected_cohorts,
+    replace_cohorts,
+    select_cohorts,
+)
 
 # Both assets call the query API, which allows 5 concurrent queries and 60 per hour per project: one pool.
 QUERY_POOL = "mixpanel_query"

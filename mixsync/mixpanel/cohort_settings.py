@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import orjson
 
@@ -42,7 +42,7 @@ class CohortSettings:
     member_properties: tuple[str, ...]    # profile properties kept with each member (JSON)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "CohortSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CohortSettings:
         environ = os.environ if environ is None else environ
         properties = list(_name_list(environ, "MIXPANEL_COHORT_MEMBER_PROPERTIES"))
         # The Flagsmith flow identifies people by this property when set, so the extract must fetch it.

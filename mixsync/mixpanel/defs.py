@@ -3,8 +3,8 @@
 import dagster as dg
 
 from mixsync.mixpanel.assets import mixpanel_events
-from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.checks import mixpanel_events_daily_volume
+from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
 

@@ -33,7 +33,7 @@ class Sandbox:
         return {"mixpanel": (self.mixpanel, mixpanel.build_app), "split": (self.split, split.build_app),
                 "flagsmith": (self.flagsmith, flagsmith.build_app)}
 
-    def start(self) -> "Sandbox":
+    def start(self) -> Sandbox:
         try:
             for name, (state, build_app) in self._services().items():
                 self.servers[name] = serve(name, build_app(state), state, self.host, self.ports.get(name, 0))
@@ -49,7 +49,7 @@ class Sandbox:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -7,9 +7,9 @@ import gzip
 import os
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import orjson
 
@@ -50,8 +50,8 @@ class Dataset:
     legacy_timezone: str | None = None
 
     @classmethod
-    def recent(cls, n_days: int = 5, **kwargs) -> "Dataset":
-        today = dt.datetime.now(dt.timezone.utc).date()
+    def recent(cls, n_days: int = 5, **kwargs) -> Dataset:
+        today = dt.datetime.now(dt.UTC).date()
         return cls(days=tuple(today - dt.timedelta(days=n) for n in range(n_days, 0, -1)), **kwargs)
 
     def file_name(self, day: dt.date) -> str:
@@ -86,7 +86,7 @@ def generate_day(dataset: Dataset, day: dt.date) -> Iterator[bytes]:
     names = event_names()
     weights = [1.0 / (rank + 1) for rank in range(len(names))]
     people = user_ids(dataset.users, dataset.seed)
-    day_start_ms = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    day_start_ms = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
     chosen_names = rng.choices(names, weights=weights, k=dataset.events_per_day)
     malformed_at = {rng.randrange(dataset.events_per_day): n for n in range(dataset.malformed_per_day)}
     for n, name in enumerate(chosen_names):

@@ -31,7 +31,7 @@ MAX_EVENT_BYTES = 1024 * 1024
 MAX_PROPERTIES = 255
 MAX_DEPTH = 3
 MAX_STRING = 255
-EARLIEST_SECONDS = dt.datetime(1971, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+EARLIEST_SECONDS = dt.datetime(1971, 1, 1, tzinfo=dt.UTC).timestamp()
 INSERT_ID = re.compile(r"^[A-Za-z0-9-]{1,36}$")
 
 
@@ -214,9 +214,10 @@ def _import(mixpanel, state: IngestState, request: Request, body: bytes) -> Resp
     if fault is not None:
         return fault_response(fault)
     if request.headers.get("content-encoding", "").lower() == "gzip":
-        body = _gunzip(body)
-        if body is None:
+        unzipped = _gunzip(body)
+        if unzipped is None:
             return _error(400, "could not decompress the gzip request body")
+        body = unzipped
     if len(body) > MAX_BYTES:
         return _error(413, f"request body is larger than {MAX_BYTES} bytes uncompressed")
     form = form_fields(body) if is_form(request) else None

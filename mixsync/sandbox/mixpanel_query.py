@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mixsync.sandbox.data import user_ids
-from mixsync.sandbox.server import fault_response, record
 from mixsync.sandbox.mixpanel import json_string_list
+from mixsync.sandbox.server import fault_response, record
 
 # Fault routes: state.faults.add(COHORTS_ROUTE, status=429, ...) plans a misbehaviour of the next request.
 COHORTS_ROUTE = "cohorts_list"
@@ -262,7 +262,7 @@ def _engage(state, params: dict[str, str]) -> Response:
         results.append({"$distinct_id": int(distinct_id) if distinct_id.isdigit() else distinct_id,
                         "$properties": props})
     body: dict[str, Any] = {"page": page, "page_size": page_size, "session_id": session_id, "status": "ok",
-                            "results": results, "computed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+                            "results": results, "computed_at": dt.datetime.now(dt.UTC).isoformat()}
     if page == 0:
         body["total"] = len(members)
     return Response(orjson.dumps(body), media_type="application/json")

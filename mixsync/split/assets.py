@@ -66,7 +66,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log)
     with store.write() as con:
         staged = stage_window(con, mapping, first_day, last_day, settings.environment,
-                              dt.datetime.now(dt.timezone.utc), resend=config.resend)
+                              dt.datetime.now(dt.UTC), resend=config.resend)
     if config.resend and staged.resend:
         context.log.warning(f"resend requested: {staged.resend} events Split already acknowledged are sent again; "
                             "Split does not deduplicate, so its metrics will count them twice")

@@ -40,7 +40,7 @@ class SplitEventsClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "SplitEventsClient":
+    def __enter__(self) -> SplitEventsClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -155,7 +156,7 @@ def parse_mapping(text: str, source: str = "mapping file", default_traffic_type:
             options["exclude"] = _patterns(reader, events["exclude"][1], "events.exclude")
         if "rename" in events:
             renames = {}
-            for name, (name_node, target_node) in reader.mapping(events["rename"][1], "events.rename", set()).items():
+            for name, (_name_node, target_node) in reader.mapping(events["rename"][1], "events.rename", set()).items():
                 target = reader.string(target_node, f"events.rename.{name}")
                 if not EVENT_TYPE_ID.match(target):
                     raise reader.fail(target_node, f"events.rename: {target!r} is not a valid Split eventTypeId "
@@ -180,7 +181,7 @@ def parse_mapping(text: str, source: str = "mapping file", default_traffic_type:
             if name in seen:
                 raise reader.fail(name_node, f"traffic type {name!r} is listed twice")
             seen.add(name)
-            rule = {"name": name}
+            rule: dict[str, Any] = {"name": name}
             if "key" in entry:
                 rule["key"] = _key_field(reader, entry["key"][1], f"traffic_types[{name}].key")
             if "events" in entry:

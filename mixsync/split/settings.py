@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from mixsync.settings import Secret, SettingsError, parse_int, parse_url, require
 
@@ -26,7 +26,7 @@ class SplitSettings:
     concurrency: int
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SplitSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SplitSettings:
         environ = os.environ if environ is None else environ
         sdk_key = require(environ, "SPLIT_SDK_KEY",
                           "the server-side SDK key of the Split environment the events go to (Admin keys do not work)")

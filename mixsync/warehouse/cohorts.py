@@ -99,7 +99,7 @@ class MembersLoad:
 
 def replace_cohorts(con: duckdb.DuckDBPyConnection, cohorts_json: bytes) -> CohortsLoad:
     """Replace mixpanel.cohorts with the cohorts list (a JSON array as Mixpanel sent it); bad entries go to rejects."""
-    loaded_at = dt.datetime.now(dt.timezone.utc)
+    loaded_at = dt.datetime.now(dt.UTC)
     con.execute("""CREATE OR REPLACE TEMP TABLE cohorts_stage AS
         SELECT c AS raw,
                TRY_CAST(c->>'id' AS BIGINT) AS id,
@@ -160,7 +160,7 @@ def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_n
                         properties: list[str], total_reported: int | None) -> MembersLoad:
     """Make `pages` (engage bodies on disk) the cohort's current membership, recording who entered and left."""
     result = MembersLoad(cohort_id)
-    taken_at = dt.datetime.now(dt.timezone.utc)
+    taken_at = dt.datetime.now(dt.UTC)
     snapshot_id = result.snapshot_id = con.execute("SELECT nextval('mixpanel.cohort_snapshot_ids')").fetchone()[0]
     if pages:
         # A page is one JSON object; read_text + a JSON path avoids read_json's per-file object buffers.
@@ -240,7 +240,7 @@ def remove_unselected_cohorts(con: duckdb.DuckDBPyConnection, keep_ids: list[int
                        {"keep": keep_ids}).fetchall()
     results = []
     for cohort_id, name in gone:
-        taken_at = dt.datetime.now(dt.timezone.utc)
+        taken_at = dt.datetime.now(dt.UTC)
         snapshot_id = con.execute("SELECT nextval('mixpanel.cohort_snapshot_ids')").fetchone()[0]
         params = {"c": cohort_id, "s": snapshot_id, "t": taken_at}
         con.execute("BEGIN TRANSACTION")

@@ -236,7 +236,7 @@ def reconcile_read_back(con: duckdb.DuckDBPyConnection, sync_id: int, read_back:
           AND (CASE WHEN json_type(r.trait_value) = 'BOOLEAN' THEN r.trait_value::BOOLEAN END)
               IS DISTINCT FROM l.trait_value""", {"ids": identifiers, "sync": sync_id})
     mismatches = con.execute("SELECT count(*) FROM fs_mismatches").fetchone()[0]
-    examples = [dict(zip(("identifier", "trait_key", "ledger", "flagsmith"), row)) for row in con.execute(
+    examples = [dict(zip(("identifier", "trait_key", "ledger", "flagsmith"), row, strict=True)) for row in con.execute(
         "SELECT identifier, trait_key, ledger_value, flagsmith_value::VARCHAR FROM fs_mismatches ORDER BY ALL LIMIT 5"
     ).fetchall()]
     if mismatches:

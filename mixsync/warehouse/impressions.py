@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import duckdb
 
@@ -80,11 +81,17 @@ DATA_ERRORS = (duckdb.InvalidInputException, duckdb.IOException, duckdb.Conversi
 
 
 class LandedFile(Protocol):
-    name: str
-    path: object
-    content_hash: str
-    size: int
-    gzipped: bool
+    # Read-only members, so a frozen dataclass (impressions.landing.LandingFile) satisfies it.
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> object: ...
+    @property
+    def content_hash(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def gzipped(self) -> bool: ...
 
 
 @dataclass
@@ -117,7 +124,8 @@ class ImpressionLoad:
         reasons: dict[str, int] = {}
         for f in self.files:
             if f.status == "quarantined":
-                reasons[f.reason] = reasons.get(f.reason, 0) + 1
+                reason = f.reason or "unknown"
+                reasons[reason] = reasons.get(reason, 0) + 1
         return reasons
 
 
@@ -136,7 +144,7 @@ def _insert_columns(con: duckdb.DuckDBPyConnection, table: str, columns: list[li
     if not columns or not columns[0]:
         return
     names = [f"c{i}" for i in range(len(columns))]
-    con.execute(f"INSERT INTO {table} SELECT {', '.join(f'unnest(${n})' for n in names)}", dict(zip(names, columns)))
+    con.execute(f"INSERT INTO {table} SELECT {', '.join(f'unnest(${n})' for n in names)}", dict(zip(names, columns, strict=True)))
 
 
 def _classify(exc: duckdb.Error) -> str:
@@ -227,7 +235,7 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     rows_per_file = {}
     for name, rows, *nulls in counts:
         rows_per_file[name] = rows
-        lacking = [f"{fieldname} ({n} of {rows})" for fieldname, n in zip(KEY_CHECKS, nulls) if n]
+        lacking = [f"{fieldname} ({n} of {rows})" for fieldname, n in zip(KEY_CHECKS, nulls, strict=True) if n]
         if lacking and name not in bad:
             bad[name] = ("missing key fields", "impressions without " + ", ".join(lacking))
     good = [f.name for f in to_parse if f.name not in bad]

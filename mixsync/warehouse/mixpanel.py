@@ -159,7 +159,7 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
     Raises TruncatedExport (and changes nothing) when the body ends in `terminated early`.
     """
     clear_unfinished_loads(con)
-    loaded_at = dt.datetime.now(dt.timezone.utc)
+    loaded_at = dt.datetime.now(dt.UTC)
     load_id = con.execute("SELECT nextval('mixpanel.event_load_ids')").fetchone()[0]
     con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
                 [load_id, window_start, window_end, loaded_at])
@@ -173,7 +173,7 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
             lines = f"SELECT line FROM ({_line_source(path)}) WHERE line IS NOT NULL AND trim(line) <> ''"
             truncated = con.execute(f"SELECT count(*) FROM ({lines}) WHERE trim(line) = 'terminated early'").fetchone()[0]
             if truncated:
-                raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'")
+                raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'") from exc
             parsed = ("SELECT json_extract_string(line, '$.event') AS event, json_extract(line, '$.properties') AS properties "
                       f"FROM ({lines}) WHERE json_valid(line)")
             invalid_lines_sql = f"SELECT line FROM ({lines}) WHERE NOT json_valid(line)"

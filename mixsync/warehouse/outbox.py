@@ -17,10 +17,10 @@ import itertools
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from mixsync.warehouse import Warehouse
 
@@ -62,7 +62,7 @@ class PushReport:
     in_flight_at_crash: int = 0
 
     def as_metadata(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 class FatalPushError(RuntimeError):
@@ -140,15 +140,16 @@ def _apply(warehouse: Warehouse, table: str, journal: Path, count: bool = False)
                 markers = f"""SELECT split_part(id, ' ', 1) AS kind, split_part(id, ' ', 2) AS batch,
                                      TRY_CAST(split_part(id, ' ', 3) AS BIGINT) AS items
                               FROM {lines} WHERE status IS NULL"""
-                counts = con.execute(f"""
+                sent, rejected, in_flight = con.execute(f"""
                     SELECT (SELECT count(*) FROM {lines} WHERE status = 'sent'),
                            (SELECT count(*) FROM {lines} WHERE status = 'rejected'),
                            (SELECT coalesce(sum(items), 0) FROM ({markers}) s WHERE kind = 'start'
                               AND batch NOT IN (SELECT batch FROM ({markers}) a WHERE kind = 'sent'))""").fetchone()
+                counts = (sent, rejected, in_flight)
             con.execute(f"""
                 UPDATE {table} AS o SET status = a.status, error = a.error, sent_at = $now, attempts = o.attempts + 1
                 FROM (SELECT id, status, error FROM {lines} WHERE status IN ('sent', 'rejected')) a
-                WHERE o.id = a.id AND o.status = 'pending'""", {"now": dt.datetime.now(dt.timezone.utc)})
+                WHERE o.id = a.id AND o.status = 'pending'""", {"now": dt.datetime.now(dt.UTC)})
         journal.unlink()
     return counts
 
@@ -190,9 +191,9 @@ def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOu
     """
     report = recover(warehouse, table, work_dir, logger)
     work_dir = _work_dir(work_dir, table)
-    name = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    name = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     snapshot, journal_path = work_dir / f"{name}.snapshot", work_dir / f"{name}.journal"
-    where, params = "status = 'pending'", {}
+    where, params = "status = 'pending'", dict[str, object]()
     if scope is not None:
         where, params = where + " AND scope = $scope", {"scope": scope}
     elif scopes is not None:
