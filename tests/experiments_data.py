@@ -8,14 +8,14 @@ import orjson
 
 from mixsync.warehouse import Warehouse
 
-T0 = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.UTC)
 
 
 def load(store: Warehouse, impressions: list[tuple], events: list[tuple] = ()) -> None:
     """impressions: (environment_id, split, key, treatment, time); events: (event, distinct_id, time, properties)."""
     with store.write() as con:
         if impressions:
-            env, split, key, treatment, time = (list(c) for c in zip(*impressions))
+            env, split, key, treatment, time = (list(c) for c in zip(*impressions, strict=False))
             con.execute("""INSERT INTO split.impressions (impression_id, environment_id, environment_name, split, key,
                                                           treatment, time, file_name, load_id, loaded_at)
                            SELECT md5(concat_ws('/', e, s, k, t, ts::VARCHAR)), e, 'Env ' || e, s, k, t, ts, 'test.json',
@@ -24,7 +24,7 @@ def load(store: Warehouse, impressions: list[tuple], events: list[tuple] = ()) -
                                         unnest($treatment) AS t, unnest($time) AS ts)""",
                         {"env": env, "split": split, "key": key, "treatment": treatment, "time": time})
         if events:
-            name, distinct_id, time, props = (list(c) for c in zip(*events))
+            name, distinct_id, time, props = (list(c) for c in zip(*events, strict=False))
             con.execute("""INSERT INTO mixpanel.event_rows (event, distinct_id, time, properties, day, loaded_at, load_id)
                            SELECT n, d, ts, p::JSON, (ts AT TIME ZONE 'UTC')::DATE, now(), 1
                            FROM (SELECT unnest($name) AS n, unnest($distinct_id) AS d, unnest($time) AS ts,

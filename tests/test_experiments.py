@@ -9,9 +9,9 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from experiments_data import T0, load, write_experiments
 from scipy import stats as scipy_stats
 
-from experiments_data import T0, load, write_experiments
 from mixsync.experiments.analysis import analyse
 from mixsync.experiments.assets import experiment_results
 from mixsync.experiments.settings import ExperimentsFileError, parse_experiments
@@ -286,5 +286,5 @@ def test_the_example_file_is_valid_and_unquoted_treatments_stay_names():
 def test_a_missing_file_is_named():
     from mixsync.experiments.settings import ExperimentsSettings
 
-    with pytest.raises(ExperimentsFileError, match="MIXSYNC_EXPERIMENTS_FILE=/nope.yaml: no such file"):
+    with pytest.raises(ExperimentsFileError, match=r"MIXSYNC_EXPERIMENTS_FILE=/nope\.yaml: no such file"):
         ExperimentsSettings.from_env({"MIXSYNC_EXPERIMENTS_FILE": "/nope.yaml"})

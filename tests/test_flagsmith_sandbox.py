@@ -109,7 +109,7 @@ def test_edge_bulk_202_limit_and_partial_application(api):
 
 
 def test_read_back_returns_the_traits(api):
-    client, state = api
+    client, _state = api
     post(client, "r", [{"trait_key": "a", "trait_value": True}])
     body = client.get("identities/", params={"identifier": "r"}).json()
     assert body["identifier"] == "r"
@@ -117,7 +117,7 @@ def test_read_back_returns_the_traits(api):
 
 
 def test_client_key_trait_writes_follow_allow_client_traits(api, sandbox):
-    client, state = api
+    _client, state = api
     url = sandbox.url("flagsmith") + "/api/v1/"
     headers = {"X-Environment-Key": state.client_key}
     body = {"identifier": "c", "traits": [{"trait_key": "a", "trait_value": True}]}
@@ -188,7 +188,7 @@ def test_core_bulk_identifiers_are_not_trimmed_for_deletes_and_integers_are_stri
 
 
 def test_core_bulk_blank_identifier_is_a_field_error(api):
-    client, state = api
+    client, _state = api
     response = client.put("traits/bulk/", json=[{"identity": {"identifier": ""}, "trait_key": "k",
                                                  "trait_value": 1}])
     assert response.status_code == 400
@@ -196,7 +196,7 @@ def test_core_bulk_blank_identifier_is_a_field_error(api):
 
 
 def test_get_identity_with_empty_identifier_is_200_missing_identifier(api):
-    client, state = api
+    client, _state = api
     response = client.get("identities/", params={"identifier": ""})
     assert response.status_code == 200 and response.json() == {"detail": "Missing identifier"}
 

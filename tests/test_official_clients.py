@@ -57,7 +57,7 @@ def test_mixpanel_sdk_import_refusal_is_an_sdk_error(sandbox):
     right = Mixpanel(state.token, consumer=Consumer(import_url=f"{url}/import", retry_limit=0, credentials=
                                                      ServiceAccountCredentials(state.username, state.secret,
                                                                                state.project_id)))
-    with pytest.raises(mixpanel.MixpanelException, match="properties.time"):
+    with pytest.raises(mixpanel.MixpanelException, match=r"properties\.time"):
         right.import_data(api_key=None, distinct_id="u", event_name="E", timestamp=10)  # before 1971
     assert sandbox.mixpanel.ingest.held() == []
 

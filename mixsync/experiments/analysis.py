@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mixsync.experiments import sql
-from mixsync.experiments.settings import Experiment
+from mixsync.experiments.settings import Experiment, Metric
 from mixsync.experiments.stats import SRM_ALPHA, Arm, compare, conversion_arm, sample_ratio_p_value
 
 
@@ -78,7 +78,7 @@ def _compare_experiment(analysis: Analysis, experiment: Experiment, stats: list[
     warning = srm_warning(summary.srm_p_value) if summary.srm_failed and summary.srm_p_value is not None else None
     ordered = ([control] if control else []) + [s for s in stats if s.treatment != experiment.control]
     for metric in experiment.metrics:
-        def arm(s: sql.TreatmentStats) -> Arm:
+        def arm(s: sql.TreatmentStats, metric: Metric = metric) -> Arm:
             mean = s.means[metric.name] or 0.0
             if metric.type == "conversion":
                 return conversion_arm(s.users, mean)

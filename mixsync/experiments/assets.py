@@ -4,6 +4,7 @@ import base64
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -85,8 +86,8 @@ def sample_ratio_result(analysis: Analysis, configured: set[str]) -> dg.AssetChe
                      else f"users per treatment match the expected shares in {len(analysis.srm_by_split)} split(s)"),
         metadata={
             "splits_checked": len([p for p in analysis.srm_by_split.values() if p is not None]),
-            "splits_failing": {split: p for split, p in sorted(failures.items())},
-            "srm_p_values": {split: p for split, p in sorted(analysis.srm_by_split.items())},
+            "splits_failing": dict(sorted(failures.items())),
+            "srm_p_values": dict(sorted(analysis.srm_by_split.items())),
             "splits_not_checked": analysis.srm_skipped,
             "threshold": SRM_ALPHA,
             "users_per_treatment": dg.MetadataValue.md(srm_markdown(analysis)),
@@ -125,7 +126,7 @@ def experiment_results(context: dg.AssetExecutionContext, warehouse: WarehouseRe
     for split, p_value in analysis.srm_failures.items():
         context.log.warning(f"{split}: sample ratio mismatch (p = {p_value:.2g}); see analytics.experiment_srm")
     chart_dir = settings.chart_dir or store.path.parent / "experiment_charts"
-    metadata: dict[str, object] = {}
+    metadata: dict[str, Any] = {}
     for summary in analysis.summaries:
         rows = [r for r in analysis.results if r[0] == summary.experiment.split]
         png = render_chart(summary, rows)

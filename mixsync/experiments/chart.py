@@ -11,10 +11,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display in a Dagster step; must precede pyplot's import
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from mixsync.experiments.analysis import ExperimentSummary  # noqa: E402
-from mixsync.experiments.stats import SRM_ALPHA  # noqa: E402
+from mixsync.experiments.analysis import ExperimentSummary
+from mixsync.experiments.stats import SRM_ALPHA
 
 SIGNIFICANT = 0.05
 COLORS = {"better": "#1a7f37", "worse": "#cf222e", "unclear": "#57606a"}
@@ -50,7 +50,7 @@ def render_chart(summary: ExperimentSummary, results: list[tuple]) -> bytes:
     if summary.users_window_incomplete:
         notes.append(f"{summary.users_window_incomplete:,} users' {experiment.window_days}-day windows are not over yet")
     by_key = {(row[1], row[2]): row for row in results}
-    for ax, metric in zip(axes[:, 0], metrics):
+    for ax, metric in zip(axes[:, 0], metrics, strict=False):
         ax.axvline(0, color="#8c959f", linewidth=1)
         labels = []
         for y, treatment in enumerate(treatments):

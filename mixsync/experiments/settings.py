@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 
@@ -53,7 +53,7 @@ class ExperimentsSettings:
         object.__setattr__(self, "by_split", {e.split: e for e in self.experiments})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ExperimentsSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ExperimentsSettings:
         environ = os.environ if environ is None else environ
         chart_dir = _env(environ, "MIXSYNC_EXPERIMENTS_CHART_DIR")
         chart = Path(chart_dir).expanduser().absolute() if chart_dir else None
@@ -169,7 +169,7 @@ def _experiment(reader: _Reader, node: yaml.Node) -> Experiment:
         weights = {treatment: weight / total for treatment, weight in raw.items()}
     window = reader.whole_number(fields["window_days"][1], f"window_days of {split}", 1, MAX_WINDOW_DAYS) \
         if "window_days" in fields else DEFAULT_WINDOW_DAYS
-    metrics = []
+    metrics: list[Metric] = []
     for metric_node in reader.sequence(fields["metrics"][1], f"metrics of {split}") if "metrics" in fields else []:
         metric = _metric(reader, metric_node, split)
         if any(m.name == metric.name for m in metrics):

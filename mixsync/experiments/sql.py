@@ -74,7 +74,7 @@ def _insert_columns(con: duckdb.DuckDBPyConnection, table: str, columns: list[li
     if not columns or not columns[0]:
         return
     names = [f"c{i}" for i in range(len(columns))]
-    con.execute(f"INSERT INTO {table} SELECT {', '.join(f'unnest(${n})' for n in names)}", dict(zip(names, columns)))
+    con.execute(f"INSERT INTO {table} SELECT {', '.join(f'unnest(${n})' for n in names)}", dict(zip(names, columns, strict=False)))
 
 
 def environments(con: duckdb.DuckDBPyConnection, splits: list[str]) -> dict[str, list[tuple[str, str | None, int]]]:
@@ -221,7 +221,7 @@ def metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, en
     columns = [d[0] for d in cursor.description]
     out = []
     for row in cursor.fetchall():
-        values = dict(zip(columns, row))
+        values = dict(zip(columns, row, strict=False))
         stats = TreatmentStats(values["treatment"], values["users"])
         for i, metric in enumerate(experiment.metrics):
             stats.means[metric.name] = values[f"mean{i}"]
@@ -248,6 +248,6 @@ def replace_results(con: duckdb.DuckDBPyConnection, results: list[tuple], srm: l
     con.execute("DELETE FROM analytics.experiment_results")
     con.execute("DELETE FROM analytics.experiment_srm")
     if results:
-        _insert_columns(con, "analytics.experiment_results", [list(c) for c in zip(*results)])
+        _insert_columns(con, "analytics.experiment_results", [list(c) for c in zip(*results, strict=False)])
     if srm:
-        _insert_columns(con, "analytics.experiment_srm", [list(c) for c in zip(*srm)])
+        _insert_columns(con, "analytics.experiment_srm", [list(c) for c in zip(*srm, strict=False)])

@@ -67,9 +67,9 @@ def sample_ratio_p_value(users: list[int], expected_shares: list[float]) -> floa
     total = sum(users)
     if len(users) < 2 or total == 0:
         return None
-    if any(share <= 0 and seen > 0 for seen, share in zip(users, expected_shares)):
+    if any(share <= 0 and seen > 0 for seen, share in zip(users, expected_shares, strict=False)):
         return 0.0
-    kept = [(seen, share) for seen, share in zip(users, expected_shares) if share > 0]
+    kept = [(seen, share) for seen, share in zip(users, expected_shares, strict=False) if share > 0]
     if len(kept) < 2:
         return None
     norm = sum(share for _, share in kept)

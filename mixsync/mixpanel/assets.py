@@ -9,7 +9,7 @@ import dagster as dg
 
 from mixsync.http import RetryStats
 from mixsync.mixpanel.client import MixpanelClient
-from mixsync.mixpanel.partitions import daily_partitions
+from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.settings import MixpanelSettings
@@ -62,6 +62,9 @@ def load_export_window(client: MixpanelClient, warehouse: Warehouse, settings: M
         return first + second, first_bytes + second_bytes
     raise dg.Failure(f"Mixpanel's export for {start} ended with 'terminated early' {TRUNCATION_ATTEMPTS} times; "
                      "the previous copy of the day is kept. Run again later.")
+
+
+accept_backfill_policy_beta()
 
 
 @dg.asset(

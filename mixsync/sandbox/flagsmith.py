@@ -178,7 +178,7 @@ def _checked_traits(traits: Any) -> list[tuple[str, Any, bool]]:
     if traits is None:
         return []
     if not isinstance(traits, list):
-        raise BadRequest({"traits": ['Expected a list of items but got type "%s".' % type(traits).__name__]})
+        raise BadRequest({"traits": [f'Expected a list of items but got type "{type(traits).__name__}".']})
     checked = []
     errors: list[dict] = []
     for trait in traits:
@@ -198,7 +198,7 @@ def _checked_traits(traits: Any) -> list[tuple[str, Any, bool]]:
         if not error:
             if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
                 raise ServerError("integer trait value above 2**31-1")
-            checked.append((key.strip(), _stored_value(value), bool(trait.get("transient"))))
+            checked.append((str(key).strip(), _stored_value(value), bool(trait.get("transient"))))
     if any(errors):
         raise BadRequest({"traits": errors})
     return checked
@@ -247,8 +247,10 @@ def _handler(route: str, handle, write: bool = True, exists=lambda state: True):
         elif (fault := state.faults.take(route)) is not None:
             response = fault_response(fault)
         else:
-            response = await _hold_if_asked(state) if write else None
-            if response is None:
+            held = await _hold_if_asked(state) if write else None
+            if held is not None:
+                response = held
+            else:
                 try:
                     response = await handle(state, request, key == state.server_key)
                 except BadRequest as exc:
@@ -290,8 +292,10 @@ async def post_identity(state: FlagsmithSandbox, request: Request, server_side: 
         if new_identity:
             state._apply(identifier, [])  # observed: not atomic, the identity exists afterwards without traits
             return _server_error()
-        seen: set[str] = set()
-        traits = [t for t in traits if not (t[0] in seen or seen.add(t[0]))]  # the first value wins
+        first: dict[str, tuple] = {}
+        for trait in traits:
+            first.setdefault(trait[0], trait)  # the first value wins
+        traits = list(first.values())
     state._apply(identifier, [(k, v) for k, v, transient in traits if not transient])
     return JSONResponse({"identifier": identifier, "traits": state._trait_json(identifier),
                          "flags": state.flags_json(identifier)})
@@ -389,9 +393,10 @@ async def traits_bulk(state: FlagsmithSandbox, request: Request, server_side: bo
                 error["trait_value"] = [f"Value string is too long. Must be less than {MAX_STRING} character"]
         errors.append(error)
         if not error:
-            if len(key.strip()) > MAX_TRAIT_KEY:
+            key = str(key).strip()
+            if len(key) > MAX_TRAIT_KEY:
                 too_long_key = True
-            valid.append((identifier, key.strip(), _stored_value(item["trait_value"])))
+            valid.append((identifier, key, _stored_value(item["trait_value"])))
     if any(errors):
         raise BadRequest(errors)
     if too_long_key or any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_INT for _, _, v in valid):
@@ -401,8 +406,8 @@ async def traits_bulk(state: FlagsmithSandbox, request: Request, server_side: bo
     by_identity: dict[str, list[tuple[str, Any]]] = {}
     for identifier, key, value in valid:
         by_identity.setdefault(identifier, []).append((key, value))
-    for identifier, traits in by_identity.items():
-        state._apply(identifier, traits)
+    for identifier, identity_traits in by_identity.items():
+        state._apply(identifier, identity_traits)
     # The answer echoes only the written (non-null) items, as the serializer saw them.
     return JSONResponse([{"identity": {"identifier": identifier}, "trait_value": value, "trait_key": key}
                          for identifier, key, value in valid])

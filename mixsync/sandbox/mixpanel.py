@@ -7,9 +7,10 @@ import datetime as dt
 import gzip
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -65,7 +66,7 @@ class MixpanelSandbox:
 
     def today(self) -> dt.date:
         # "today" is UTC for new projects and the project's timezone for legacy ones.
-        zone = ZoneInfo(self.dataset.legacy_timezone) if self.dataset.legacy_timezone else dt.timezone.utc
+        zone = ZoneInfo(self.dataset.legacy_timezone) if self.dataset.legacy_timezone else dt.UTC
         return dt.datetime.now(zone).date()
 
     def authenticate(self, request: Request, require_project: bool = True) -> Response | None:
@@ -258,8 +259,7 @@ def build_app(state: MixpanelSandbox) -> Starlette:
     from mixsync.sandbox import mixpanel_ingest, mixpanel_profiles, mixpanel_query
 
     # One origin for every Mixpanel API, as MIXPANEL_BASE_URL gives it: export, query (/api/query/...), ingestion.
-    routes = ([Route("/api/2.0/export", export, methods=["GET"])] + mixpanel_query.routes() + mixpanel_ingest.routes()
-              + mixpanel_profiles.routes())
+    routes = ([Route("/api/2.0/export", export, methods=["GET"]), *mixpanel_query.routes(), *mixpanel_ingest.routes(), *mixpanel_profiles.routes()])
     app = Starlette(routes=routes + control_routes(state.recorder, state.faults))
     app.state.mixpanel = state
     return app

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from mixsync.sandbox.server import Faults, RecordedRequest, Recorder, control_routes, fault_response, SECRET_HEADERS
+from mixsync.sandbox.server import SECRET_HEADERS, Faults, RecordedRequest, Recorder, control_routes, fault_response
 
 BULK_ROUTE = "/api/events/bulk"
 # Split's docs regex (63 characters, no colon): the strictest of the published rules, so passing here passes all.
@@ -145,12 +145,11 @@ def build_app(state: SplitSandbox) -> Starlette:
         response = _bulk(state, request, body)
         recorded.status = response.status_code
         number = getattr(request.state, "bulk_number", 0)
-        if response.status_code == 202 and state.hold_from_request is not None:
-            if number >= state.hold_from_request:
-                waited = 0.0
-                while not state._released.is_set() and waited < state.hold_seconds:
-                    await asyncio.sleep(0.02)
-                    waited += 0.02
+        if response.status_code == 202 and state.hold_from_request is not None and number >= state.hold_from_request:
+            waited = 0.0
+            while not state._released.is_set() and waited < state.hold_seconds:
+                await asyncio.sleep(0.02)
+                waited += 0.02
         return response
 
     async def stats(request: Request) -> Response:
@@ -159,9 +158,7 @@ def build_app(state: SplitSandbox) -> Starlette:
                       "trimmed_events": state.trimmed_events}
         return Response(orjson.dumps(counts), media_type="application/json")
 
-    routes = control_routes(state.recorder, state.faults) + [
-        Route(BULK_ROUTE, bulk, methods=["POST"]), Route("/_sandbox/split/stats", stats, methods=["GET"])] + \
-        sdk_routes(state)
+    routes = [*control_routes(state.recorder, state.faults), Route(BULK_ROUTE, bulk, methods=["POST"]), Route("/_sandbox/split/stats", stats, methods=["GET"]), *sdk_routes(state)]
     app = Starlette(routes=routes)
     app.state.split = state
     return app

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from mixsync.http import RetryStats, ServiceError
-from mixsync.mixpanel.partitions import daily_partitions
+from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.split.client import SplitEventsClient
@@ -33,6 +33,9 @@ def batch_sender(client: SplitEventsClient):
         return BatchOutcome()
 
     return send
+
+
+accept_backfill_policy_beta()
 
 
 @dg.asset(
