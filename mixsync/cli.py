@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from mixsync.output import FORMATS, print_result
 from mixsync.settings import SettingsError, WarehouseSettings
 
 
@@ -20,9 +21,13 @@ def main() -> None:
 
 @main.command()
 @click.argument("sql")
-@click.option("--max-rows", default=50, show_default=True, help="Rows to print.")
-def query(sql: str, max_rows: int) -> None:
-    """Run a read-only SQL query against MIXSYNC_DUCKDB_PATH and print a table.
+@click.option("--format", "output_format", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table for people; csv or json (every row, every cell whole) for other programs.")
+@click.option("--max-rows", default=None, type=int,
+              help="Rows to print; 0 for all. Default: 50 for table, all for csv and json.")
+@click.option("--full", is_flag=True, help="table: print every cell whole (cut at 60 characters otherwise).")
+def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> None:
+    """Run a read-only SQL query against MIXSYNC_DUCKDB_PATH and print the result (a table, CSV or JSON).
 
     It waits for a running write to finish instead of breaking it, and cannot change anything.
     """
@@ -38,25 +43,12 @@ def query(sql: str, max_rows: int) -> None:
                       lock_timeout_seconds=settings.lock_timeout_seconds)
     try:
         with store.read() as con:
-            click.echo(format_table(con.execute(sql), max_rows))
+            rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
+            print_result(con.execute(sql), output_format, rows, full, echo=click.echo)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
     except duckdb.Error as exc:
         raise click.ClickException(f"query failed: {exc}") from None
-
-
-def format_table(cursor, max_rows: int = 50) -> str:
-    """A plain aligned text table of a DuckDB cursor's result."""
-    columns = [d[0] for d in cursor.description]
-    rows = cursor.fetchmany(max_rows + 1)
-    more = len(rows) > max_rows
-    cells = [[("NULL" if v is None else str(v)).replace("\n", " ")[:60] for v in row] for row in rows[:max_rows]]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    out.append(f"({len(cells)} rows{', more not shown' if more else ''})")
-    return "\n".join(out)
 
 
 @main.command()

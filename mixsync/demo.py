@@ -37,7 +37,7 @@ def query_hint(database: Path) -> str:
 
 
 def _print_query(con, title: str, sql: str, params: list | None = None) -> None:
-    from mixsync.cli import format_table
+    from mixsync.output import format_table
 
     print(f"\n== {title}")
     print(format_table(con.execute(sql, params or []), max_rows=15))
