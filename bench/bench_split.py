@@ -123,9 +123,9 @@ def run_mixsync(url: str, sdk_key: str, duckdb_path: Path, work_dir: Path) -> di
     from mixsync.split.assets import batch_sender
     from mixsync.split.client import SplitEventsClient
     from mixsync.split.settings import SplitSettings
+    from mixsync.split.sql import EVENTS_OUTBOX
     from mixsync.warehouse import Warehouse
     from mixsync.warehouse.outbox import push
-    from mixsync.warehouse.split import EVENTS_OUTBOX
 
     settings = SplitSettings(sdk_key=Secret(sdk_key), events_url=url, traffic_type="user", environment=None,
                              mapping_file=None, batch_size=BATCH, max_batch_bytes=2 << 20, concurrency=CONCURRENCY)
@@ -145,12 +145,12 @@ def run_mixsync(url: str, sdk_key: str, duckdb_path: Path, work_dir: Path) -> di
 
 def prepare(events: int) -> tuple[Path, Path, dict]:
     """A DuckDB file whose outbox holds exactly `events` pending Split events, and their pre-built bodies."""
+    from mixsync.mixpanel.sql import load_export_file
     from mixsync.sandbox.data import Dataset, ensure_day_file
     from mixsync.split.mapping import parse_mapping
+    from mixsync.split.sql import EVENTS_OUTBOX, stage_window
     from mixsync.warehouse import Warehouse
-    from mixsync.warehouse.mixpanel import load_export_file
     from mixsync.warehouse.outbox import _batches
-    from mixsync.warehouse.split import EVENTS_OUTBOX, stage_window
 
     OUT.mkdir(parents=True, exist_ok=True)
     duckdb_path = OUT / f"split-{events}.duckdb"
@@ -213,8 +213,8 @@ def server_stats(url: str) -> dict:
 
 def child(side: str, server: dict, duckdb_path: Path, bodies_path: Path) -> dict:
     if side == "mixsync":
+        from mixsync.split.sql import EVENTS_OUTBOX
         from mixsync.warehouse import Warehouse
-        from mixsync.warehouse.split import EVENTS_OUTBOX
 
         with Warehouse(duckdb_path).write() as con:
             con.execute(f"UPDATE {EVENTS_OUTBOX} SET status = 'pending', sent_at = NULL")

@@ -19,12 +19,12 @@ from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impr
 from mixsync.impressions.exposures import INSERT_ID_PATTERN, exposure_payload_sql
 from mixsync.impressions.landing import write_atomically
 from mixsync.impressions.settings import ImpressionsSettings
+from mixsync.impressions.sql import EXPOSURES_OUTBOX
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.import_client import import_events
 from mixsync.sandbox.impressions import ImpressionGenerator, encode
 from mixsync.settings import MixpanelSettings
 from mixsync.warehouse import ensure_schema
-from mixsync.warehouse.impressions import EXPOSURES_OUTBOX
 
 IMPRESSION = {"key": "user-1", "bucketingKey": None, "split": "new_checkout_flow", "treatment": "on",
               "label": "default rule", "time": 1_760_000_000_123, "splitVersionNumber": 1_750_000_000_000,

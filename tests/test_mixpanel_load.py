@@ -12,9 +12,9 @@ import duckdb
 import orjson
 import pytest
 
+from mixsync.mixpanel import sql as warehouse_mixpanel
+from mixsync.mixpanel.sql import load_export_file
 from mixsync.warehouse import Warehouse
-from mixsync.warehouse import mixpanel as warehouse_mixpanel
-from mixsync.warehouse.mixpanel import load_export_file
 
 DAY = dt.date(2026, 3, 2)
 NOON_MS = int(dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC).timestamp() * 1000)
@@ -48,7 +48,7 @@ KILLED_LOAD = """
 import datetime as dt, os, signal, sys
 from pathlib import Path
 from mixsync.warehouse import Warehouse
-from mixsync.warehouse import mixpanel
+from mixsync.mixpanel import sql as mixpanel
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)  # the rows are written and committed; the switch never happens

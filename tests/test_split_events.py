@@ -18,7 +18,7 @@ from mixsync.resources import WarehouseResource
 from mixsync.sandbox.split import BULK_ROUTE
 from mixsync.split.assets import split_events
 from mixsync.split.resources import SplitResource
-from mixsync.warehouse.split import EVENTS_OUTBOX
+from mixsync.split.sql import EVENTS_OUTBOX
 
 RESOURCES = {"mixpanel": MixpanelResource(), "split": SplitResource(), "warehouse": WarehouseResource()}
 RESEND = {"ops": {"split_events": {"config": {"resend": True}}}}

@@ -18,8 +18,8 @@ from mixsync.split.mapping import (
     load_mapping,
     parse_mapping,
 )
+from mixsync.split.sql import EVENTS_OUTBOX, stage_window
 from mixsync.warehouse import Warehouse
-from mixsync.warehouse.split import EVENTS_OUTBOX, stage_window
 
 DAY = dt.date(2026, 3, 10)
 NOON = dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.UTC)

@@ -9,11 +9,7 @@ import orjson
 from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import FlagsmithSettings
-from mixsync.flagsmith.traits import TraitKeyError, trait_keys
-from mixsync.http import RetryStats, ServiceError
-from mixsync.resources import WarehouseResource
-from mixsync.warehouse import Warehouse, markdown_table
-from mixsync.warehouse.flagsmith import (
+from mixsync.flagsmith.sql import (
     OUTBOX,
     Plan,
     begin_sync,
@@ -25,6 +21,10 @@ from mixsync.warehouse.flagsmith import (
     rejected_by_reason,
     verification_sample,
 )
+from mixsync.flagsmith.traits import TraitKeyError, trait_keys
+from mixsync.http import RetryStats, ServiceError
+from mixsync.resources import WarehouseResource
+from mixsync.warehouse import Warehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
 # Per-identity POSTs go one by one inside a batch: smaller batches keep FLAGSMITH_CONCURRENCY requests in flight.

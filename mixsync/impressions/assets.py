@@ -13,13 +13,7 @@ from mixsync.impressions.exposures import exposure_payload_sql
 from mixsync.impressions.landing import LandingFile, archive_folder, fingerprint, landed_names, move_aside
 from mixsync.impressions.resources import ImpressionsResource
 from mixsync.impressions.settings import MIXPANEL_IMPORT_MAX_BYTES, ImpressionsSettings
-from mixsync.mixpanel.client import MixpanelClient
-from mixsync.mixpanel.import_client import import_events
-from mixsync.mixpanel.resources import MixpanelResource
-from mixsync.resources import WarehouseResource
-from mixsync.settings import SettingsError
-from mixsync.warehouse import Warehouse, markdown_table
-from mixsync.warehouse.impressions import (
+from mixsync.impressions.sql import (
     EXPOSURES_OUTBOX,
     ImpressionLoad,
     enqueue_exposures,
@@ -28,6 +22,12 @@ from mixsync.warehouse.impressions import (
     ledger_by_name,
     load_impression_files,
 )
+from mixsync.mixpanel.client import MixpanelClient
+from mixsync.mixpanel.import_client import import_events
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.settings import SettingsError
+from mixsync.warehouse import Warehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, PushReport, push
 
 

@@ -11,10 +11,10 @@ from mixsync.http import RetryStats
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
 from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.mixpanel.sql import ExportLoad, TruncatedExport, load_export_file
 from mixsync.resources import WarehouseResource
 from mixsync.settings import MixpanelSettings
 from mixsync.warehouse import Warehouse, markdown_table
-from mixsync.warehouse.mixpanel import ExportLoad, TruncatedExport, load_export_file
 
 TRUNCATION_ATTEMPTS = 3
 

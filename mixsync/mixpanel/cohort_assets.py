@@ -7,17 +7,17 @@ import dagster as dg
 
 from mixsync.http import RetryStats, ServiceError
 from mixsync.mixpanel.cohort_settings import CohortSettings
-from mixsync.mixpanel.query_client import download_cohort_members, list_cohorts
-from mixsync.mixpanel.resources import MixpanelResource
-from mixsync.resources import WarehouseResource
-from mixsync.warehouse import markdown_table
-from mixsync.warehouse.cohorts import (
+from mixsync.mixpanel.cohort_sql import (
     UnknownCohorts,
     load_cohort_members,
     remove_unselected_cohorts,
     replace_cohorts,
     select_cohorts,
 )
+from mixsync.mixpanel.query_client import download_cohort_members, list_cohorts
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.warehouse import markdown_table
 
 # Both assets call the query API, which allows 5 concurrent queries and 60 per hour per project: one pool.
 QUERY_POOL = "mixpanel_query"

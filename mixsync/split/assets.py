@@ -12,9 +12,9 @@ from mixsync.settings import SettingsError
 from mixsync.split.client import SplitEventsClient
 from mixsync.split.mapping import MappingError
 from mixsync.split.resources import SplitResource
+from mixsync.split.sql import EVENTS_OUTBOX, stage_window
 from mixsync.warehouse import markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
-from mixsync.warehouse.split import EVENTS_OUTBOX, stage_window
 
 
 class SplitEventsConfig(dg.Config):

@@ -1,4 +1,4 @@
-"""The DuckDB warehouse: connections, the cross-process writer lock, and every schema mixsync owns."""
+"""The DuckDB warehouse: connections, the cross-process writer lock, and the schemas the flows register."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMAS = ("mixpanel", "split", "flagsmith", "sync", "analytics")
+from mixsync.warehouse.schema import SCHEMAS, registered
 
 
 class WarehouseLockTimeout(RuntimeError):
@@ -114,16 +114,14 @@ class Warehouse:
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every schema and table mixsync writes; idempotent, run on each write connection."""
-    from mixsync.warehouse import cohorts, flagsmith, impressions, mixpanel, split
-
+    """Create every schema and the tables of every registered flow; idempotent, run on each write connection."""
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    for module in (mixpanel, cohorts, split, flagsmith, impressions):
-        if hasattr(module, "migrate"):
-            module.migrate(con)
-        if module.DDL.strip():
-            con.execute(module.DDL)
+    for flow in registered():
+        if flow.migrate is not None:
+            flow.migrate(con)
+        if flow.ddl.strip():
+            con.execute(flow.ddl)
 
 
 def markdown_table(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import duckdb
 
+from mixsync.warehouse.schema import register_ddl
+
 DDL = """
 -- Every row of every load, tagged with its load. A load writes its rows here in one streaming insert straight
 -- from the export file, then in one short transaction drops its duplicates and rejects, deletes the rows it
@@ -273,3 +275,6 @@ def recent_daily_counts(con: duckdb.DuckDBPyConnection, day: dt.date, lookback_d
     mean = con.execute("""SELECT avg(events) FROM mixpanel.event_loads
                           WHERE day < ? AND day >= ? - ?::INTEGER""", [day, day, lookback_days]).fetchone()[0]
     return (row[0] if row else None), mean
+
+
+register_ddl("mixpanel.events", DDL, migrate)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import duckdb
 
+from mixsync.warehouse.schema import register_ddl
+
 DDL = """
 CREATE SEQUENCE IF NOT EXISTS mixpanel.cohort_snapshot_ids START 1;
 CREATE TABLE IF NOT EXISTS mixpanel.cohorts (
@@ -259,3 +261,6 @@ def remove_unselected_cohorts(con: duckdb.DuckDBPyConnection, keep_ids: list[int
             raise
         results.append(MembersLoad(cohort_id, snapshot_id, left=left))
     return results
+
+
+register_ddl("mixpanel.cohorts", DDL)

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+import mixsync.mixpanel.cohort_sql  # noqa: F401  (plan reads mixpanel.cohort_members; importing it registers those tables)
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
+from mixsync.warehouse.schema import register_ddl
 
 OUTBOX = "sync.flagsmith_outbox"
 MAX_IDENTIFIER = 2000  # Flagsmith answers 500 above this
@@ -257,3 +259,6 @@ def rejected_by_reason(con: duckdb.DuckDBPyConnection, sync_id: int) -> dict[str
     return dict(con.execute(f"""SELECT left(error, 120), count(*) FROM {OUTBOX}
                                 WHERE status = 'rejected' AND scope LIKE ? GROUP BY ALL""",
                             [f"sync-{sync_id}-%"]).fetchall())
+
+
+register_ddl("flagsmith.traits", DDL)

@@ -12,6 +12,7 @@ from typing import Protocol
 import duckdb
 
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
+from mixsync.warehouse.schema import register_ddl
 
 EXPOSURES_OUTBOX = "sync.mixpanel_exposures"
 
@@ -323,3 +324,6 @@ def exposure_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 def exposure_rejects_by_reason(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return dict(con.execute(f"""SELECT coalesce(error, '(no message)'), count(*) FROM {EXPOSURES_OUTBOX}
                                 WHERE status = 'rejected' GROUP BY ALL ORDER BY 2 DESC LIMIT 20""").fetchall())
+
+
+register_ddl("split.impressions", DDL)

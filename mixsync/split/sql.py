@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+import mixsync.mixpanel.sql  # noqa: F401  (staging reads mixpanel.events; importing it registers those tables)
 from mixsync.split.mapping import Mapping, names_sql, stage_sql
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
+from mixsync.warehouse.schema import register_ddl
 
 EVENTS_OUTBOX = "sync.split_events"
 
@@ -113,3 +115,6 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
     finally:
         con.execute("DROP TABLE IF EXISTS split_stage; DROP TABLE IF EXISTS split_names")
     return result
+
+
+register_ddl("split.events", DDL)
