@@ -244,6 +244,8 @@ def test_the_daily_job_runs_the_volume_check_and_it_flags_an_empty_day(sandbox, 
     materialize_days(instance, days[0], days[-2])
     healthy = job.execute_in_process(instance=instance, partition_key=days[-2].isoformat())
     assert healthy.get_asset_check_evaluations()[0].passed
+    # The check is evaluated inside the load's step: one step, one process per run.
+    assert [event.step_key for event in healthy.get_step_success_events()] == ["mixpanel_events"]
     sandbox.mixpanel.faults.add("export", status=200, body="")  # Mixpanel answered, with nothing in it
     result = job.execute_in_process(instance=instance, partition_key=days[-1].isoformat())
     evaluation = result.get_asset_check_evaluations()[0]

@@ -7,12 +7,6 @@ import math
 import re
 import zlib
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display in a Dagster step; must precede pyplot's import
-
-import matplotlib.pyplot as plt
-
 from mixsync.experiments.analysis import ExperimentSummary
 from mixsync.experiments.stats import SRM_ALPHA
 
@@ -34,6 +28,12 @@ def _percent(value: float) -> str:
 
 def render_chart(summary: ExperimentSummary, results: list[tuple]) -> bytes:
     """A PNG of `results` (rows of analytics.experiment_results for this experiment)."""
+    # Imported here, not with the code location: matplotlib costs about a second of import in every Dagster process.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a Dagster step; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
     experiment = summary.experiment
     metrics = [m.name for m in experiment.metrics] or ["(no metrics configured)"]
     treatments = [t for t in sorted(summary.users) if t != experiment.control]

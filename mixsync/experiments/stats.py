@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats as scipy_stats
+
+def _scipy_stats():
+    # Imported when a test runs, not when the code location loads: scipy.stats costs about a second of import in
+    # every Dagster process (each step's too), and most runs never compute a test (bench/bench_one_day.py).
+    from scipy import stats
+
+    return stats
 
 CONFIDENCE = 0.95
 SRM_ALPHA = 0.001   # a sample-ratio mismatch is declared below this p-value (the usual, deliberately strict bar)
@@ -51,13 +57,13 @@ def compare(treatment: Arm, control: Arm) -> Comparison:
         return Comparison(reason="zero variance in both treatment and control: no test possible")
     df = (a + b) ** 2 / (a * a / (treatment.users - 1) + b * b / (control.users - 1))
     t = (treatment.mean - control.mean) / math.sqrt(a + b)
-    p_value = float(2 * scipy_stats.t.sf(abs(t), df))
+    p_value = float(2 * _scipy_stats().t.sf(abs(t), df))
     if control.mean == 0:
         return Comparison(p_value=p_value, reason="control mean is 0: relative lift undefined")
     lift = (treatment.mean - control.mean) / control.mean
     lift_variance = (treatment.variance / (treatment.users * control.mean ** 2)
                      + control.variance * treatment.mean ** 2 / (control.users * control.mean ** 4))
-    half_width = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(lift_variance)
+    half_width = float(_scipy_stats().t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(lift_variance)
     return Comparison(lift, lift - half_width, lift + half_width, p_value)
 
 
@@ -74,4 +80,4 @@ def sample_ratio_p_value(users: list[int], expected_shares: list[float]) -> floa
         return None
     norm = sum(share for _, share in kept)
     statistic = sum((seen - total * share / norm) ** 2 / (total * share / norm) for seen, share in kept)
-    return float(scipy_stats.chi2.sf(statistic, len(kept) - 1))
+    return float(_scipy_stats().chi2.sf(statistic, len(kept) - 1))

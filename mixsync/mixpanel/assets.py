@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from mixsync.http import RetryStats
+from mixsync.mixpanel.checks import DAILY_VOLUME, daily_volume_result
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
 from mixsync.mixpanel.resources import MixpanelResource
@@ -76,6 +77,7 @@ accept_backfill_policy_beta()
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/source": "mixpanel"},
     description="Mixpanel's raw event export, one row per event (deduplicated), a day per partition: mixpanel.events.",
+    check_specs=[DAILY_VOLUME],
 )
 def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
                     warehouse: WarehouseResource) -> dg.MaterializeResult:
@@ -110,7 +112,8 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
         preview = markdown_table(con, """SELECT event, count(*) AS events, count(DISTINCT distinct_id) AS people
                                          FROM mixpanel.events WHERE day BETWEEN ? AND ?
                                          GROUP BY event ORDER BY events DESC LIMIT 10""", [first_day, last_day])
-    return dg.MaterializeResult(metadata={
+        volume_check = daily_volume_result(con)
+    return dg.MaterializeResult(check_results=[volume_check], metadata={
         "dagster/row_count": events,
         "days": f"{first_day}..{last_day}",
         "export_requests": export_requests,

@@ -3,7 +3,6 @@
 import dagster as dg
 
 from mixsync.mixpanel.assets import mixpanel_events
-from mixsync.mixpanel.checks import mixpanel_events_daily_volume
 from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
@@ -12,7 +11,6 @@ resources = {"mixpanel": MixpanelResource()}
 
 defs = dg.Definitions(
     assets=[mixpanel_events, mixpanel_cohorts, mixpanel_cohort_members],
-    asset_checks=[mixpanel_events_daily_volume],
     jobs=[mixpanel_events_job],
     schedules=[mixpanel_events_schedule],
 )
