@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import orjson
 
 from mixsync.sandbox import Sandbox
 from mixsync.sandbox.data import Dataset
@@ -70,7 +71,6 @@ def mixpanel_step(instance, sandbox: Sandbox, store) -> bool:
 
 def split_step(instance, sandbox: Sandbox, store) -> bool:
     """Materialize split_events for every day (twice: the second run sends nothing), print what Split received."""
-    import orjson
 
     from mixsync.definitions import resources
     from mixsync.split.assets import split_events
@@ -148,6 +148,42 @@ def flagsmith_step(instance, sandbox: Sandbox, store) -> bool:
     return True
 
 
+def profile_flags_step(instance, sandbox: Sandbox, store) -> bool:
+    """The managed identities' Flagsmith flags onto their Mixpanel profiles; a flag changes, only that is sent."""
+    from mixsync.definitions import resources
+    from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
+
+    fs = sandbox.flagsmith
+    fs.add_feature("new_checkout", enabled=True)
+    fs.add_feature("max_cart_items", enabled=True, value=0)
+    fs.add_feature("banner_text", enabled=True, value="")
+    fs.add_feature("dark_mode", enabled=False, value="auto")
+    someone = sorted(fs.all_traits())[0]
+    fs.override(someone, "dark_mode", True, "always")
+    for label in ("first sync", "second sync, after max_cart_items changed to 25"):
+        if label.startswith("second"):
+            fs.add_feature("max_cart_items", enabled=True, value=25)
+        print(f"\n-- mixpanel_profile_flags: {label}")
+        before = len(sandbox.mixpanel.recorder.matching("/engage"))
+        result = dg.materialize([mixpanel_profile_flags], instance=instance, resources=resources,
+                                raise_on_error=False, run_config=QUIET)
+        if not result.success:
+            return False
+        print(f"sandbox Mixpanel got {len(sandbox.mixpanel.recorder.matching('/engage')) - before} /engage requests")
+    with store.read() as con:
+        _print_query(con, "flags read (flagsmith.identity_flags)",
+                     """SELECT feature, enabled, value::VARCHAR AS value, count(*) AS identities
+                        FROM flagsmith.identity_flags GROUP BY ALL ORDER BY ALL""")
+        _print_query(con, "syncs (sync.mixpanel_profile_flags_syncs)",
+                     """SELECT sync_id, identities, identities_read, profiles, properties_set, properties_unset
+                        FROM sync.mixpanel_profile_flags_syncs ORDER BY sync_id""")
+    profiles = sandbox.mixpanel.profiles.all_profiles()
+    print(f"\n== what the sandbox Mixpanel holds: {len(profiles)} profiles")
+    for distinct_id in [someone] + sorted(p for p in profiles if p != someone)[:2]:
+        print(f"  {distinct_id}: {orjson.dumps(profiles.get(distinct_id, {})).decode()}")
+    return True
+
+
 def impressions_step(instance, sandbox: Sandbox, store) -> bool:
     """Split's webhook -> receiver -> landing files -> sensor -> split_impressions -> exposures in Mixpanel."""
     from mixsync.definitions import resources
@@ -200,7 +236,7 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
     return True
 
 
-STEPS = [mixpanel_step, split_step, flagsmith_step, impressions_step]
+STEPS = [mixpanel_step, split_step, flagsmith_step, profile_flags_step, impressions_step]
 
 
 def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: int = 2000) -> int:

@@ -112,6 +112,22 @@ class FlagsmithClient:
                 refused[position] = f"HTTP {response.status_code}: {response.text[:300]}"
         return refused
 
+    def identity_flags(self, identifier: str) -> bytes:
+        """The raw answer of GET identities/?identifier=… (server key): `{"identifier", "traits", "flags": [...]}`.
+
+        Checked to hold a `flags` list, since an answer without one (`{"detail": "Missing identifier"}` comes with a
+        200) must never read as "this identity has no flags"; the bytes go to DuckDB as they came.
+        """
+        response = self._request("GET", "identities/", "GET identities/ (flags)", params={"identifier": identifier})
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("flags"), list):
+            raise ServiceError(f"Flagsmith's identity answer for {identifier!r} holds no flags list: "
+                               f"{response.text[:200]}", status=response.status_code, body=response.text[:500])
+        return response.content
+
     def read_traits(self, identifier: str) -> dict[str, Any]:
         """The traits Flagsmith holds for an identity (GET identities/?identifier=…, server key)."""
         response = self._request("GET", "identities/", "GET identities/", params={"identifier": identifier})

@@ -3,8 +3,9 @@
 import dagster as dg
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
+from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
 from mixsync.flagsmith.resources import FlagsmithResource
-from mixsync.flagsmith.settings import sync_cron
+from mixsync.flagsmith.settings import profile_flags_cron, sync_cron
 
 # The whole chain in one run: cohorts list, members (engage), then the trait changes.
 flagsmith_cohort_traits_job = dg.define_asset_job(
@@ -23,10 +24,27 @@ flagsmith_cohort_traits_schedule = dg.ScheduleDefinition(
                 "Mixpanel's 60 queries/hour.",
 )
 
+mixpanel_profile_flags_job = dg.define_asset_job(
+    "mixpanel_profile_flags_job",
+    selection=dg.AssetSelection.assets("mixpanel_profile_flags"),
+    tags={"mixsync/writes": "duckdb"},
+    description="Each managed identity's Flagsmith flags into DuckDB, then their changes as Mixpanel profile "
+                "properties.",
+)
+
+mixpanel_profile_flags_schedule = dg.ScheduleDefinition(
+    name="mixpanel_profile_flags_schedule",
+    job=mixpanel_profile_flags_job,
+    cron_schedule=profile_flags_cron(),
+    execution_timezone="UTC",
+    description="Hourly by default (FLAGSMITH_PROFILE_FLAGS_CRON), 20 minutes after the cohort traits sync that "
+                "decides which identities are managed.",
+)
+
 resources: dict[str, dg.ConfigurableResource] = {"flagsmith": FlagsmithResource()}
 
 defs = dg.Definitions(
-    assets=[flagsmith_cohort_traits],
-    jobs=[flagsmith_cohort_traits_job],
-    schedules=[flagsmith_cohort_traits_schedule],
+    assets=[flagsmith_cohort_traits, mixpanel_profile_flags],
+    jobs=[flagsmith_cohort_traits_job, mixpanel_profile_flags_job],
+    schedules=[flagsmith_cohort_traits_schedule, mixpanel_profile_flags_schedule],
 )

@@ -8,11 +8,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mixsync.settings import Secret, SettingsError, parse_int, parse_url, require
+from mixsync.settings import MIXPANEL_REGIONS, Secret, SettingsError, parse_int, parse_url, require
 
 EDGE_API_URL = "https://edge.api.flagsmith.com/api/v1"
 DEFAULT_TRAIT_PREFIX = "mp_cohort_"
 DEFAULT_SYNC_CRON = "0 * * * *"
+DEFAULT_PROFILE_PROPERTY_PREFIX = "flagsmith_"
+# A third of the way into the hour: after the cohort traits sync (on the hour) has updated the trait ledger.
+DEFAULT_PROFILE_FLAGS_CRON = "20 * * * *"
 BULK_MODES = ("auto", "edge", "core", "identities")
 EXIT_MODES = ("false", "delete")
 
@@ -74,13 +77,48 @@ class FlagsmithSettings:
         )
 
 
-def sync_cron(environ: Mapping[str, str] | None = None) -> str:
-    """The cohort sync's cron; read at import time, so a malformed value warns and falls back instead of
-    breaking the code location."""
+@dataclass(frozen=True)
+class ProfileFlagsSettings:
+    """Flag states → Mixpanel profiles: where /engage is, the project token it takes, how properties are named."""
+
+    project_token: Secret = field(repr=False)
+    ingestion_url: str
+    property_prefix: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ProfileFlagsSettings":
+        environ = os.environ if environ is None else environ
+        token = require(environ, "MIXPANEL_PROJECT_TOKEN",
+                        "the project token that /engage profile updates carry as $token (Project settings in Mixpanel)")
+        region = (_env(environ, "MIXPANEL_REGION") or "us").lower()
+        if region not in MIXPANEL_REGIONS:
+            raise SettingsError(f"MIXPANEL_REGION={region!r} is not one of us, eu, in")
+        prefix = environ.get("FLAGSMITH_PROFILE_PROPERTY_PREFIX")
+        prefix = DEFAULT_PROFILE_PROPERTY_PREFIX if prefix is None else prefix
+        if len(prefix) > 100 or prefix != prefix.strip():
+            raise SettingsError(f"FLAGSMITH_PROFILE_PROPERTY_PREFIX={prefix!r} must be at most 100 characters, "
+                                "without spaces around it")
+        base_url = parse_url(environ, "MIXPANEL_BASE_URL")
+        return cls(project_token=Secret(token), ingestion_url=base_url or MIXPANEL_REGIONS[region][2],
+                   property_prefix=prefix)
+
+
+def _cron(environ: Mapping[str, str] | None, name: str, default: str) -> str:
+    """A cron read at import time, so a malformed value warns and falls back instead of breaking the code location."""
     environ = os.environ if environ is None else environ
-    value = _env(environ, "FLAGSMITH_SYNC_CRON") or DEFAULT_SYNC_CRON
+    value = _env(environ, name) or default
     if len(value.split()) != 5:
-        warnings.warn(f"FLAGSMITH_SYNC_CRON={value!r} is not a 5-field cron expression such as '0 * * * *'; "
-                      f"using {DEFAULT_SYNC_CRON!r}", stacklevel=2)
-        return DEFAULT_SYNC_CRON
+        warnings.warn(f"{name}={value!r} is not a 5-field cron expression such as '0 * * * *'; using {default!r}",
+                      stacklevel=3)
+        return default
     return value
+
+
+def sync_cron(environ: Mapping[str, str] | None = None) -> str:
+    """The cohort sync's cron (FLAGSMITH_SYNC_CRON)."""
+    return _cron(environ, "FLAGSMITH_SYNC_CRON", DEFAULT_SYNC_CRON)
+
+
+def profile_flags_cron(environ: Mapping[str, str] | None = None) -> str:
+    """The flag states → profiles sync's cron (FLAGSMITH_PROFILE_FLAGS_CRON)."""
+    return _cron(environ, "FLAGSMITH_PROFILE_FLAGS_CRON", DEFAULT_PROFILE_FLAGS_CRON)

@@ -57,6 +57,7 @@ class MixpanelSandbox:
             "MIXPANEL_PROJECT_ID": self.project_id,
             "MIXPANEL_SERVICE_ACCOUNT_USERNAME": self.username,
             "MIXPANEL_SERVICE_ACCOUNT_SECRET": self.secret,
+            "MIXPANEL_PROJECT_TOKEN": self.token,
             "MIXPANEL_START_DATE": first_day.isoformat(),
         }
         if self.dataset.legacy_timezone:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ class ProfileState:
     updates: int = 0            # updates applied (idempotent repeats included)
     refused: list[dict] = field(default_factory=list)
     requests: Counter = field(default_factory=Counter)
+    # On demand: refuse updates of these distinct_ids with this reason (as Mixpanel refuses some profiles), and
+    # hold requests after this many until release(), then fail them unapplied with a 503 (a crash test).
+    refuse: dict[str, str] = field(default_factory=dict)
+    hold_after_requests: int | None = None
+    held: int = 0
+    received_requests: int = 0
+    _release: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self._release.set()
 
     def profile(self, distinct_id: str) -> dict[str, Any]:
         with self.lock:
@@ -121,7 +132,16 @@ async def engage_updates(request: Request) -> Response:
     mixpanel = request.app.state.mixpanel
     state: ProfileState = mixpanel.profiles
     recorded = await record(mixpanel.recorder, request)
-    response = _engage(mixpanel, state, request, recorded.body)
+    with state.lock:
+        state.received_requests += 1
+        hold = state.hold_after_requests is not None and state.received_requests > state.hold_after_requests
+        state.held += hold
+    if hold:
+        while not state._release.is_set():
+            await asyncio.sleep(0.01)
+        response: Response = PlainTextResponse("held by the sandbox and dropped", status_code=503)
+    else:
+        response = _engage(mixpanel, state, request, recorded.body)
     recorded.status = response.status_code
     with state.lock:
         state.requests[response.status_code] += 1
@@ -165,6 +185,8 @@ def _engage(mixpanel, state: ProfileState, request: Request, body: bytes) -> Res
     with state.lock:
         for index, update in enumerate(updates):
             problem = _problem(update, mixpanel.token)
+            if problem is None and str(update["$distinct_id"]) in state.refuse:
+                problem = state.refuse[str(update["$distinct_id"])]
             if problem is not None:
                 distinct_id = update.get("$distinct_id") if isinstance(update, dict) else None
                 errors.append(f"update {index} ($distinct_id {distinct_id!r}): {problem}")
