@@ -179,7 +179,7 @@ def profile_flags_step(instance, sandbox: Sandbox, store) -> bool:
                         FROM sync.mixpanel_profile_flags_syncs ORDER BY sync_id""")
     profiles = sandbox.mixpanel.profiles.all_profiles()
     print(f"\n== what the sandbox Mixpanel holds: {len(profiles)} profiles")
-    for distinct_id in [someone] + sorted(p for p in profiles if p != someone)[:2]:
+    for distinct_id in [someone, *sorted(p for p in profiles if p != someone)[:2]]:
         print(f"  {distinct_id}: {orjson.dumps(profiles.get(distinct_id, {})).decode()}")
     return True
 

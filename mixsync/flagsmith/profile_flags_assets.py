@@ -44,7 +44,7 @@ def read_flags(client: FlagsmithClient, identities: list[str], concurrency: int,
         except ServiceError as exc:
             errors[identity] = str(exc)[:300]
             return None
-        read_at = dt.datetime.now(dt.timezone.utc).isoformat()
+        read_at = dt.datetime.now(dt.UTC).isoformat()
         # A JSON text has newlines only between tokens, so flattening them keeps it one NDJSON line, unparsed.
         return (b'{"identity":' + orjson.dumps(identity) + b',"read_at":"' + read_at.encode() + b'","answer":'
                 + answer.strip().replace(b"\n", b" ").replace(b"\r", b" ") + b"}\n")

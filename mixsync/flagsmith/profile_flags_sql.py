@@ -22,7 +22,7 @@ LEDGER = "sync.mixpanel_profile_flags"
 # figure is published, so an identity with more flags gets several updates.
 PROPERTIES_PER_UPDATE = 200
 
-DDL = f"""
+DDL = """
 -- The flags Flagsmith last answered for each managed identity (replaced per identity at each successful read).
 CREATE TABLE IF NOT EXISTS flagsmith.identity_flags (
     identity VARCHAR NOT NULL,

@@ -86,7 +86,7 @@ class ProfileFlagsSettings:
     property_prefix: str
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ProfileFlagsSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProfileFlagsSettings:
         environ = os.environ if environ is None else environ
         token = require(environ, "MIXPANEL_PROJECT_TOKEN",
                         "the project token that /engage profile updates carry as $token (Project settings in Mixpanel)")

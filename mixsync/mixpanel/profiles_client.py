@@ -36,7 +36,7 @@ class ProfilesClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "ProfilesClient":
+    def __enter__(self) -> ProfilesClient:
         return self
 
     def __exit__(self, *exc) -> None:
