@@ -190,8 +190,10 @@ def test_regional_ingestion_hosts_and_prefix(region, host):
 def test_definitions_schedule_the_push_hourly_in_its_own_pool():
     from mixsync.definitions import defs
 
-    schedule = defs.get_schedule_def("mixpanel_profile_flags_schedule")
+    schedule = defs.resolve_schedule_def("mixpanel_profile_flags_schedule")
     assert schedule.cron_schedule == "20 * * * *" and schedule.job_name == "mixpanel_profile_flags_job"
-    spec = defs.get_assets_def("mixpanel_profile_flags")
+    job = defs.resolve_job_def("mixpanel_profile_flags_job")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"mixpanel_profile_flags"}
+    spec = defs.resolve_assets_def("mixpanel_profile_flags")
     assert spec.group_names_by_key[dg.AssetKey("mixpanel_profile_flags")] == "flagsmith"
     assert spec.op.pool == "mixpanel_profile_flags"
