@@ -13,6 +13,8 @@ import click
 from mixsync.output import FORMATS, print_result
 from mixsync.settings import SettingsError, WarehouseSettings
 
+SANDBOX_PORTS = {"mixpanel": 8701, "split": 8702, "flagsmith": 8703}
+
 
 @click.group()
 def main() -> None:
@@ -53,9 +55,13 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--mixpanel-port", default=0, help="0 picks a free port.")
-@click.option("--split-port", default=0, help="0 picks a free port.")
-@click.option("--flagsmith-port", default=0, help="0 picks a free port.")
+# Fixed default ports, so the printed `export` lines stay valid across restarts; 0 picks a free port (the tests do).
+@click.option("--mixpanel-port", default=SANDBOX_PORTS["mixpanel"], show_default=True,
+              envvar="MIXSYNC_SANDBOX_MIXPANEL_PORT", help="MIXSYNC_SANDBOX_MIXPANEL_PORT; 0 picks a free port.")
+@click.option("--split-port", default=SANDBOX_PORTS["split"], show_default=True,
+              envvar="MIXSYNC_SANDBOX_SPLIT_PORT", help="MIXSYNC_SANDBOX_SPLIT_PORT; 0 picks a free port.")
+@click.option("--flagsmith-port", default=SANDBOX_PORTS["flagsmith"], show_default=True,
+              envvar="MIXSYNC_SANDBOX_FLAGSMITH_PORT", help="MIXSYNC_SANDBOX_FLAGSMITH_PORT; 0 picks a free port.")
 @click.option("--days", default=5, show_default=True, help="Days of data, ending yesterday.")
 @click.option("--events-per-day", default=5000, show_default=True)
 @click.option("--users", default=3000, show_default=True)
@@ -68,8 +74,15 @@ def sandbox(host: str, mixpanel_port: int, split_port: int, flagsmith_port: int,
 
     dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2,
                              legacy_timezone=legacy_timezone)
-    with Sandbox(dataset, host=host, ports={"mixpanel": mixpanel_port, "split": split_port,
-                                                        "flagsmith": flagsmith_port}) as running:
+    ports = {"mixpanel": mixpanel_port, "split": split_port, "flagsmith": flagsmith_port}
+    try:
+        running = Sandbox(dataset, host=host, ports=ports).start()
+    except OSError as exc:
+        raise click.ClickException(
+            f"could not listen on {host} ports {ports}: {exc.strerror or exc}. Another sandbox may be running; pick "
+            "other ports with --mixpanel-port/--split-port/--flagsmith-port (or MIXSYNC_SANDBOX_*_PORT), 0 for free ones"
+        ) from None
+    try:
         click.echo("# mixsync sandbox is serving; point mixsync at it with:")
         for name, value in running.env().items():
             click.echo(f"export {name}={value}")
@@ -78,6 +91,8 @@ def sandbox(host: str, mixpanel_port: int, split_port: int, flagsmith_port: int,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+    finally:
+        running.stop()
 
 
 @main.command()
