@@ -264,3 +264,11 @@ def remove_unselected_cohorts(con: duckdb.DuckDBPyConnection, keep_ids: list[int
 
 
 register_ddl("mixpanel.cohorts", DDL)
+
+# For people (`analytics`): who is in which cohort now, by the cohort's name.
+ANALYTICS_DDL = """
+CREATE VIEW IF NOT EXISTS analytics.cohort_membership AS
+    SELECT m.cohort_id, c.name AS cohort_name, m.distinct_id, m.entered_at, m.properties
+    FROM mixpanel.cohort_members m LEFT JOIN mixpanel.cohorts c ON c.id = m.cohort_id;
+"""
+register_ddl("analytics.cohort_membership", ANALYTICS_DDL)

@@ -278,3 +278,11 @@ def recent_daily_counts(con: duckdb.DuckDBPyConnection, day: dt.date, lookback_d
 
 
 register_ddl("mixpanel.events", DDL, migrate)
+
+# For people (`analytics`): what is asked first of the export, without knowing how loads work.
+ANALYTICS_DDL = """
+CREATE VIEW IF NOT EXISTS analytics.events_per_day AS
+    SELECT day, event, count(*) AS events, count(DISTINCT distinct_id) AS people
+    FROM mixpanel.events GROUP BY day, event;
+"""
+register_ddl("analytics.events_per_day", ANALYTICS_DDL)

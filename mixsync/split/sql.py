@@ -118,3 +118,15 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
 
 
 register_ddl("split.events", DDL)
+
+# For people (`analytics`): where the push to Split stands for each day (the outbox's scope is the day).
+ANALYTICS_DDL = f"""
+CREATE VIEW IF NOT EXISTS analytics.split_push_per_day AS
+    SELECT TRY_CAST(scope AS DATE) AS day, count(*) AS events,
+           count(*) FILTER (WHERE status = 'sent') AS sent,
+           count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'rejected') AS rejected,
+           max(sent_at) AS last_sent_at
+    FROM {EVENTS_OUTBOX} GROUP BY scope;
+"""
+register_ddl("analytics.split_push_per_day", ANALYTICS_DDL)
