@@ -111,6 +111,41 @@ def demo(workdir: Path, days: int, events_per_day: int, users: int) -> None:
     sys.exit(run_demo(workdir, days=days, events_per_day=events_per_day, users=users))
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be failed and freed.")
+@click.option("--single-host", is_flag=True,
+              help="With run storage shared by several machines (Postgres): confirm every run ran on this one.")
+def recover(dry_run: bool, single_host: bool) -> None:
+    """Fail this Dagster instance's runs whose processes are gone and free their pool slots.
+
+    For use without the daemon (the daemon's run monitoring does the same by itself): after a run was killed
+    (SIGKILL, OOM killer, reboot) the next run of its pool otherwise waits forever. Uses $DAGSTER_HOME.
+    """
+    import dagster as dg
+
+    from mixsync.recovery import recover_runs, storage_is_local
+
+    with dg.DagsterInstance.get() as instance:
+        if not storage_is_local(instance) and not single_host:
+            raise click.ClickException(
+                "this instance's run storage is shared (not SQLite under DAGSTER_HOME): a run of another machine "
+                "would look dead here. Let the daemon's run monitoring recover runs, or pass --single-host if "
+                "every run ran on this machine")
+        report = recover_runs(instance, dry_run=dry_run)
+    verb = "would fail" if dry_run else "failed"
+    for state in report.failed:
+        click.echo(f"{verb} run {state.run_id} ({state.job_name}): no process alive (pids {state.pids})")
+    for state in report.alive:
+        click.echo(f"left run {state.run_id} ({state.job_name}): still running (pids {state.alive_pids})")
+    for state in report.unknown:
+        click.echo(f"left run {state.run_id} ({state.job_name}, {state.status}): no process logged yet")
+    for run_id, pools in report.freed_slots.items():
+        click.echo(f"{'would free' if dry_run else 'freed'} the pool slots of finished run {run_id}: "
+                   f"{', '.join(pools) or 'pending claims only'}")
+    if not (report.failed or report.alive or report.unknown or report.freed_slots):
+        click.echo("nothing to recover: no run in progress, no slot held by a finished run")
+
+
 @main.command("receive-impressions")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="MIXSYNC_RECEIVER_HOST",
               help="Interface to listen on (MIXSYNC_RECEIVER_HOST); 0.0.0.0 to accept Split from outside.")

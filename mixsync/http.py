@@ -41,6 +41,16 @@ class RetryableError(RuntimeError):
         self.retry_after = retry_after
 
 
+class OutcomeUnknown(RuntimeError):
+    """The request may or may not have been applied: sent, then no usable answer (a read timeout, a connection
+    reset after sending, 500/502/504). Sending it again could apply it twice."""
+
+
+# Transport errors raised before the request can have reached the service: safe to send again.
+NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+                   httpx.ProxyError)
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 8

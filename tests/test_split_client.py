@@ -7,7 +7,7 @@ import dataclasses
 import orjson
 import pytest
 
-from mixsync.http import RetryPolicy, RetryStats, ServiceError
+from mixsync.http import OutcomeUnknown, RetryPolicy, RetryStats, ServiceError
 from mixsync.sandbox.split import BULK_ROUTE
 from mixsync.settings import SettingsError
 from mixsync.split.client import SplitEventsClient
@@ -89,11 +89,19 @@ def test_a_wrong_url_names_the_setting(sandbox, env, monkeypatch):
         post(client, [GOOD])
 
 
-def test_429_and_5xx_are_retried_with_retry_after(sandbox, client):
+def test_429_and_503_are_retried_with_retry_after(sandbox, client):
     sandbox.split.faults.add(BULK_ROUTE, status=429, retry_after="0", times=2)
-    sandbox.split.faults.add(BULK_ROUTE, status=502, times=1)
+    sandbox.split.faults.add(BULK_ROUTE, status=503, times=1)
     post(client, [GOOD])
     assert sandbox.split.accepted == 1 and client.stats.retries == 3
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_an_answer_that_leaves_the_outcome_unknown_is_not_retried(sandbox, client, status):
+    sandbox.split.faults.add(BULK_ROUTE, status=status, times=1)
+    with pytest.raises(OutcomeUnknown, match=f"HTTP {status}"):
+        post(client, [GOOD])
+    assert len(sandbox.split.recorder.matching(BULK_ROUTE)) == 1 and client.stats.retries == 0
 
 
 def test_retries_run_out_with_a_clear_error(sandbox, client):

@@ -16,7 +16,7 @@ from mixsync.mixpanel.assets import mixpanel_events
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.sandbox.split import BULK_ROUTE
-from mixsync.split.assets import split_events
+from mixsync.split.assets import split_events, split_events_in_doubt
 from mixsync.split.resources import SplitResource
 from mixsync.split.sql import EVENTS_OUTBOX
 
@@ -177,27 +177,45 @@ CRASHING_RUN = """
 import sys
 import dagster as dg
 from mixsync.definitions import resources
-from mixsync.split.assets import split_events
+from mixsync.split.assets import split_events, split_events_in_doubt
 dg.materialize([split_events], partition_key=sys.argv[1], resources=resources)
 """
 
 
-def test_a_crash_mid_push_resends_at_most_the_batches_in_flight_and_says_so(
-        sandbox, env, warehouse, instance, day, tmp_path):
+def push_child(day: str, batch: int, concurrency: int, timeout_seconds: int = 60) -> subprocess.Popen:
+    child_env = {**os.environ, "SPLIT_BATCH_SIZE": str(batch), "SPLIT_PUSH_CONCURRENCY": str(concurrency),
+                 "SPLIT_REQUEST_TIMEOUT_SECONDS": str(timeout_seconds)}
+    return subprocess.Popen([sys.executable, "-c", CRASHING_RUN, day], env=child_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_held_requests(sandbox, child, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while sandbox.split.bulk_requests < count:
+        assert child.poll() is None, "the push ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the push never reached the held requests"
+        time.sleep(0.05)
+
+
+def check_in_doubt(instance) -> dg.AssetCheckResult:
+    return split_events_in_doubt(warehouse=WarehouseResource())
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
+def test_batches_in_flight_when_a_push_is_killed_or_interrupted_are_held_in_doubt_never_resent_by_default(
+        sandbox, env, warehouse, instance, day, stop):
     batch, concurrency = 100, 2
     # From the third request on, Split receives and keeps the events but the answers never reach the client.
     sandbox.split.hold_from_request = 3
-    child_env = {**os.environ, "SPLIT_BATCH_SIZE": str(batch), "SPLIT_PUSH_CONCURRENCY": str(concurrency)}
-    child = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, day], env=child_env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = push_child(day, batch, concurrency, timeout_seconds=5)
     try:
-        deadline = time.monotonic() + 120
-        while sandbox.split.bulk_requests < 2 + concurrency:
-            assert child.poll() is None, "the push ended before it could be interrupted"
-            assert time.monotonic() < deadline, "the push never reached the held requests"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+        wait_for_held_requests(sandbox, child, 2 + concurrency)
+        child.send_signal(getattr(signal, stop))
+        if stop == "SIGINT":
+            # Interrupted, not killed: the run stops on its own once the requests in flight time out.
+            child.wait(timeout=120)
+        else:
+            child.wait(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
@@ -208,11 +226,51 @@ def test_a_crash_mid_push_resends_at_most_the_batches_in_flight_and_says_so(
 
     result = materialize(instance, [split_events], day)
     meta = split_metadata(result)
-    assert meta["recovered_sent"] == 2 * batch
-    assert meta["in_flight_at_crash"] == in_flight
-    assert meta["events_sent"] == meta["events_mapped"] - 2 * batch
-    assert any("interrupted" in line and f"{in_flight} items in flight" in line for line in run_logs(instance, result))
-    # Every event arrived; only the batches in flight at the crash arrived twice.
+    # Killed: the next run finds the batches in flight in the journal; interrupted: the run itself held them.
+    assert meta["in_doubt"] == (in_flight if stop == "SIGKILL" else 0)
+    assert meta["events_in_doubt_held"] == in_flight
+    assert meta["events_sent"] == meta["events_mapped"] - 2 * batch - in_flight
+    assert stop == "SIGINT" or any("in doubt" in line and "resend_in_doubt" in line for line in run_logs(instance, result))
+    # Every event arrived once: the batches in flight were not sent again.
     assert set(sandbox.split.received()) == outbox_identities(warehouse, sandbox)
-    assert sandbox.split.duplicates() == in_flight
+    assert sandbox.split.duplicates() == 0
+    assert outbox_counts(warehouse) == {"sent": meta["events_mapped"] - in_flight, "in_doubt": in_flight}
+
+    evaluation = check_in_doubt(instance)
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert evaluation.metadata["in_doubt"].value == in_flight
+
+    resent = materialize(instance, [split_events], day, run_config={"ops": {"split_events": {"config": {
+        "resend_in_doubt": True}}}})
+    meta = split_metadata(resent)
+    assert meta["events_resent_in_doubt"] == meta["events_sent"] == in_flight
+    assert any("resend_in_doubt requested" in line and "twice" in line for line in run_logs(instance, resent))
+    assert sandbox.split.duplicates() == in_flight  # what Split already had now counts twice, as warned
     assert outbox_counts(warehouse) == {"sent": meta["events_mapped"]}
+    assert check_in_doubt(instance).passed
+
+
+def test_a_batch_split_accepted_but_answered_after_the_timeout_is_in_doubt_not_retried(
+        sandbox, env, warehouse, instance, day, monkeypatch):
+    monkeypatch.setenv("SPLIT_BATCH_SIZE", "100")
+    monkeypatch.setenv("SPLIT_PUSH_CONCURRENCY", "1")
+    monkeypatch.setenv("SPLIT_REQUEST_TIMEOUT_SECONDS", "1")
+    # Requests from the third on are received and kept, and answered only after the client gave up.
+    sandbox.split.hold_from_request = 3
+    try:
+        result = materialize(instance, [split_events], day)
+    finally:
+        sandbox.split.hold_from_request = None
+        sandbox.split.release()
+    meta = split_metadata(result)
+    assert (meta["events_sent"], meta["in_doubt"], meta["requests"]) == (200, 100, 3)
+    assert sandbox.split.accepted == 300 and sandbox.split.duplicates() == 0
+    assert meta["events_pending_after"] == meta["events_mapped"] - 300  # sending stopped; the rest wait
+    assert any("in doubt" in line for line in run_logs(instance, result))
+    with warehouse.read() as con:
+        [(error,)] = con.execute(f"SELECT DISTINCT error FROM {EVENTS_OUTBOX} WHERE status = 'in_doubt'").fetchall()
+    assert "ReadTimeout" in error
+
+    again = split_metadata(materialize(instance, [split_events], day))
+    assert again["events_sent"] == meta["events_mapped"] - 300 and again["events_in_doubt_held"] == 100
+    assert sandbox.split.duplicates() == 0

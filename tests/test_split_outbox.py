@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 import mixsync.warehouse.outbox as outbox
+from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import Warehouse
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, enqueue, outbox_ddl, push, recover
 
@@ -95,6 +96,7 @@ def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the
 KILLED_PUSH = """
 import json, os, sys, threading
 from pathlib import Path
+from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import Warehouse
 from mixsync.warehouse.outbox import BatchOutcome, push
 
@@ -149,3 +151,45 @@ def test_a_killed_push_is_recovered_counting_what_was_in_flight_and_never_resend
     assert sorted(resent) == sorted(set(state) - acknowledged)
     assert set(batch[4] + batch[5]) <= set(resent)  # in flight at the kill: sent again
     assert {s for s, _, _ in rows(store).values()} == {"sent", "rejected"}
+
+
+def test_at_most_once_a_killed_push_holds_what_was_in_flight_in_doubt_and_never_sends_it_again(tmp_path):
+    store = make_outbox(tmp_path)
+    log = tmp_path / "calls"
+    log.mkdir()
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(store.path), TABLE,
+                             str(tmp_path / "work"), str(log)], capture_output=True, timeout=120)
+    assert killed.returncode == 17, killed.stderr.decode()[-2000:]
+    batch = {n: json.loads(log.joinpath(f"{n}.json").read_text()) for n in range(1, 6)}
+
+    recovered = recover(store, TABLE, tmp_path / "work", at_most_once=True)
+    assert (recovered.recovered_sent, recovered.in_flight_at_crash, recovered.recovered_in_doubt) == (29, 20, 20)
+    state = rows(store)
+    assert {p for p, (s, _, _) in state.items() if s == "in_doubt"} == set(batch[4] + batch[5])
+    assert all("in flight" in state[p][1] for p in batch[4])
+
+    resent: list[str] = []
+    report = push(store, TABLE, lambda p: (resent.extend(x.decode() for x in p), BatchOutcome())[1],
+                  tmp_path / "work", at_most_once=True)
+    assert report.sent == 200 and not set(resent) & set(batch[4] + batch[5])
+    assert {s for s, _, _ in rows(store).values()} == {"sent", "rejected", "in_doubt"}
+
+
+def test_an_unknown_outcome_holds_its_batch_in_doubt_and_stops_sending_new_batches(tmp_path):
+    store = make_outbox(tmp_path)
+    calls: list[list[bytes]] = []
+
+    def send(payloads: list[bytes]) -> BatchOutcome:
+        calls.append(payloads)
+        if len(calls) == 3:
+            raise OutcomeUnknown("ReadTimeout after sending: timed out")
+        return BatchOutcome()
+
+    report = push(store, TABLE, send, tmp_path / "work", max_items=10, concurrency=1, at_most_once=True)
+    assert (report.sent, report.in_doubt, len(calls)) == (20, 10, 3)
+    state = rows(store)
+    assert {p.decode() for p in calls[2]} == {p for p, (s, _, _) in state.items() if s == "in_doubt"}
+    assert {e for s, e, _ in state.values() if s == "in_doubt"} == {"ReadTimeout after sending: timed out"}
+    assert sum(s == "pending" for s, _, _ in state.values()) == 220
+    again = push(store, TABLE, lambda p: BatchOutcome(), tmp_path / "work", at_most_once=True)
+    assert again.considered == 220 and again.in_doubt == 0

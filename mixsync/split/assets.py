@@ -20,6 +20,8 @@ from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, p
 class SplitEventsConfig(dg.Config):
     resend: bool = False
     """Send again events Split already acknowledged. Split does not deduplicate: it will count them twice."""
+    resend_in_doubt: bool = False
+    """Send again events held `in_doubt` (their outcome is unknown). Split counts twice any that had arrived."""
 
 
 def batch_sender(client: SplitEventsClient):
@@ -66,10 +68,15 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     days = [(first_day + dt.timedelta(days=n)).isoformat() for n in range((last_day - first_day).days + 1)]
 
     # What a crashed push acknowledged is applied before the mapping touches pending rows.
-    recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log)
+    # A batch in flight when a push was killed or interrupted is marked in_doubt here, never resent on a guess.
+    recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log, at_most_once=True)
     with store.write() as con:
         staged = stage_window(con, mapping, first_day, last_day, settings.environment,
-                              dt.datetime.now(dt.UTC), resend=config.resend)
+                              dt.datetime.now(dt.UTC), resend=config.resend,
+                              resend_in_doubt=config.resend_in_doubt)
+    if staged.resend_in_doubt:
+        context.log.warning(f"resend_in_doubt requested: {staged.resend_in_doubt} events whose delivery is unknown "
+                            "are sent again; Split does not deduplicate, so it counts twice any that had arrived")
     if config.resend and staged.resend:
         context.log.warning(f"resend requested: {staged.resend} events Split already acknowledged are sent again; "
                             "Split does not deduplicate, so its metrics will count them twice")
@@ -88,13 +95,15 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
         try:
             report = push(store, EVENTS_OUTBOX, batch_sender(client), work_dir, scopes=days,
                           max_items=settings.batch_size, max_bytes=settings.max_batch_bytes,
-                          concurrency=settings.concurrency, logger=context.log)
+                          concurrency=settings.concurrency, logger=context.log, at_most_once=True)
         except (FatalPushError, ServiceError) as exc:
             failure = str(exc)
         requests = client.requests_sent
     with store.read() as con:
-        pending_after = con.execute(f"""SELECT count(*) FROM {EVENTS_OUTBOX} WHERE status = 'pending'
-                                        AND list_contains(?, scope)""", [days]).fetchone()[0]
+        pending_after, in_doubt_held = con.execute(f"""
+            SELECT count(*) FILTER (status = 'pending' AND list_contains(?, scope)),
+                   count(*) FILTER (status = 'in_doubt')
+            FROM {EVENTS_OUTBOX}""", [days]).fetchone()
         preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events
                                           FROM {EVENTS_OUTBOX} WHERE list_contains(?, scope)
                                           GROUP BY ALL ORDER BY events DESC LIMIT 10""", [days])
@@ -119,11 +128,37 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
         "requests": requests,
         "recovered_sent": recovered.recovered_sent,
         "in_flight_at_crash": recovered.in_flight_at_crash,
+        # Outcome unknown (late answer, cut connection, 500/502/504, in flight at a crash): held, not resent.
+        "in_doubt": report.in_doubt + recovered.recovered_in_doubt,
+        "events_in_doubt_held": in_doubt_held,
+        "events_resent_in_doubt": staged.resend_in_doubt,
         **stats.as_metadata(),
         "duration_seconds": round(time.monotonic() - started, 3),
         "outbox": dg.MetadataValue.md(preview),
     }
+    if report.in_doubt + recovered.recovered_in_doubt:
+        context.log.warning(
+            f"{report.in_doubt + recovered.recovered_in_doubt} events are in doubt (Split may or may not have them); "
+            f"{in_doubt_held} are held in sync.split_events with status 'in_doubt' and are not sent again. "
+            "Check Split, then run with resend_in_doubt: true to send them anyway")
     if failure is not None:
         # Batches Split acknowledged stay marked sent; the rest stay pending for the next run.
         raise dg.Failure(description=f"Split refused the push: {failure}", metadata=metadata)
     return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(asset=split_events, blocking=False,
+                description="No event of sync.split_events is held in_doubt (sent, outcome unknown, not resent).")
+def split_events_in_doubt(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.warehouse().read() as con:
+        held, by_day = con.execute(f"""
+            SELECT coalesce(sum(n), 0)::BIGINT, coalesce(map_from_entries(list({{'k': scope, 'v': n}} ORDER BY scope)), MAP {{}})
+            FROM (SELECT scope, count(*) AS n FROM {EVENTS_OUTBOX} WHERE status = 'in_doubt' GROUP BY scope)""").fetchone()
+    return dg.AssetCheckResult(
+        passed=held == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=None if held == 0 else (
+            f"{held} events are in doubt: Split may or may not have them. Check Split, then materialize with "
+            "run config resend_in_doubt: true to send them again (any that had arrived will count twice)"),
+        metadata={"in_doubt": held, "in_doubt_by_day": {str(k): int(v) for k, v in dict(by_day or {}).items()}},
+    )

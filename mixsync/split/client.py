@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from mixsync.http import RetryPolicy, RetryStats, raise_for_status, timeouts, user_agent, with_retries
+from mixsync.http import (NOT_SENT_ERRORS, OutcomeUnknown, RetryPolicy, RetryStats, raise_for_status, timeouts,
+                          user_agent, with_retries)
 from mixsync.split.settings import SplitSettings
 
 KEY_HINT = ("Check SPLIT_SDK_KEY: it must be a server-side SDK key of the target environment "
@@ -16,6 +17,10 @@ HINTS = {
     403: KEY_HINT,
     404: "Check SPLIT_EVENTS_URL (default https://events.split.io): the Events API answers at /api/events/bulk",
 }
+
+
+# Answers after which Split may have stored the batch: a server error or a gateway that lost the answer.
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 
 
 class SplitEventsClient:
@@ -31,7 +36,7 @@ class SplitEventsClient:
         self.http = httpx.Client(
             headers={"Authorization": f"Bearer {settings.sdk_key.value}", "Content-Type": "application/json",
                      "User-Agent": user_agent()},
-            timeout=timeouts(read_seconds=60.0),
+            timeout=timeouts(read_seconds=settings.request_timeout_seconds),
             limits=httpx.Limits(max_connections=settings.concurrency + 2,
                                 max_keepalive_connections=settings.concurrency + 2),
             transport=transport,
@@ -47,12 +52,24 @@ class SplitEventsClient:
         self.close()
 
     def post_events(self, body: bytes, count: int) -> None:
-        """Send one JSON array of `count` events; returns when Split accepted it (202), raises ServiceError if
-        Split refuses it for good. 408/429/5xx and cut connections are retried, honouring Retry-After."""
+        """Send one JSON array of `count` events; returns when Split accepted it (202).
+
+        Split counts every event it receives, so only what it cannot have applied is retried (honouring
+        Retry-After): connect errors, connect and pool timeouts, 408, 429 and 503. An answer that leaves the
+        outcome unknown (a read timeout or a cut connection after sending, 500, 502, 504) raises OutcomeUnknown
+        at once; a refusal Split will repeat raises ServiceError.
+        """
 
         def attempt() -> None:
             self.requests_sent += 1
-            response = self.http.post(self.url, content=body)
+            try:
+                response = self.http.post(self.url, content=body)
+            except NOT_SENT_ERRORS:
+                raise  # retried by with_retries
+            except httpx.TransportError as exc:
+                raise OutcomeUnknown(f"{type(exc).__name__} after sending: {exc or 'no answer'}") from exc
+            if response.status_code in AMBIGUOUS_STATUSES:
+                raise OutcomeUnknown(f"HTTP {response.status_code} from Split Events API after sending")
             raise_for_status(response, "Split Events API", HINTS)
 
         with_retries(attempt, self.policy, self.stats, f"Split Events API (batch of {count} events)")

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from mixsync.mixpanel.schedules import recent_days_request
-from mixsync.split.assets import split_events
+from mixsync.split.assets import split_events, split_events_in_doubt
 from mixsync.split.resources import SplitResource
 
 resources = {"split": SplitResource()}
@@ -21,4 +21,4 @@ def split_events_schedule(context: dg.ScheduleEvaluationContext):
     return recent_days_request(context, "split-events")
 
 
-defs = dg.Definitions(assets=[split_events], jobs=[split_events_job], schedules=[split_events_schedule])
+defs = dg.Definitions(assets=[split_events], asset_checks=[split_events_in_doubt], jobs=[split_events_job], schedules=[split_events_schedule])

@@ -24,6 +24,7 @@ class SplitSettings:
     batch_size: int
     max_batch_bytes: int
     concurrency: int
+    request_timeout_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SplitSettings:
@@ -48,4 +49,6 @@ class SplitSettings:
             batch_size=parse_int(environ, "SPLIT_BATCH_SIZE", MAX_BATCH_EVENTS, minimum=1, maximum=MAX_BATCH_EVENTS),
             max_batch_bytes=parse_int(environ, "SPLIT_MAX_BATCH_BYTES", 2 << 20, minimum=64 << 10, maximum=16 << 20),
             concurrency=parse_int(environ, "SPLIT_PUSH_CONCURRENCY", 4, minimum=1, maximum=32),
+            # How long to wait for Split's answer once a batch is sent; past it the batch is in doubt, not resent.
+            request_timeout_seconds=parse_int(environ, "SPLIT_REQUEST_TIMEOUT_SECONDS", 60, minimum=1, maximum=3600),
         )

@@ -53,6 +53,7 @@ class StagedEvents:
     pending_refreshed: int = 0
     withdrawn: int = 0
     resend: int = 0
+    resend_in_doubt: int = 0
 
     @property
     def rejected(self) -> int:
@@ -60,11 +61,13 @@ class StagedEvents:
 
 
 def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.date, end: dt.date,
-                 environment: str | None, now: dt.datetime, resend: bool = False) -> StagedEvents:
+                 environment: str | None, now: dt.datetime, resend: bool = False,
+                 resend_in_doubt: bool = False) -> StagedEvents:
     """Map the events of days start..end and bring the outbox and the rejects table in line, in one transaction.
 
     New events are enqueued (never seen ids only); pending ones take the current mapping's payload; pending ones
-    the mapping no longer produces are withdrawn; sent ones stay sent unless `resend` puts them back to pending.
+    the mapping no longer produces are withdrawn; sent ones stay sent unless `resend` puts them back to pending;
+    in_doubt ones stay held unless `resend_in_doubt` (or `resend`) puts them back to pending.
     """
     result = StagedEvents()
     window = {"start": start, "end": end}
@@ -102,6 +105,10 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
             result.pending_refreshed = con.execute(f"""
                 UPDATE {EVENTS_OUTBOX} o SET payload = s.payload
                 FROM split_stage s WHERE o.id = s.id AND o.status = 'pending' AND o.payload <> s.payload""").fetchone()[0]
+            if resend_in_doubt and not resend:
+                result.resend_in_doubt = con.execute(f"""
+                    UPDATE {EVENTS_OUTBOX} o SET status = 'pending', payload = s.payload, error = NULL
+                    FROM split_stage s WHERE o.id = s.id AND s.payload IS NOT NULL AND o.status = 'in_doubt'""").fetchone()[0]
             if resend:
                 result.resend = con.execute(f"""
                     UPDATE {EVENTS_OUTBOX} o SET status = 'pending', payload = s.payload, error = NULL

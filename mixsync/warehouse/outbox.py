@@ -5,8 +5,16 @@ An outbox is a DuckDB table with the columns of `outbox_ddl`. A push:
 2. snapshots the pending rows in one short read to a text file, one `id \\x1f payload` line each (payloads are
    JSON built by DuckDB: never a raw control character), so the DuckDB file is not held while sending;
 3. reads it in large chunks, cuts batches by item and byte limits without decoding payloads, sends them with
-   bounded concurrency and appends each acknowledged batch's ids to a journal (fsynced) before moving on;
+   bounded concurrency; each batch's ids go to a journal as `inflight` before it is sent, and its outcome
+   (sent, rejected, in doubt) is appended (fsynced) when it settles;
 4. applies the journal to the table in one short write at the end (or, after a crash, at the next push).
+
+Two delivery policies, for two kinds of service:
+- `at_most_once=False` (Mixpanel /import dedupes on $insert_id, a Flagsmith trait set is idempotent): a batch in
+  flight when the push was interrupted or killed stays pending and is sent again.
+- `at_most_once=True` (Split counts every event it receives): such a batch becomes `in_doubt` and is not sent
+  again unless someone decides so. Either way, a send that raises `OutcomeUnknown` (the service may have applied
+  the batch) marks its batch `in_doubt`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import Warehouse
 
 log = logging.getLogger("mixsync.outbox")
@@ -36,7 +45,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     id VARCHAR NOT NULL,              -- stable id of the item; unique (enforced by the enqueue anti-join)
     scope VARCHAR NOT NULL,           -- what produced it, e.g. the partition key
     payload VARCHAR NOT NULL,         -- the JSON object to send, exactly as it will be sent
-    status VARCHAR NOT NULL,          -- pending | sent | rejected
+    status VARCHAR NOT NULL,          -- pending | sent | rejected | in_doubt (may or may not have arrived)
     enqueued_at TIMESTAMPTZ NOT NULL,
     sent_at TIMESTAMPTZ,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -60,6 +69,8 @@ class PushReport:
     recovered_sent: int = 0
     recovered_rejected: int = 0
     in_flight_at_crash: int = 0
+    in_doubt: int = 0
+    recovered_in_doubt: int = 0
 
     def as_metadata(self) -> dict:
         return dict(self.__dict__)
@@ -122,36 +133,50 @@ def _batches(snapshot: Path, max_items: int, max_bytes: int) -> Iterator[tuple[l
             del ids[:start], payloads[:start]
 
 
-def _apply(warehouse: Warehouse, table: str, journal: Path, count: bool = False) -> tuple[int, int, int]:
-    """Mark the journal's acknowledged ids sent (or rejected) where still pending, then delete the journal.
+IN_FLIGHT_REASON = "in flight when a push was interrupted or killed: the service may or may not have it"
 
-    Returns (sent, rejected, in flight) as journaled when `count` is asked (recovery), else zeros. Idempotent:
-    applying a journal twice changes nothing more.
+
+def _apply(warehouse: Warehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
+    """Mark the journal's settled ids sent, rejected or in doubt where still pending, then delete the journal.
+
+    Ids journaled `inflight` whose batch never settled become `in_doubt` when `at_most_once`, else stay pending.
+    Returns (sent, rejected, in doubt, in flight unsettled). Idempotent: applying a journal twice changes
+    nothing more.
     """
-    counts = (0, 0, 0)
-    if journal.exists():
-        # Ack lines are `id<TAB>status[<TAB>reason]`; `start n c` / `sent n c` markers have no tab. A line torn by
-        # an operating-system crash has no valid status and is ignored: its batch is sent again, never lost.
-        lines = f"""read_csv('{journal}', delim = '\t', quote = '', escape = '', header = false, auto_detect = false,
-                             null_padding = true, ignore_errors = true,
-                             columns = {{'id': 'VARCHAR', 'status': 'VARCHAR', 'error': 'VARCHAR'}})"""
-        with warehouse.write() as con:
-            if count:
-                markers = f"""SELECT split_part(id, ' ', 1) AS kind, split_part(id, ' ', 2) AS batch,
-                                     TRY_CAST(split_part(id, ' ', 3) AS BIGINT) AS items
-                              FROM {lines} WHERE status IS NULL"""
-                sent, rejected, in_flight = con.execute(f"""
-                    SELECT (SELECT count(*) FROM {lines} WHERE status = 'sent'),
-                           (SELECT count(*) FROM {lines} WHERE status = 'rejected'),
-                           (SELECT coalesce(sum(items), 0) FROM ({markers}) s WHERE kind = 'start'
-                              AND batch NOT IN (SELECT batch FROM ({markers}) a WHERE kind = 'sent'))""").fetchone()
-                counts = (sent, rejected, in_flight)
+    if not journal.exists():
+        return 0, 0, 0, 0
+    # Lines are `id<TAB>status[<TAB>detail]` (detail: the reason, or an inflight id's batch number); settle markers
+    # `sent n c` / `failed n c` have no tab. A line torn by an operating-system crash has no valid status and
+    # is ignored.
+    with warehouse.write() as con:
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE outbox_journal AS
+            SELECT * FROM read_csv($journal, delim = '\t', quote = '', escape = '', header = false,
+                                   auto_detect = false, null_padding = true, ignore_errors = true,
+                                   columns = {'id': 'VARCHAR', 'status': 'VARCHAR', 'detail': 'VARCHAR'})""",
+                    {"journal": str(journal)})
+        try:
+            con.execute("""
+                CREATE OR REPLACE TEMP TABLE outbox_unsettled AS
+                SELECT id FROM outbox_journal
+                WHERE status = 'inflight' AND detail NOT IN (
+                    SELECT split_part(id, ' ', 2) FROM outbox_journal
+                    WHERE status IS NULL AND split_part(id, ' ', 1) IN ('sent', 'failed'))""")
+            sent, rejected, in_doubt, unsettled = con.execute("""
+                SELECT count(*) FILTER (status = 'sent'), count(*) FILTER (status = 'rejected'),
+                       count(*) FILTER (status = 'in_doubt'), (SELECT count(*) FROM outbox_unsettled)
+                FROM outbox_journal""").fetchone()
+            unsettled_sql = "UNION ALL SELECT id, 'in_doubt', $reason FROM outbox_unsettled" if at_most_once else ""
             con.execute(f"""
-                UPDATE {table} AS o SET status = a.status, error = a.error, sent_at = $now, attempts = o.attempts + 1
-                FROM (SELECT id, status, error FROM {lines} WHERE status IN ('sent', 'rejected')) a
-                WHERE o.id = a.id AND o.status = 'pending'""", {"now": dt.datetime.now(dt.UTC)})
-        journal.unlink()
-    return counts
+                UPDATE {table} AS o SET status = a.status, error = a.detail, sent_at = $now, attempts = o.attempts + 1
+                FROM (SELECT id, status, detail FROM outbox_journal WHERE status IN ('sent', 'rejected', 'in_doubt')
+                      {unsettled_sql}) a
+                WHERE o.id = a.id AND o.status = 'pending'""",
+                {"now": dt.datetime.now(dt.UTC), **({"reason": IN_FLIGHT_REASON} if at_most_once else {})})
+        finally:
+            con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_unsettled")
+    journal.unlink()
+    return sent, rejected, in_doubt + (unsettled if at_most_once else 0), unsettled
 
 
 def _work_dir(work_dir: Path, table: str) -> Path:
@@ -160,20 +185,25 @@ def _work_dir(work_dir: Path, table: str) -> Path:
     return path
 
 
-def recover(warehouse: Warehouse, table: str, work_dir: Path, logger: logging.Logger | None = None) -> PushReport:
-    """Apply what an interrupted push of `table` acknowledged (push does this first; call it yourself before
+def recover(warehouse: Warehouse, table: str, work_dir: Path, logger: logging.Logger | None = None, *,
+            at_most_once: bool = False) -> PushReport:
+    """Apply what an interrupted push of `table` journaled (push does this first; call it yourself before
     changing pending rows, so a row the service already holds is never taken for unsent)."""
     logger = logger or log
     work_dir = _work_dir(work_dir, table)
     report = PushReport()
     for journal in sorted(work_dir.glob("*.journal")):
-        sent, rejected, in_flight = _apply(warehouse, table, journal, count=True)
+        sent, rejected, in_doubt, in_flight = _apply(warehouse, table, journal, at_most_once)
         report.recovered_sent += sent
         report.recovered_rejected += rejected
+        report.recovered_in_doubt += in_doubt
         report.in_flight_at_crash += in_flight
-        if in_flight:
+        if in_flight and at_most_once:
+            logger.warning(f"{table}: an earlier push was interrupted or killed with {in_flight} items in flight; "
+                           "they are marked in_doubt and not sent again (the service may or may not have them)")
+        elif in_flight:
             logger.warning(f"{table}: an earlier push was interrupted with {in_flight} items in flight; "
-                           "they are sent again (the service may hold them twice)")
+                           "they are sent again (the service dedupes them)")
     for leftover in work_dir.iterdir():  # snapshots: the journal alone says what went through
         leftover.unlink()
     return report
@@ -181,15 +211,19 @@ def recover(warehouse: Warehouse, table: str, work_dir: Path, logger: logging.Lo
 
 def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOutcome], work_dir: Path, *,
          scope: str | None = None, max_items: int = 1000, max_bytes: int = 1 << 21, concurrency: int = 4,
-         logger: logging.Logger | None = None, scopes: list[str] | None = None) -> PushReport:
+         logger: logging.Logger | None = None, scopes: list[str] | None = None,
+         at_most_once: bool = False) -> PushReport:
     """Send every pending row of `table` (of one scope, of the `scopes` listed, or all) and mark what the
     service acknowledged.
 
     `send` gets the payloads of one batch and returns a BatchOutcome; it raises to fail the batch
-    (after its own retries). A FatalPushError, or any other exception, stops the push: batches already
-    acknowledged stay acknowledged, the rest stay pending for the next run.
+    (after its own retries). OutcomeUnknown marks the batch in_doubt and stops sending new batches (a service
+    that answers so is not healthy), without failing the push. A FatalPushError, or any other exception, stops
+    the push: batches already settled stay so, the rest stay pending for the next run (or, with
+    `at_most_once`, in_doubt if they were in flight).
     """
-    report = recover(warehouse, table, work_dir, logger)
+    logger = logger or log
+    report = recover(warehouse, table, work_dir, logger, at_most_once=at_most_once)
     work_dir = _work_dir(work_dir, table)
     name = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     snapshot, journal_path = work_dir / f"{name}.snapshot", work_dir / f"{name}.journal"
@@ -209,17 +243,28 @@ def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOu
         return report
 
     # Unbuffered appends: each write is in the file (safe from a killed process) as soon as it returns.
-    journal = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    journal = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     failure: BaseException | None = None
+    doubted = False
     running: dict[Future, tuple[int, list[bytes]]] = {}
 
     def settle(done: set[Future]) -> None:
-        nonlocal failure
+        nonlocal failure, doubted
         for future in done:
             number, ids = running.pop(future)
             try:
                 rejected = future.result().rejected
+            except OutcomeUnknown as exc:
+                reason = " ".join(str(exc).split()).encode()
+                os.write(journal, b"".join(id_ + b"\tin_doubt\t" + reason + LINE for id_ in ids)
+                         + f"sent {number} {len(ids)}\n".encode())
+                os.fsync(journal)
+                doubted = True
+                report.in_doubt += len(ids)
+                logger.warning(f"{table}: a batch of {len(ids)} items is in doubt ({exc}); it is held, not resent")
+                continue
             except BaseException as exc:
+                os.write(journal, f"failed {number} {len(ids)}\n".encode())
                 failure = failure or exc
                 continue
             if rejected:
@@ -242,10 +287,11 @@ def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOu
                 for number, (ids, payloads) in enumerate(_batches(snapshot, max_items, max_bytes)):
                     while len(running) >= concurrency:
                         settle(wait(running, return_when=FIRST_COMPLETED)[0])
-                    if failure is not None:
+                    if failure is not None or doubted:
                         break
-                    # Flushed, not synced: it only counts what was in flight after a crash.
-                    os.write(journal, f"start {number} {len(ids)}\n".encode())
+                    # Written before the request (the kernel keeps it if this process is killed): after a crash,
+                    # these ids are what may have reached the service.
+                    os.write(journal, (f"\tinflight\t{number}\n".encode()).join(ids) + f"\tinflight\t{number}\n".encode())
                     running[pool.submit(send, payloads)] = (number, ids)
             except BaseException as exc:
                 failure = failure or exc
@@ -255,7 +301,7 @@ def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOu
         os.close(journal)
         snapshot.unlink(missing_ok=True)
         # Record what went through, even when the push failed part way.
-        _apply(warehouse, table, journal_path)
+        _apply(warehouse, table, journal_path, at_most_once)
     if failure is not None:
         raise failure
     return report
