@@ -160,10 +160,9 @@ def receive_impressions(host: str, port: int) -> None:
     from mixsync.impressions.settings import ImpressionsSettings
 
     try:
-        settings = ImpressionsSettings.from_env()
+        run(host, port, ImpressionsSettings.from_env())
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    run(host, port, settings)
 
 
 if __name__ == "__main__":

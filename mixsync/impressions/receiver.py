@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import hmac
 import logging
-import zlib
 from dataclasses import dataclass, field
 from threading import Lock
 
 import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mixsync.impressions.landing import GZIP_MAGIC, new_file_name, write_atomically
 from mixsync.impressions.settings import ImpressionsSettings
+from mixsync.webhook_server import (BodyRefused, ServerLimits, gunzip, read_body, refuse_open_without_token,
+                                    serve)
 
 log = logging.getLogger("mixsync.receiver")
 WEBHOOK_PATH = "/impressions"
 # Without these an impression cannot be deduplicated or attributed: such a body is refused, not landed.
 REQUIRED_FIELDS = frozenset({"key", "split", "treatment", "time", "environmentId"})
-
-
-class BodyRefused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -50,23 +44,24 @@ class ReceiverStats:
                     "bodies_refused": self.refused, "bodies_failed": self.failed}
 
 
-def gunzip(body: bytes, limit: int) -> bytes:
-    """Decompress a gzip body without ever holding more than `limit` bytes of output (a gzip bomb stops here)."""
-    decompressor = zlib.decompressobj(wbits=31)
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BodyRefused(400, f"the body is not valid gzip: {exc}") from None
-    if len(data) > limit:
-        raise BodyRefused(413, f"the body is larger than {limit} bytes once decompressed (MIXSYNC_WEBHOOK_MAX_BYTES)")
-    if not decompressor.eof:
-        raise BodyRefused(400, "the gzip body is truncated")
-    return data
+def _invalid(item: dict) -> str | None:
+    """Why the loader could not use this impression, or None."""
+    for name in ("key", "split", "treatment"):
+        value = item.get(name)
+        if not isinstance(value, str) or not value.strip():
+            return f"{name} must be a non-empty string, not {orjson.dumps(value).decode()[:40]}"
+    time = item.get("time")
+    if not isinstance(time, int) or isinstance(time, bool) or time < 0:
+        return f"time must be an integer of milliseconds, not {orjson.dumps(time).decode()[:40]}"
+    if not isinstance(item.get("environmentId"), str):
+        return f"environmentId must be a string, not {orjson.dumps(item.get('environmentId')).decode()[:40]}"
+    return None
 
 
 def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
-    """The number of impressions in a webhook body; BodyRefused when it is not a JSON array of impressions."""
-    data = gunzip(body, limit) if compressed else body
+    """The number of impressions in a webhook body; BodyRefused when it is not a JSON array of impressions the
+    loader can use in full (so a 200 is never followed by a quarantine of that body)."""
+    data = gunzip(body, limit, "MIXSYNC_WEBHOOK_MAX_BYTES") if compressed else body
     try:
         items = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -80,20 +75,10 @@ def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
         if not item.keys() >= REQUIRED_FIELDS:
             missing = ", ".join(sorted(REQUIRED_FIELDS - item.keys()))
             raise BodyRefused(400, f"element {position} lacks {missing}")
+        reason = _invalid(item)
+        if reason:
+            raise BodyRefused(400, f"element {position}: {reason}")
     return len(items)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BodyRefused(413, f"the body is larger than {limit} bytes (MIXSYNC_WEBHOOK_MAX_BYTES)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyRefused(413, f"the body is larger than {limit} bytes (MIXSYNC_WEBHOOK_MAX_BYTES)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def build_app(settings: ImpressionsSettings) -> Starlette:
@@ -116,12 +101,16 @@ def build_app(settings: ImpressionsSettings) -> Starlette:
         if given is not None and (token is None or not hmac.compare_digest(given.encode(), token.encode())):
             return PlainTextResponse("not found", status_code=404)
         try:
-            body = await _read_limited(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes, "MIXSYNC_WEBHOOK_MAX_BYTES")
             # Split gzips unless told not to; trust the magic bytes as much as the header.
             compressed = (request.headers.get("content-encoding", "").lower() == "gzip"
                           or body[:2] == GZIP_MAGIC)
             # One hop to a worker thread for the checks and the fsynced write: the event loop keeps accepting.
             count, path = await run_in_threadpool(land, body, compressed)
+        except ClientDisconnect:
+            # The sender went away (or was cut off for being too slow) before its body arrived: nothing to land.
+            stats.add(refused=1)
+            return Response(status_code=400)
         except BodyRefused as refused:
             stats.add(refused=1)
             log.warning("refused a webhook body: %s", refused.message)
@@ -138,7 +127,8 @@ def build_app(settings: ImpressionsSettings) -> Starlette:
         return PlainTextResponse("ok", status_code=200)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "landing_dir": str(settings.impressions_dir), **stats.as_dict()})
+        # Counts only: no path, setting or version a stranger could use.
+        return JSONResponse({"status": "ok", **stats.as_dict()})
 
     app = Starlette(routes=[
         Route(WEBHOOK_PATH, receive, methods=["POST"]),
@@ -149,16 +139,15 @@ def build_app(settings: ImpressionsSettings) -> Starlette:
     return app
 
 
-def run(host: str, port: int, settings: ImpressionsSettings | None = None) -> None:
-    """Serve the webhook until interrupted (the `mixsync receive-impressions` command)."""
-    import uvicorn
-
+def run(host: str, port: int, settings: ImpressionsSettings | None = None, limits: ServerLimits | None = None) -> None:
+    """Serve the webhook until SIGTERM or Ctrl-C (the `mixsync receive-impressions` command)."""
     settings = settings or ImpressionsSettings.from_env()
+    limits = limits or ServerLimits.from_env()
+    refuse_open_without_token(host, settings.webhook_token is not None, "MIXSYNC_WEBHOOK_TOKEN")
     settings.impressions_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = WEBHOOK_PATH + ("/<MIXSYNC_WEBHOOK_TOKEN>" if settings.webhook_token else "")
     log.info("receiving Split impressions on POST http://%s:%d%s into %s", host, port, path, settings.impressions_dir)
     if settings.webhook_token is None:
-        log.warning("MIXSYNC_WEBHOOK_TOKEN is not set: anyone who can reach this port can post impressions")
-    # No access log: it would print the URL, and with it the token.
-    uvicorn.run(build_app(settings), host=host, port=port, access_log=False, log_level="info")
+        log.warning("MIXSYNC_WEBHOOK_TOKEN is not set: any local process can post impressions")
+    serve(build_app(settings), host, port, limits)
