@@ -31,11 +31,12 @@ def main() -> None:
 def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> None:
     """Run a read-only SQL query against MIXSYNC_DUCKDB_PATH and print the result (a table, CSV or JSON).
 
-    It waits for a running write to finish instead of breaking it, and cannot change anything.
+    It waits for a running write to finish instead of breaking it, and cannot change anything: no files read or
+    written outside the warehouse, no other database attached, no extension installed.
     """
     import duckdb
 
-    from mixsync.warehouse import Warehouse
+    from mixsync.warehouse import Warehouse, WarehouseLockTimeout
 
     try:
         settings = WarehouseSettings.from_env()
@@ -45,12 +46,30 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
                       lock_timeout_seconds=settings.lock_timeout_seconds)
     try:
         with store.read() as con:
+            lock_down(con)
             rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
             print_result(con.execute(sql), output_format, rows, full, echo=click.echo)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
+    except WarehouseLockTimeout:
+        raise click.ClickException(
+            f"the warehouse is busy: another process kept it for MIXSYNC_LOCK_TIMEOUT_SECONDS="
+            f"{settings.lock_timeout_seconds}s; try again, or raise MIXSYNC_LOCK_TIMEOUT_SECONDS") from None
+    except duckdb.PermissionException as exc:
+        raise click.ClickException(
+            "mixsync query is read-only: it cannot read or write files, attach databases or install extensions "
+            f"({' '.join(str(exc).split())})") from None
     except duckdb.Error as exc:
-        raise click.ClickException(f"query failed: {exc}") from None
+        raise click.ClickException(f"query failed: {' '.join(str(exc).split())}") from None
+
+
+def lock_down(con) -> None:
+    """No file, network or extension access from here on, and no SET that could turn it back on.
+
+    Applied after the warehouse (and any catalog it attaches) is open, so only the query is constrained.
+    """
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 @main.command()
