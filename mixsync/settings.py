@@ -142,7 +142,7 @@ class WarehouseSettings:
 @dataclass(frozen=True)
 class MixpanelSettings:
     project_id: str
-    username: str
+    username: str = field(repr=False)  # the legacy MIXPANEL_API_SECRET goes here: never shown
     secret: Secret = field(repr=False)
     region: str
     export_url: str

@@ -211,6 +211,19 @@ def test_partial_bulk_application_is_caught_by_read_back_and_requeued(sandbox, e
     assert len(flagsmith.recorder.matching("/bulk-identities/")) > 1
 
 
+def test_read_back_examples_show_no_identifier_in_metadata_or_logs(sandbox, env, instance, monkeypatch):
+    monkeypatch.setenv("FLAGSMITH_BATCH_IDENTITIES", "20")
+    monkeypatch.setenv("FLAGSMITH_VERIFY_SAMPLE", "1000")
+    sandbox.flagsmith.api = "edge"
+    sandbox.flagsmith.faults.add("bulk_identities_partial")
+    result = sync(instance)
+    examples = meta(result)["verify_examples"]
+    assert examples and all(e["identifier"].startswith("sha256:") for e in examples)
+    shown = str(meta(result)) + " ".join(entry.user_message for entry in instance.all_logs(result.run_id))
+    members = {m for ms in memberships(sandbox.mixpanel.query).values() for m in ms}
+    assert not [m for m in members if f"'{m}'" in shown or f'"{m}"' in shown]
+
+
 def test_a_wrong_key_fails_fast_without_showing_it(sandbox, env, instance, monkeypatch):
     sync(instance, [mixpanel_cohorts, mixpanel_cohort_members])
     monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", "ser.wrong-secret-value")

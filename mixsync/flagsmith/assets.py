@@ -23,6 +23,7 @@ from mixsync.flagsmith.sql import (
 )
 from mixsync.flagsmith.traits import TraitKeyError, trait_keys
 from mixsync.http import RetryStats, ServiceError
+from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import Warehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
@@ -126,6 +127,9 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: Flagsm
         requeue_report = PushReport()
         with store.write() as con:
             mismatches, examples = reconcile_read_back(con, sync_id, read_back, sample)
+            # Identifiers may be e-mail addresses (FLAGSMITH_IDENTIFIER_PROPERTY=$email): logs and metadata get
+            # pseudonyms only.
+            examples = [{**example, "identifier": pseudonym(example["identifier"])} for example in examples]
             if mismatches:
                 requeue = plan_changes(con, sync_id, 1, keys, settings.exit_mode, settings.identifier_property)
         if mismatches:
