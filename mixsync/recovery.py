@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 import dagster as dg
 import psutil
@@ -49,8 +49,8 @@ def run_pids(instance: dg.DagsterInstance, run_id: str) -> tuple[list[int], floa
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         data = entry.dagster_event.engine_event_data if entry.dagster_event else None
         value = data.metadata.get("pid") if data and data.metadata else None
-        text = getattr(value, "value", value)
-        if text is not None and str(text).isdigit() and int(text) not in pids:
+        text = str(getattr(value, "value", value))
+        if text.isdigit() and int(text) not in pids:
             pids.append(int(text))
             first = entry.timestamp if first is None else min(first, entry.timestamp)
     return pids, first

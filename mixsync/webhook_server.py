@@ -13,8 +13,8 @@ import ipaddress
 import logging
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from starlette.requests import Request
 
@@ -33,7 +33,7 @@ class ServerLimits:
     shutdown_seconds: int = 10
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServerLimits":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerLimits:
         environ = os.environ if environ is None else environ
         return cls(
             body_timeout_seconds=parse_int(environ, "MIXSYNC_WEBHOOK_BODY_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
@@ -115,7 +115,7 @@ def guarded_protocol(limits: ServerLimits):
     class GuardedH11Protocol(H11Protocol):
         _deadline = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections:
                 log.warning("refused a connection: %d open (MIXSYNC_WEBHOOK_MAX_CONNECTIONS)", limits.max_connections)

@@ -40,7 +40,7 @@ def dagster_home(tmp_path):
     """A DAGSTER_HOME with the repository's dagster.yaml, monitoring made quick enough for a test."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
     config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=1)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     return home

@@ -111,7 +111,7 @@ def test_thirty_one_byte_clients_are_cut_off_and_do_not_block_a_real_sender(rece
         assert response.status_code == 200 and len(receiver.landed()) == 1
         answers = poll(lambda: (lambda got: got if all(a is not None for a in got) else None)(
             [closed_by_server(sock) for _, sock in clients]), 120, "the server to close every slow connection")
-        for (kind, _), answer in zip(clients, answers):
+        for (kind, _), answer in zip(clients, answers, strict=True):
             if kind == "body":
                 assert answer.startswith(b"HTTP/1.1 408") and b"MIXSYNC_WEBHOOK_BODY_TIMEOUT_SECONDS" in answer
         assert len(receiver.landed()) == 1  # nothing half-received was landed

@@ -47,6 +47,6 @@ def test_no_settings_object_prints_a_secret(legacy):
         del environ["MIXPANEL_SERVICE_ACCOUNT_USERNAME"], environ["MIXPANEL_SERVICE_ACCOUNT_SECRET"]
     for cls in settings_classes():
         settings = cls.from_env(environ)
-        shown = " ".join([repr(settings), str(settings), f"{settings}", f"{settings!r}", "%s" % (settings,)])
+        shown = " ".join([repr(settings), str(settings), f"{settings}", f"{settings!r}", "{}".format(settings)])  # noqa: UP032
         for name, secret in SECRETS.items():
             assert secret not in shown, f"{cls.__name__} shows {name}"

@@ -16,8 +16,7 @@ from starlette.routing import Route
 
 from mixsync.impressions.landing import GZIP_MAGIC, new_file_name, write_atomically
 from mixsync.impressions.settings import ImpressionsSettings
-from mixsync.webhook_server import (BodyRefused, ServerLimits, gunzip, read_body, refuse_open_without_token,
-                                    serve)
+from mixsync.webhook_server import BodyRefused, ServerLimits, gunzip, read_body, refuse_open_without_token, serve
 
 log = logging.getLogger("mixsync.receiver")
 WEBHOOK_PATH = "/impressions"

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import httpx
 
-from mixsync.http import (NOT_SENT_ERRORS, OutcomeUnknown, RetryPolicy, RetryStats, raise_for_status, timeouts,
-                          user_agent, with_retries)
+from mixsync.http import (
+    NOT_SENT_ERRORS,
+    OutcomeUnknown,
+    RetryPolicy,
+    RetryStats,
+    raise_for_status,
+    timeouts,
+    user_agent,
+    with_retries,
+)
 from mixsync.split.settings import SplitSettings
 
 KEY_HINT = ("Check SPLIT_SDK_KEY: it must be a server-side SDK key of the target environment "
