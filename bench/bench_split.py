@@ -134,8 +134,9 @@ def run_mixsync(url: str, sdk_key: str, duckdb_path: Path, work_dir: Path) -> di
     started_cpu, started = cpu_seconds(), time.perf_counter()
     stats = RetryStats()
     with SplitEventsClient(settings, RetryPolicy.from_env(), stats) as client:
+        # As the asset pushes: at most once, each batch's ids journaled in flight before it is sent.
         report = push(store, EVENTS_OUTBOX, batch_sender(client), work_dir, max_items=BATCH,
-                      concurrency=CONCURRENCY)
+                      concurrency=CONCURRENCY, at_most_once=True)
     return {"events": report.sent, "batches": report.batches, "retries": stats.retries,
             "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - started_cpu,
             "peak_rss_mb": peak_rss_mb()}

@@ -2,10 +2,15 @@
 
 
 import datetime as dt
+import errno
+import os
+import re
 import time
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+import psutil
 
 from mixsync.http import RetryStats
 from mixsync.mixpanel.checks import DAILY_VOLUME, daily_volume_result
@@ -68,6 +73,27 @@ def load_export_window(client: MixpanelClient, warehouse: Warehouse, settings: M
 accept_backfill_policy_beta()
 
 
+_WRITER_PID = re.compile(r"^export-.*-p(\d+)-[0-9a-f]+\.jsonl(\.gz)?(\.part)?$")
+
+
+def remove_orphaned_downloads(landing: Path, log) -> list[str]:
+    """Delete export files whose writing process is gone (a run killed mid-download or mid-load left them)."""
+    removed = []
+    for path in landing.glob("export-*") if landing.is_dir() else []:
+        match = _WRITER_PID.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not psutil.pid_exists(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        log.info(f"removed {len(removed)} export file(s) left by a run that died: {removed[:5]}")
+    return removed
+
+
+def disk_full(exc: OSError, folder: Path, setting: str) -> dg.Failure:
+    return dg.Failure(f"no space left in {folder} ({setting}): free some space there or point {setting} at a "
+                      f"larger disk; the previous copy of the data is kept ({exc.strerror})")
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     # One run for a whole backfill: the export is asked for wide windows, not one call per day (60 calls/hour).
@@ -96,9 +122,16 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
     loads: list[ExportLoad] = []
     downloaded = 0
     landing = warehouse.settings().landing_dir / "mixpanel"
+    orphans_removed = remove_orphaned_downloads(landing, context.log)
     with mixpanel.client(stats) as client:
         for start, end in export_windows(first_day, last_day, settings.export_window_days):
-            window_loads, window_bytes = load_export_window(client, store, settings, landing, start, end, context.log)
+            try:
+                window_loads, window_bytes = load_export_window(client, store, settings, landing, start, end,
+                                                                context.log)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise disk_full(exc, landing, "MIXSYNC_LANDING_DIR") from None
+                raise
             loads += window_loads
             downloaded += window_bytes
             context.log.info(f"loaded {start}..{end}: {sum(l.events for l in window_loads)} events")
@@ -125,5 +158,6 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
         "events_per_day": {str(day): n for l in loads for day, n in sorted(l.per_day.items())},
         **stats.as_metadata(),
         "duration_seconds": round(time.monotonic() - started, 3),
+        "orphaned_files_removed": len(orphans_removed),
         "top_events": dg.MetadataValue.md(preview),
     })

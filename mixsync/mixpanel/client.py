@@ -92,7 +92,8 @@ class MixpanelClient:
         if where:
             params["where"] = where
         directory.mkdir(parents=True, exist_ok=True)
-        stem = f"export-{from_date}-{to_date}-{uuid.uuid4().hex[:8]}"
+        # The pid in the name lets the next load tell a file whose writer died (an orphan) from one being written.
+        stem = f"export-{from_date}-{to_date}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
         url = f"{self.settings.export_url}/api/2.0/export"
 
         def attempt() -> Download:
