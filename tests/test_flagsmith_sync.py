@@ -289,3 +289,15 @@ def test_identifiers_flagsmith_cannot_store_are_skipped_with_a_reason(sandbox, e
     with warehouse.read() as con:
         assert con.execute("SELECT cohort_id, reason FROM sync.flagsmith_skipped").fetchall() == [
             (1003, "identifier longer than 2000 characters")]
+
+
+def test_identifiers_of_only_whitespace_of_any_kind_are_skipped_with_a_reason(sandbox, env, instance, warehouse):
+    members = sandbox.mixpanel.query.cohorts[1003].members
+    members += ["\t", "\u2003\u00a0", "\n\x0b "]
+    result = meta(sync(instance))
+    assert result["skipped_by_reason"] == {"empty distinct_id": 3}
+    stored = set(sandbox.flagsmith.all_traits())
+    assert not any(identifier.strip() == "" for identifier in stored)
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM sync.flagsmith_skipped WHERE reason = 'empty distinct_id'"
+                           ).fetchone()[0] == 3

@@ -76,6 +76,9 @@ class Plan:
         return self.set_true + self.set_false + self.deleted
 
 
+_WHITESPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\pZ]"
+
+
 def begin_sync(con: duckdb.DuckDBPyConnection, bulk_mode: str, exit_mode: str) -> int:
     sync_id = con.execute("SELECT nextval('sync.flagsmith_sync_ids')").fetchone()[0]
     con.execute("INSERT INTO sync.flagsmith_syncs (sync_id, started_at, bulk_mode, exit_mode) VALUES (?, now(), ?, ?)",
@@ -137,13 +140,16 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
     con.execute("CREATE OR REPLACE TEMP TABLE fs_keys (cohort_id BIGINT, trait_key VARCHAR)")
     if keys:
         con.executemany("INSERT INTO fs_keys VALUES (?, ?)", [[c, k] for c, k in keys.items()])
-    params: dict = {}
+    # Whitespace of any kind at either end (tabs, no-break and em spaces too, as Python's str.strip sees it):
+    # an identifier of only whitespace is empty, and Flagsmith would answer 200 and store nothing.
+    params: dict = {"edge_whitespace": f"^{_WHITESPACE}+|{_WHITESPACE}+$"}
     if identifier_property is not None:
         params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
     reason_missing = ("'empty distinct_id'" if identifier_property is None
                       else f"'profile has no {identifier_property.replace(chr(39), chr(39) * 2)}'")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_members AS
-        SELECT m.cohort_id, m.distinct_id, k.trait_key, trim({_identifier_sql(identifier_property)}) AS identifier
+        SELECT m.cohort_id, m.distinct_id, k.trait_key,
+               regexp_replace({_identifier_sql(identifier_property)}, $edge_whitespace, '', 'g') AS identifier
         FROM mixpanel.cohort_members m JOIN fs_keys k USING (cohort_id)""", params)
     # Flagsmith trims identifiers, answers 200 and stores nothing for an empty one, and 500 above 2000 chars.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_skipped AS
