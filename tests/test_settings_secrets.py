@@ -19,7 +19,8 @@ SECRETS = {
     "MIXSYNC_WEBHOOK_TOKEN": "webhook-token-4715-abcdefgh",
     "MIXSYNC_COHORT_WEBHOOK_PASSWORD": "cohort-password-4716",
 }
-REQUIRED = {"MIXPANEL_PROJECT_ID": "12345", "MIXPANEL_SERVICE_ACCOUNT_USERNAME": "sa.user"}
+REQUIRED = {"MIXPANEL_PROJECT_ID": "12345", "MIXPANEL_SERVICE_ACCOUNT_USERNAME": "sa.user",
+            "MIXPANEL_PROJECT_TOKEN": "0123456789abcdef0123456789abcdef"}
 
 
 def settings_classes() -> list[type]:
