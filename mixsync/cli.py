@@ -184,5 +184,22 @@ def receive_impressions(host: str, port: int) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command("receive-cohorts")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="MIXSYNC_COHORT_RECEIVER_HOST",
+              help="Interface to listen on (MIXSYNC_COHORT_RECEIVER_HOST); 0.0.0.0 to accept Mixpanel from outside.")
+@click.option("--port", default=8788, show_default=True, envvar="MIXSYNC_COHORT_RECEIVER_PORT",
+              help="Port to listen on (MIXSYNC_COHORT_RECEIVER_PORT).")
+def receive_cohorts(host: str, port: int) -> None:
+    """Receive Mixpanel's cohort-sync webhook on POST /cohorts (HTTP Basic auth): each body lands durably in
+    MIXSYNC_COHORT_WEBHOOK_DIR before Mixpanel gets its answer; mixpanel_cohort_webhook_sensor applies them."""
+    from mixsync.mixpanel.cohort_webhook import CohortWebhookSettings, run
+
+    try:
+        settings = CohortWebhookSettings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    run(host, port, settings)
+
+
 if __name__ == "__main__":
     main()

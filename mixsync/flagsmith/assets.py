@@ -82,7 +82,8 @@ def _cohort_keys(con, settings: FlagsmithSettings) -> dict[int, str]:
 
 
 @dg.asset(
-    deps=[dg.AssetKey("mixpanel_cohort_members")],
+    # Membership comes from the engage poll and from the cohort webhooks; both land in mixpanel.cohort_members.
+    deps=[dg.AssetKey("mixpanel_cohort_members"), dg.AssetKey("mixpanel_cohort_webhook_members")],
     pool="flagsmith",
     group_name="flagsmith",
     kinds={"flagsmith", "duckdb"},

@@ -6,6 +6,11 @@ from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import profile_flags_cron, sync_cron
+from mixsync.mixpanel.cohort_webhook_assets import (
+                                                    mixpanel_cohort_webhook_job,
+                                                    mixpanel_cohort_webhook_members,
+                                                    mixpanel_cohort_webhook_sensor,
+)
 
 # The whole chain in one run: cohorts list, members (engage), then the trait changes.
 flagsmith_cohort_traits_job = dg.define_asset_job(
@@ -44,7 +49,8 @@ mixpanel_profile_flags_schedule = dg.ScheduleDefinition(
 resources: dict[str, dg.ConfigurableResource] = {"flagsmith": FlagsmithResource()}
 
 defs = dg.Definitions(
-    assets=[flagsmith_cohort_traits, mixpanel_profile_flags],
-    jobs=[flagsmith_cohort_traits_job, mixpanel_profile_flags_job],
+    assets=[flagsmith_cohort_traits, mixpanel_profile_flags, mixpanel_cohort_webhook_members],
+    jobs=[flagsmith_cohort_traits_job, mixpanel_profile_flags_job, mixpanel_cohort_webhook_job],
     schedules=[flagsmith_cohort_traits_schedule, mixpanel_profile_flags_schedule],
+    sensors=[mixpanel_cohort_webhook_sensor],
 )

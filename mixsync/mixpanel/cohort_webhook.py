@@ -1,0 +1,187 @@
+"""Mixpanel's cohort-sync webhook: each valid body lands durably as a file before Mixpanel gets its answer.
+
+Mixpanel posts `{"action": "members" | "add_members" | "remove_members", "parameters": {...}}` and reads
+`{"action", "status": "success" | "failure", "error": {"message", "code"}}` back. Delivery is at least once:
+what is landed here is applied idempotently later (mixpanel_cohort_webhook_sensor).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hmac
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mixsync.impressions.landing import write_atomically
+from mixsync.impressions.receiver import BodyRefused, _read_limited
+from mixsync.settings import Secret, SettingsError, WarehouseSettings, parse_int, require
+
+log = logging.getLogger("mixsync.cohort_receiver")
+WEBHOOK_PATH = "/cohorts"
+ACTIONS = ("members", "add_members", "remove_members")
+# Mixpanel sends at most 1000 members per call.
+MAX_MEMBERS = 1000
+DEFAULT_MAX_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class CohortWebhookSettings:
+    user: str
+    password: Secret = field(repr=False)
+    directory: Path
+    max_body_bytes: int
+
+    @classmethod
+    def from_env(cls, environ=None) -> CohortWebhookSettings:
+        environ = os.environ if environ is None else environ
+        user = require(environ, "MIXSYNC_COHORT_WEBHOOK_USER",
+                       "the user name of the HTTP Basic auth you give Mixpanel's webhook destination")
+        password = require(environ, "MIXSYNC_COHORT_WEBHOOK_PASSWORD",
+                           "the password of the HTTP Basic auth you give Mixpanel's webhook destination")
+        if len(password) < 16:
+            raise SettingsError("MIXSYNC_COHORT_WEBHOOK_PASSWORD is shorter than 16 characters: use a long random one")
+        return cls(user=user, password=Secret(password), directory=cohort_webhook_dir(environ),
+                   max_body_bytes=parse_int(environ, "MIXSYNC_COHORT_WEBHOOK_MAX_BYTES", DEFAULT_MAX_BYTES,
+                                            minimum=1024, maximum=1 << 30))
+
+
+def cohort_webhook_dir(environ=None) -> Path:
+    """Where bodies land (MIXSYNC_COHORT_WEBHOOK_DIR, default <MIXSYNC_LANDING_DIR>/cohort_webhooks)."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get("MIXSYNC_COHORT_WEBHOOK_DIR") or "").strip()
+    if value:
+        return Path(value).expanduser().absolute()
+    return WarehouseSettings.from_env(environ).landing_dir / "cohort_webhooks"
+
+
+def new_file_name(now: dt.datetime | None = None) -> str:
+    """A unique name that sorts by arrival time: bodies are applied in that order."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"cohorts-{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:12]}.json"
+
+
+def check_body(body: bytes) -> str:
+    """The action of a cohort webhook body; BodyRefused naming what is wrong otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BodyRefused(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BodyRefused(400, f"the body is a JSON {type(data).__name__}, not an object")
+    action = data.get("action")
+    if action not in ACTIONS:
+        raise BodyRefused(400, f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    params = data.get("parameters")
+    if not isinstance(params, dict):
+        raise BodyRefused(400, "parameters is missing or not an object")
+    cohort_id = params.get("mixpanel_cohort_id")
+    if isinstance(cohort_id, bool) or not (isinstance(cohort_id, int) or (isinstance(cohort_id, str)
+                                                                           and cohort_id.strip().isdigit())):
+        raise BodyRefused(400, "parameters.mixpanel_cohort_id is missing or not a cohort id")
+    members = params.get("members")
+    if not isinstance(members, list):
+        raise BodyRefused(400, "parameters.members is missing or not an array")
+    if len(members) > MAX_MEMBERS:
+        raise BodyRefused(413, f"parameters.members holds {len(members)} members, more than Mixpanel's {MAX_MEMBERS}")
+    for position, member in enumerate(members):
+        distinct_id = member.get("mixpanel_distinct_id") if isinstance(member, dict) else None
+        if isinstance(distinct_id, bool) or not isinstance(distinct_id, (str, int)) or str(distinct_id) == "":
+            raise BodyRefused(400, f"parameters.members[{position}] has no mixpanel_distinct_id")
+    if action == "members":
+        if not params.get("mixpanel_session_id"):
+            raise BodyRefused(400, "a members snapshot needs parameters.mixpanel_session_id")
+        page_info = params.get("page_info")
+        total = page_info.get("total_pages") if isinstance(page_info, dict) else None
+        page = page_info.get("page_count") if isinstance(page_info, dict) else None
+        if not (isinstance(total, int) and isinstance(page, int) and 1 <= page <= total):
+            raise BodyRefused(400, "a members snapshot needs parameters.page_info {total_pages, page_count} "
+                                   "with 1 <= page_count <= total_pages")
+    return action
+
+
+def _authorized(request: Request, settings: CohortWebhookSettings) -> bool:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    # Both compared in constant time, both always compared.
+    return (hmac.compare_digest(user.encode(), settings.user.encode())
+            & hmac.compare_digest(password.encode(), settings.password.value.encode()))
+
+
+def _answer(action: str | None, status: int, message: str | None = None) -> JSONResponse:
+    if message is None:
+        return JSONResponse({"action": action, "status": "success"}, status_code=status)
+    return JSONResponse({"action": action, "status": "failure", "error": {"message": message, "code": status}},
+                        status_code=status)
+
+
+def build_app(settings: CohortWebhookSettings) -> Starlette:
+    """The webhook app: POST /cohorts with HTTP Basic auth; GET /health."""
+    lock = Lock()
+    counts = {"bodies_written": 0, "bodies_refused": 0, "bodies_failed": 0}
+
+    def count(name: str) -> None:
+        with lock:
+            counts[name] += 1
+
+    def land(body: bytes) -> str:
+        action = check_body(body)
+        write_atomically(settings.directory, new_file_name(), body)
+        return action
+
+    async def receive(request: Request) -> Response:
+        if not _authorized(request, settings):
+            count("bodies_refused")
+            response = _answer(None, 401, "HTTP Basic credentials are missing or wrong")
+            response.headers["WWW-Authenticate"] = 'Basic realm="mixsync cohorts"'
+            return response
+        try:
+            body = await _read_limited(request, settings.max_body_bytes)
+            # The checks and the fsynced write in a worker thread: the event loop keeps accepting.
+            action = await run_in_threadpool(land, body)
+        except BodyRefused as refused:
+            count("bodies_refused")
+            log.warning("refused a cohort webhook body: %s", refused.message)
+            return _answer(None, refused.status, refused.message)
+        except OSError as exc:
+            count("bodies_failed")
+            log.error("could not persist a cohort webhook body: %s", exc)
+            # Not a success: Mixpanel retries, and a body we did not persist must not be acknowledged.
+            return _answer(None, 503, f"could not persist the body: {exc.strerror or exc}")
+        count("bodies_written")
+        return _answer(action, 200)
+
+    async def health(request: Request) -> Response:
+        with lock:
+            return JSONResponse({"status": "ok", "landing_dir": str(settings.directory), **counts})
+
+    return Starlette(routes=[Route(WEBHOOK_PATH, receive, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])])
+
+
+def run(host: str, port: int, settings: CohortWebhookSettings) -> None:
+    """Serve the webhook until interrupted (the `mixsync receive-cohorts` command)."""
+    import uvicorn
+
+    settings.directory.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("receiving Mixpanel cohort webhooks on POST http://%s:%d%s into %s", host, port, WEBHOOK_PATH,
+             settings.directory)
+    uvicorn.run(build_app(settings), host=host, port=port, access_log=False, log_level="info")

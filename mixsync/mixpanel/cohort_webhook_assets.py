@@ -1,0 +1,70 @@
+"""Landed Mixpanel cohort webhook bodies → mixpanel.cohort_members (the same tables the engage poll keeps)."""
+
+import dagster as dg
+
+from mixsync.mixpanel import cohort_webhook_sql as sql
+from mixsync.mixpanel.cohort_webhook import cohort_webhook_dir
+from mixsync.resources import WarehouseResource
+
+
+def landed_bodies(directory) -> list:
+    """Complete landed bodies, oldest first (the receiver writes under a dot-name and renames into place)."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and p.name.startswith("cohorts-") and p.name.endswith(".json"))
+
+
+@dg.asset(
+    pool="mixpanel_cohort_webhooks",
+    group_name="mixpanel",
+    kinds={"mixpanel", "duckdb"},
+    description="Mixpanel cohort webhook bodies (landed by `mixsync receive-cohorts`) applied to "
+                "mixpanel.cohort_members and mixpanel.cohort_membership_history: add_members and remove_members "
+                "at once, a members snapshot once all pages of its session arrived.",
+)
+def mixpanel_cohort_webhook_members(context: dg.AssetExecutionContext,
+                                    warehouse: WarehouseResource) -> dg.MaterializeResult:
+    directory = cohort_webhook_dir()
+    paths = landed_bodies(directory)
+    store = warehouse.warehouse()
+    with store.write() as con:
+        landed = sql.record_bodies(con, paths)
+    # Recorded (committed) first, removed after: a crash in between leaves files that the next run skips.
+    for path in paths:
+        path.unlink(missing_ok=True)
+    with store.write() as con:
+        result = sql.apply_pending(con)
+        members = con.execute("SELECT count(*) FROM mixpanel.cohort_members").fetchone()[0]
+    context.log.info(f"{landed} bodies landed, {result.applied} applied (+{result.entered} -{result.left}), "
+                     f"{result.waiting_pages} members pages waiting for their session's other pages")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": members,
+        "bodies_landed": landed,
+        "bodies_applied": result.applied,
+        "members_entered": result.entered,
+        "members_left": result.left,
+        "pages_waiting": result.waiting_pages,
+        "outcomes": result.outcomes,
+    })
+
+
+mixpanel_cohort_webhook_job = dg.define_asset_job(
+    "mixpanel_cohort_webhook_job",
+    # Applying and pushing in one run: a webhook's change reaches Flagsmith without waiting for the hourly poll.
+    selection=dg.AssetSelection.assets("mixpanel_cohort_webhook_members", "flagsmith_cohort_traits"),
+    tags={"mixsync/writes": "duckdb"},
+    description="Apply landed Mixpanel cohort webhook bodies, then push the trait changes to Flagsmith.",
+)
+
+
+@dg.sensor(job=mixpanel_cohort_webhook_job, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.STOPPED)
+def mixpanel_cohort_webhook_sensor(context: dg.SensorEvaluationContext):
+    """A run whenever bodies are in the landing folder; the run key (newest name and count) keeps one run per set.
+
+    Bodies leave the folder once recorded in DuckDB, so a folder with files in it always means work to do."""
+    paths = landed_bodies(cohort_webhook_dir())
+    if not paths:
+        return dg.SkipReason("no cohort webhook bodies landed")
+    return dg.RunRequest(run_key=f"{paths[-1].name}-{len(paths)}")
