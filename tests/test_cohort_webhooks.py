@@ -3,6 +3,8 @@ pushes to Flagsmith through the same membership tables, ledger and trait as the 
 
 from __future__ import annotations
 
+import base64
+
 import dagster as dg
 import httpx
 import pytest
@@ -158,3 +160,46 @@ def test_missing_credentials_name_the_variables(monkeypatch):
         CohortWebhookSettings.from_env({"MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD})
     with pytest.raises(SettingsError, match="16 characters"):
         CohortWebhookSettings.from_env({"MIXSYNC_COHORT_WEBHOOK_USER": "u", "MIXSYNC_COHORT_WEBHOOK_PASSWORD": "x"})
+
+
+def test_receive_cohorts_command_serves_on_the_shared_hardened_server(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    landing = tmp_path / "cohort_webhooks"
+    env = {**os.environ, "MIXSYNC_COHORT_WEBHOOK_DIR": str(landing), "MIXSYNC_COHORT_WEBHOOK_USER": USER,
+           "MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD, "MIXSYNC_WEBHOOK_BODY_TIMEOUT_SECONDS": "2"}
+    server = subprocess.Popen([sys.executable, "-m", "mixsync.cli", "receive-cohorts", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "the receiver did not start"
+            time.sleep(0.05)
+        assert post(url, body("remove_members", 3, "Churn Risk", ["x"])).json() == {
+            "action": "remove_members", "status": "success"}
+        # A sender that never finishes its body is cut off (the shared server's request deadline).
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+            slow.sendall(f"POST /cohorts HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            slow.settimeout(30)
+            answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408")
+    finally:
+        server.terminate()  # SIGTERM ends it (communicate would time out otherwise)
+        output = server.communicate(timeout=30)[0].decode()
+    assert len([p for p in landing.iterdir() if p.name.startswith("cohorts-")]) == 1
+    assert PASSWORD not in output

@@ -21,13 +21,13 @@ from threading import Lock
 import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mixsync.impressions.landing import write_atomically
-from mixsync.impressions.receiver import BodyRefused, _read_limited
 from mixsync.settings import Secret, SettingsError, WarehouseSettings, parse_int, require
+from mixsync.webhook_server import BodyRefused, ServerLimits, read_body, serve
 
 log = logging.getLogger("mixsync.cohort_receiver")
 WEBHOOK_PATH = "/cohorts"
@@ -153,9 +153,13 @@ def build_app(settings: CohortWebhookSettings) -> Starlette:
             response.headers["WWW-Authenticate"] = 'Basic realm="mixsync cohorts"'
             return response
         try:
-            body = await _read_limited(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes, "MIXSYNC_COHORT_WEBHOOK_MAX_BYTES")
             # The checks and the fsynced write in a worker thread: the event loop keeps accepting.
             action = await run_in_threadpool(land, body)
+        except ClientDisconnect:
+            # The sender went away (or was cut off for being too slow) before its body arrived: nothing landed.
+            count("bodies_refused")
+            return Response(status_code=400)
         except BodyRefused as refused:
             count("bodies_refused")
             log.warning("refused a cohort webhook body: %s", refused.message)
@@ -169,19 +173,21 @@ def build_app(settings: CohortWebhookSettings) -> Starlette:
         return _answer(action, 200)
 
     async def health(request: Request) -> Response:
+        # Counts only: no path, setting or version a stranger could use.
         with lock:
-            return JSONResponse({"status": "ok", "landing_dir": str(settings.directory), **counts})
+            return JSONResponse({"status": "ok", **counts})
 
     return Starlette(routes=[Route(WEBHOOK_PATH, receive, methods=["POST"]),
                              Route("/health", health, methods=["GET"])])
 
 
-def run(host: str, port: int, settings: CohortWebhookSettings) -> None:
-    """Serve the webhook until interrupted (the `mixsync receive-cohorts` command)."""
-    import uvicorn
-
+def run(host: str, port: int, settings: CohortWebhookSettings, limits: ServerLimits | None = None) -> None:
+    """Serve the webhook until SIGTERM or Ctrl-C (the `mixsync receive-cohorts` command), on the hardened server
+    every mixsync receiver shares (request deadline, connection cap, graceful shutdown). HTTP Basic auth is always
+    on, so it may listen beyond loopback."""
+    limits = limits or ServerLimits.from_env()
     settings.directory.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("receiving Mixpanel cohort webhooks on POST http://%s:%d%s into %s", host, port, WEBHOOK_PATH,
              settings.directory)
-    uvicorn.run(build_app(settings), host=host, port=port, access_log=False, log_level="info")
+    serve(build_app(settings), host, port, limits)
