@@ -136,6 +136,11 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        if not storage_is_local(self._instance):
+            # Run storage shared by several machines (Postgres): a run of another machine has no process here,
+            # and must not be failed for it. Such runs count as running (run monitoring fails anything else); see the
+            # README.
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "run storage is shared: liveness not judged here")
         state = liveness(self._instance, run)
         if state.dead:
             return CheckRunHealthResult(WorkerStatus.FAILED,
