@@ -70,5 +70,5 @@ bench: venv
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) data bench/out .pytest_cache
+	rm -rf $(VENV) data bench/out .pytest_cache .mypy_cache .ruff_cache
 	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name .gitignore -prune -exec rm -rf {} +
