@@ -29,27 +29,25 @@ def main() -> None:
               help="Rows to print; 0 for all. Default: 50 for table, all for csv and json.")
 @click.option("--full", is_flag=True, help="table: print every cell whole (cut at 60 characters otherwise).")
 def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> None:
-    """Run a read-only SQL query against MIXSYNC_DUCKDB_PATH and print the result (a table, CSV or JSON).
+    """Run a read-only SQL query against the warehouse (MIXSYNC_WAREHOUSE) and print the result (a table, CSV or JSON).
 
     It waits for a running write to finish instead of breaking it, and cannot change anything: no files read or
     written outside the warehouse, no other database attached, no extension installed.
     """
     import duckdb
 
-    from mixsync.warehouse import Warehouse, WarehouseLockTimeout
+    from mixsync.warehouse import WarehouseLockTimeout, open_warehouse
 
     try:
-        settings = WarehouseSettings.from_env()
+        store = open_warehouse(WarehouseSettings.from_env())
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    store = Warehouse(settings.duckdb_path, memory_limit=settings.memory_limit, threads=settings.threads,
-                      lock_timeout_seconds=settings.lock_timeout_seconds)
     try:
         with store.read() as con:
             lock_down(con)
             rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
             print_result(con.execute(sql), output_format, rows, full, echo=click.echo)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConnectionError) as exc:
         raise click.ClickException(str(exc)) from None
     except WarehouseLockTimeout:
         raise click.ClickException(

@@ -5,11 +5,12 @@ import dagster as dg
 from mixsync.experiments import defs as experiments
 from mixsync.flagsmith import defs as flagsmith
 from mixsync.impressions import defs as impressions
+from mixsync.maintenance import defs as maintenance
 from mixsync.mixpanel import defs as mixpanel
 from mixsync.resources import WarehouseResource
 from mixsync.split import defs as split
 
-FLOWS = (mixpanel, split, flagsmith, impressions, experiments)
+FLOWS = (mixpanel, split, flagsmith, impressions, experiments, maintenance)
 
 resources = {"warehouse": WarehouseResource()}
 for flow in FLOWS:

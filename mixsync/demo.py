@@ -240,7 +240,8 @@ STEPS = [mixpanel_step, split_step, flagsmith_step, profile_flags_step, impressi
 
 
 def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: int = 2000) -> int:
-    from mixsync.warehouse import Warehouse
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import open_warehouse
 
     workdir = workdir.absolute()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -251,11 +252,17 @@ def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: in
         os.environ["MIXSYNC_DUCKDB_PATH"] = str(workdir / "mixsync.duckdb")
         os.environ["MIXSYNC_LANDING_DIR"] = str(workdir / "landing")
         print("sandbox:", ", ".join(f"{name} {server.url}" for name, server in sandbox.servers.items()))
-        store = Warehouse(workdir / "mixsync.duckdb")
+        # MIXSYNC_WAREHOUSE=ducklake (with its catalog and data path) runs the demo on a lake instead: give it
+        # an empty catalog database, since the demo's counts assume an empty warehouse.
+        store = open_warehouse(WarehouseSettings.from_env())
+        print("warehouse:", store.description)
         with _instance(workdir) as instance:
             for step in STEPS:
                 if not step(instance, sandbox, store):
                     print(f"\ndemo step {step.__name__} failed; see the Dagster log above")
                     return 1
-    print(f"\nDone. Query it yourself:\n  {query_hint(workdir / 'mixsync.duckdb')}")
+    if os.environ.get("MIXSYNC_WAREHOUSE", "duckdb").strip().lower() == "ducklake":
+        print("\nDone. Query it yourself (same MIXSYNC_WAREHOUSE settings): mixsync query \"SELECT ...\"")
+    else:
+        print(f"\nDone. Query it yourself:\n  {query_hint(workdir / 'mixsync.duckdb')}")
     return 0

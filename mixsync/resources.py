@@ -6,19 +6,19 @@ import dagster as dg
 
 from mixsync.http import RetryPolicy
 from mixsync.settings import WarehouseSettings
-from mixsync.warehouse import Warehouse
+from mixsync.warehouse import AnyWarehouse, open_warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB file (MIXSYNC_DUCKDB_PATH) and where downloads land (MIXSYNC_LANDING_DIR)."""
+    """The warehouse (MIXSYNC_WAREHOUSE: the DuckDB file at MIXSYNC_DUCKDB_PATH or a DuckLake) and where
+    downloads land (MIXSYNC_LANDING_DIR)."""
 
     def settings(self) -> WarehouseSettings:
         return WarehouseSettings.from_env()
 
-    def warehouse(self) -> Warehouse:
-        s = self.settings()
-        return Warehouse(s.duckdb_path, memory_limit=s.memory_limit, threads=s.threads,
-                         lock_timeout_seconds=s.lock_timeout_seconds)
+    def warehouse(self) -> AnyWarehouse:
+        """The backend MIXSYNC_WAREHOUSE names: the DuckDB file (default) or a DuckLake on Postgres."""
+        return open_warehouse(self.settings())
 
 
 def retry_policy() -> RetryPolicy:

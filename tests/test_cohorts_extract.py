@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import dagster as dg
+import pytest
 import httpx
 
 from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
@@ -32,6 +33,7 @@ def current_members(con, cohort_id):
                                       [cohort_id]).fetchall()}
 
 
+@pytest.mark.both_backends
 def test_cohorts_list_lands_and_is_replaced(sandbox, env, warehouse, instance):
     query = sandbox.mixpanel.query
     run(instance)
@@ -51,6 +53,7 @@ def test_cohorts_list_lands_and_is_replaced(sandbox, env, warehouse, instance):
     assert removed[0] == "removed" and removed[1] > 0
 
 
+@pytest.mark.both_backends
 def test_members_page_with_session_ids_and_history_records_who_entered_and_left(sandbox, env, warehouse, instance,
                                                                               monkeypatch):
     monkeypatch.setenv("MIXPANEL_ENGAGE_PAGE_SIZE", "7")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -57,6 +58,7 @@ def writes(flagsmith) -> dict[tuple[str, str], int]:
     return {k: n for k, n in flagsmith.writes.items() if k[1].startswith(PREFIX)}
 
 
+@pytest.mark.both_backends
 def test_first_sync_sends_everyone_then_only_entries_and_exits(sandbox, env, instance):
     query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
     first = meta(sync(instance))
@@ -159,6 +161,7 @@ dg.materialize([flagsmith_cohort_traits], resources=resources)
 """
 
 
+@pytest.mark.both_backends
 def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, instance, monkeypatch):
     for name, value in {"FLAGSMITH_BULK_MODE": "core", "FLAGSMITH_BATCH_IDENTITIES": "10",
                         "FLAGSMITH_CONCURRENCY": "2"}.items():

@@ -133,6 +133,7 @@ def test_429_is_retried(sandbox, env, client):
     assert client.stats.retries == 2
 
 
+@pytest.mark.both_backends
 def test_exposures_reach_mixpanel_once(sandbox, impressions_env, warehouse, instance, monkeypatch):
     monkeypatch.setenv("MIXSYNC_EXPOSURES_BATCH_SIZE", "100")
     land(instance, ImpressionGenerator(seed=1).batch(250))

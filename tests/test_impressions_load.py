@@ -74,6 +74,7 @@ def test_gzip_and_plain_files_land_with_every_field(settings, warehouse, instanc
     assert sorted(os.listdir(settings.archive_dir / day)) == ["impressions-a.json.gz", "impressions-b.json"]
 
 
+@pytest.mark.both_backends
 def test_the_same_file_dropped_twice_loads_once(settings, warehouse, instance):
     batch = ImpressionGenerator(seed=2).batch(30)
     original = drop(settings.impressions_dir, "impressions-1.json.gz", batch)

@@ -60,6 +60,7 @@ def export_requests(sandbox) -> list:
     return sandbox.mixpanel.recorder.matching("/api/2.0/export")
 
 
+@pytest.mark.both_backends
 def test_a_day_lands_deduplicated_with_rejects_and_metadata(sandbox, env, warehouse, instance):
     day = sandbox.dataset.days[0]
     result = materialize_days(instance, day)
@@ -122,6 +123,7 @@ def test_properties_are_kept_value_for_value(sandbox, env, warehouse, instance):
     assert {"São Paulo", "東京", "Zürich"} <= cities
 
 
+@pytest.mark.both_backends
 def test_rematerializing_replaces_the_day_without_duplicates(sandbox, env, warehouse, instance):
     day = sandbox.dataset.days[0]
     materialize_days(instance, day)
@@ -191,6 +193,7 @@ def test_an_export_that_keeps_ending_early_fails_and_keeps_the_previous_day(sand
     assert after == before > 0
 
 
+@pytest.mark.both_backends
 def test_a_failed_run_leaves_the_previous_copy_intact(sandbox, env, warehouse, instance):
     day = sandbox.dataset.days[0]
     materialize_days(instance, day)
@@ -236,6 +239,7 @@ def test_missing_settings_fail_naming_the_variable(sandbox, env, instance, monke
     assert export_requests(sandbox) == []
 
 
+@pytest.mark.both_backends
 def test_the_daily_job_runs_the_volume_check_and_it_flags_an_empty_day(sandbox, env, warehouse, instance):
     from mixsync.definitions import defs
 
@@ -257,6 +261,7 @@ LEGACY_ZONE = "America/New_York"
 DST_DAYS = (dt.date(2026, 3, 8), dt.date(2026, 11, 1))  # spring forward (a gap), fall back (a fold)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("dataset", [Dataset(days=DST_DAYS, users=200, events_per_day=3000,
                                              legacy_timezone=LEGACY_ZONE)])
 def test_legacy_local_times_become_true_utc_across_dst(dataset, sandbox, env, warehouse, instance):

@@ -66,6 +66,7 @@ def day(sandbox, env, instance) -> str:
     return key
 
 
+@pytest.mark.both_backends
 def test_a_day_is_sent_once_and_rematerializing_sends_nothing_new(sandbox, env, warehouse, instance, day):
     first = split_metadata(materialize(instance, [split_events], day))
     with warehouse.read() as con:
@@ -160,6 +161,7 @@ def test_missing_settings_and_bad_mapping_files_fail_only_this_asset_with_a_clea
     assert sandbox.split.accepted == 0
 
 
+@pytest.mark.both_backends
 def test_a_mapping_file_is_applied(sandbox, env, warehouse, instance, day, monkeypatch, tmp_path):
     mapping = tmp_path / "mapping.yaml"
     mapping.write_text("events:\n  include: [Purchase, '$mp_web_page_view']\n  rename:\n    Purchase: purchase\n"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 import mixsync.mixpanel.cohort_sql  # noqa: F401  (plan reads mixpanel.cohort_members; importing it registers those tables)
+from mixsync.warehouse.transactions import next_id
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
 
@@ -14,7 +15,6 @@ OUTBOX = "sync.flagsmith_outbox"
 MAX_IDENTIFIER = 2000  # Flagsmith answers 500 above this
 
 DDL = outbox_ddl(OUTBOX, ",\n    folded_at TIMESTAMPTZ            -- when a sent item was applied to the ledger") + """
-CREATE SEQUENCE IF NOT EXISTS sync.flagsmith_sync_ids START 1;
 -- One outbox item is one identity's trait changes; these are its traits, one row each (NULL value = delete).
 CREATE TABLE IF NOT EXISTS sync.flagsmith_outbox_traits (
     outbox_id VARCHAR NOT NULL,
@@ -80,7 +80,9 @@ _WHITESPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\pZ]"
 
 
 def begin_sync(con: duckdb.DuckDBPyConnection, bulk_mode: str, exit_mode: str) -> int:
-    sync_id = con.execute("SELECT nextval('sync.flagsmith_sync_ids')").fetchone()[0]
+    # Ids by construction (a lake has no sequences); begin_sync runs under the writer lock.
+    sync_id = next_id(con, "sync.flagsmith_syncs.sync_id", "sync.flagsmith_outbox_traits.sync_id",
+                      "sync.flagsmith_traits.sync_id")
     con.execute("INSERT INTO sync.flagsmith_syncs (sync_id, started_at, bulk_mode, exit_mode) VALUES (?, now(), ?, ?)",
                 [sync_id, bulk_mode, exit_mode])
     return sync_id

@@ -9,9 +9,9 @@ from pathlib import Path
 import duckdb
 
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.transactions import next_id
 
 DDL = """
-CREATE SEQUENCE IF NOT EXISTS mixpanel.cohort_snapshot_ids START 1;
 CREATE TABLE IF NOT EXISTS mixpanel.cohorts (
     id BIGINT NOT NULL,
     name VARCHAR NOT NULL,
@@ -154,6 +154,12 @@ def select_cohorts(con: duckdb.DuckDBPyConnection, selection: tuple[str, ...]) -
     return chosen
 
 
+def next_snapshot_id(con: duckdb.DuckDBPyConnection) -> int:
+    # Snapshot ids by construction (a lake has no sequences): every snapshot that was ever committed has its
+    # row in cohort_snapshots, and ids are taken under the writer lock.
+    return next_id(con, "mixpanel.cohort_snapshots.snapshot_id")
+
+
 def _sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
@@ -163,7 +169,7 @@ def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_n
     """Make `pages` (engage bodies on disk) the cohort's current membership, recording who entered and left."""
     result = MembersLoad(cohort_id)
     taken_at = dt.datetime.now(dt.UTC)
-    snapshot_id = result.snapshot_id = con.execute("SELECT nextval('mixpanel.cohort_snapshot_ids')").fetchone()[0]
+    snapshot_id = result.snapshot_id = next_snapshot_id(con)
     if pages:
         # A page is one JSON object; read_text + a JSON path avoids read_json's per-file object buffers.
         source = f"SELECT unnest(json_extract(content, '$.results[*]')) AS r FROM read_text({_sql_list(pages)})"
@@ -243,7 +249,7 @@ def remove_unselected_cohorts(con: duckdb.DuckDBPyConnection, keep_ids: list[int
     results = []
     for cohort_id, name in gone:
         taken_at = dt.datetime.now(dt.UTC)
-        snapshot_id = con.execute("SELECT nextval('mixpanel.cohort_snapshot_ids')").fetchone()[0]
+        snapshot_id = next_snapshot_id(con)
         params = {"c": cohort_id, "s": snapshot_id, "t": taken_at}
         con.execute("BEGIN TRANSACTION")
         try:

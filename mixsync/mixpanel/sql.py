@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.transactions import next_id, run_transaction
 
 DDL = """
 -- Every row of every load, tagged with its load. A load writes its rows here in one streaming insert straight
@@ -23,7 +24,8 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_rows (
     insert_id VARCHAR,             -- properties."$insert_id"; missing on old or third-party data
     mp_processing_time_ms BIGINT,
     -- the export's properties object, value for value. zstd rather than DuckDB's default FSST for this column:
-    -- 43% less disk and a 20% faster load, measured on a million exported events (bench/RESULTS.md).
+    -- 43% less disk and a 20% faster load, measured on a million exported events (bench/RESULTS.md). A DuckLake
+    -- drops the clause (it writes zstd Parquet itself): DuckLakeWarehouse.adapt_ddl.
     properties JSON USING COMPRESSION zstd,
     day DATE,                      -- the partition: the project's export day
     loaded_at TIMESTAMPTZ,
@@ -35,8 +37,10 @@ CREATE TABLE IF NOT EXISTS mixpanel.events_rejected (
     raw VARCHAR,
     loaded_at TIMESTAMPTZ NOT NULL
 );
+-- No keys or sequences anywhere (DuckLake has neither): one row per day and unique load ids hold by
+-- construction, since every change here happens under the writer lock in one transaction.
 CREATE TABLE IF NOT EXISTS mixpanel.event_loads (
-    day DATE PRIMARY KEY,
+    day DATE NOT NULL,
     events BIGINT NOT NULL,
     rejected BIGINT NOT NULL,
     duplicates_dropped BIGINT NOT NULL,
@@ -47,12 +51,11 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_loads (
 );
 -- Loads whose rows are written but not yet current; a crash leaves its load here for the next load to clear.
 CREATE TABLE IF NOT EXISTS mixpanel.event_loads_unfinished (
-    load_id BIGINT PRIMARY KEY,
+    load_id BIGINT NOT NULL,
     window_start DATE NOT NULL,
     window_end DATE NOT NULL,
     started_at TIMESTAMPTZ NOT NULL
 );
-CREATE SEQUENCE IF NOT EXISTS mixpanel.event_load_ids START 1;
 CREATE VIEW IF NOT EXISTS mixpanel.events AS
     SELECT r.event, r.distinct_id, r.time, r.insert_id, r.mp_processing_time_ms, r.properties, r.day, r.loaded_at
     FROM mixpanel.event_rows r SEMI JOIN mixpanel.event_loads l ON r.day = l.day AND r.load_id = l.load_id;
@@ -93,6 +96,7 @@ class ExportLoad:
     rejected: int = 0
     duplicates_dropped: int = 0
     lines: int = 0
+    conflict_retries: int = 0      # times the switch lost a DuckLake write conflict and ran again
     per_day: dict[dt.date, int] = field(default_factory=dict)
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -162,7 +166,8 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
     """
     clear_unfinished_loads(con)
     loaded_at = dt.datetime.now(dt.UTC)
-    load_id = con.execute("SELECT nextval('mixpanel.event_load_ids')").fetchone()[0]
+    load_id = next_id(con, "mixpanel.event_rows.load_id", "mixpanel.event_loads.load_id",
+                      "mixpanel.event_loads_unfinished.load_id")
     con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
                 [load_id, window_start, window_end, loaded_at])
     try:
@@ -191,10 +196,11 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
 def clear_unfinished_loads(con: duckdb.DuckDBPyConnection) -> None:
     """Delete the rows of loads that never became current (a crash between their insert and their switch)."""
     for (load_id,) in con.execute("SELECT load_id FROM mixpanel.event_loads_unfinished").fetchall():
-        con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM mixpanel.event_rows WHERE load_id = ?", [load_id])
-        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
-        con.execute("COMMIT")
+        def clear(con, load_id=load_id) -> None:
+            con.execute("DELETE FROM mixpanel.event_rows WHERE load_id = ?", [load_id])
+            con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
+
+        run_transaction(con, clear)
 
 
 def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None, loaded_at: dt.datetime) -> None:
@@ -216,8 +222,8 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
                      WHEN (properties->'time') IS NULL THEN 'missing properties.time'
                      WHEN time IS NULL THEN 'properties.time is not a number'
                      ELSE 'outside the requested window' END"""
-    con.execute("BEGIN TRANSACTION")
-    try:
+
+    def switch(con) -> None:
         con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
         con.execute(f"""INSERT INTO mixpanel.events_rejected
             SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
@@ -251,13 +257,12 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
                    $start, $end, $loaded_at, $load_id
             FROM days LEFT JOIN loaded USING (day) LEFT JOIN dropped USING (day) LEFT JOIN rejected USING (day)""", params)
         con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+    # One transaction, retried whole if it loses a DuckLake conflict (a concurrent writer to these tables).
+    try:
+        _, retries = run_transaction(con, switch)
     finally:
         con.execute("DROP TABLE IF EXISTS export_dropped")
-    result = ExportLoad()
+    result = ExportLoad(conflict_retries=retries)
     result.per_day = dict(con.execute("SELECT day, events FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window).fetchall())
     result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
                                                    WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())

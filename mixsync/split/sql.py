@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS split.events_rejected (
     rejected_at TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS split.event_renames (
-    event VARCHAR PRIMARY KEY,         -- the Mixpanel event name
+    event VARCHAR NOT NULL,            -- the Mixpanel event name; one row each (replaced by delete + insert)
     event_type_id VARCHAR,             -- the Split eventTypeId it is sent as; NULL: unusable, needs a rename
     rule VARCHAR NOT NULL,             -- 'mapping file' or 'normalized'
     updated_at TIMESTAMPTZ NOT NULL
@@ -96,9 +96,11 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
                            SELECT day, id, traffic_type, event, event_type_id, key, make_timestamptz(timestamp_ms * 1000),
                                   reject_reason, $now
                            FROM split_stage WHERE reject_reason IS NOT NULL""", {"now": now})
-            con.execute("""INSERT OR REPLACE INTO split.event_renames
-                           SELECT DISTINCT event, event_type_id, rename_rule, $now FROM split_names
-                           WHERE rename_rule IS NOT NULL AND selected""", {"now": now})
+            # Delete then insert rather than INSERT OR REPLACE: a DuckLake table has no key to replace on.
+            renamed = "SELECT DISTINCT event, event_type_id, rename_rule FROM split_names WHERE rename_rule IS NOT NULL AND selected"
+            con.execute(f"DELETE FROM split.event_renames WHERE event IN (SELECT event FROM ({renamed}))")
+            con.execute(f"INSERT INTO split.event_renames SELECT event, event_type_id, rename_rule, $now FROM ({renamed})",
+                        {"now": now})
             result.withdrawn = con.execute(f"""
                 DELETE FROM {EVENTS_OUTBOX} o WHERE {in_window} AND o.status = 'pending'
                   AND o.id NOT IN (SELECT id FROM split_stage WHERE payload IS NOT NULL)""").fetchone()[0]

@@ -1,28 +1,40 @@
-"""The DuckDB warehouse: connections, the cross-process writer lock, and the schemas the flows register."""
+"""The warehouse engine: two backends behind one interface, the writer locks, and every schema mixsync owns.
+
+`Warehouse` is a native DuckDB file (writers queue on a file lock beside it: one host). `DuckLakeWarehouse`
+(mixsync/warehouse/ducklake.py) is a DuckLake on a Postgres catalog (writers queue on a Postgres advisory lock:
+any number of hosts). Both give `write()` and `read()` connections on which every flow's SQL runs unchanged.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Union
 
 import duckdb
 
+from mixsync.warehouse.ducklake import DuckLakeWarehouse, WarehouseLockTimeout
 from mixsync.warehouse.schema import SCHEMAS, registered
+from mixsync.warehouse.sql import memory_limit as memory_limit_sql
+
+if TYPE_CHECKING:
+    from mixsync.settings import WarehouseSettings
+
+__all__ = ["SCHEMAS", "AnyWarehouse", "DuckLakeWarehouse", "Warehouse", "WarehouseLockTimeout", "ensure_schema",
+           "markdown_table", "open_warehouse"]
 
 
-class WarehouseLockTimeout(RuntimeError):
-    """Another process kept the DuckDB file longer than the configured lock timeout."""
-
-
-def _configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
+def configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
     # Instants are stored as TIMESTAMPTZ; rendering them in UTC keeps every query and test unambiguous.
     con.execute("SET TimeZone = 'UTC'")
     if memory_limit:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET memory_limit = {memory_limit_sql(memory_limit)}")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     # Bulk loads need no ordering guarantees; dropping them lets DuckDB stream within the memory limit.
@@ -75,12 +87,30 @@ def _open_with_retry(path: Path, read_only: bool, deadline: float) -> duckdb.Duc
 class Warehouse:
     """One DuckDB file. Writers hold an exclusive file lock only for the short write; readers share it."""
 
+    kind = "duckdb"
+
     def __init__(self, path: Path | str, memory_limit: str | None = "256MB", threads: int | None = 2,
                  lock_timeout_seconds: float = 900):
         self.path = Path(path)
         self.memory_limit = memory_limit
         self.threads = threads
         self.lock_timeout_seconds = lock_timeout_seconds
+
+    def __repr__(self) -> str:
+        return f"Warehouse({str(self.path)!r})"
+
+    @property
+    def description(self) -> str:
+        return f"DuckDB file {self.path}"
+
+    @staticmethod
+    def adapt_ddl(ddl: str) -> str:
+        return ddl
+
+    def maintain(self, con: duckdb.DuckDBPyConnection, keep_days: int) -> dict:
+        """Write the WAL into the file and reclaim the space of deleted rows (a file keeps no old versions)."""
+        con.execute("CHECKPOINT")
+        return {"checkpointed": True}
 
     @property
     def lock_path(self) -> Path:
@@ -93,7 +123,7 @@ class Warehouse:
         with _file_lock(self.lock_path, exclusive=True, timeout_seconds=self.lock_timeout_seconds):
             con = _open_with_retry(self.path, False, time.monotonic() + self.lock_timeout_seconds)
             try:
-                _configure(con, self.memory_limit, self.threads)
+                configure(con, self.memory_limit, self.threads)
                 ensure_schema(con)
                 yield con
             finally:
@@ -107,17 +137,54 @@ class Warehouse:
         with _file_lock(self.lock_path, exclusive=False, timeout_seconds=self.lock_timeout_seconds):
             con = _open_with_retry(self.path, True, time.monotonic() + self.lock_timeout_seconds)
             try:
-                _configure(con, self.memory_limit, self.threads)
+                configure(con, self.memory_limit, self.threads)
                 yield con
             finally:
                 con.close()
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every schema and the tables of every registered flow; idempotent, run on each write connection."""
+AnyWarehouse = Union[Warehouse, DuckLakeWarehouse]
+
+
+def open_warehouse(settings: "WarehouseSettings") -> AnyWarehouse:
+    """The backend MIXSYNC_WAREHOUSE names, configured from the settings."""
+    if settings.backend == "ducklake":
+        return DuckLakeWarehouse(settings.ducklake_catalog, settings.ducklake_data_path,
+                                 memory_limit=settings.memory_limit, threads=settings.threads,
+                                 lock_timeout_seconds=settings.lock_timeout_seconds)
+    return Warehouse(settings.duckdb_path, memory_limit=settings.memory_limit, threads=settings.threads,
+                     lock_timeout_seconds=settings.lock_timeout_seconds)
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, adapt: Callable[[str], str] | None = None,
+                  applied: set | None = None) -> None:
+    """Create every schema and the tables of every registered flow; idempotent, run on each write connection.
+
+    With `adapt` (a DuckLake), the DDL is first made portable, and it runs only when it changed since it was
+    last applied: each DDL statement on a lake is a catalog commit, which every write connection would repeat.
+    """
+    flows = registered()
+    if adapt is not None:
+        ddl = "\n".join(adapt(flow.ddl) for flow in flows)
+        digest = hashlib.sha256(ddl.encode()).hexdigest()
+        if applied is not None and digest in applied:
+            return
+        con.execute("CREATE SCHEMA IF NOT EXISTS sync")
+        con.execute("CREATE TABLE IF NOT EXISTS sync.warehouse_schema (ddl_sha256 VARCHAR, applied_at TIMESTAMPTZ)")
+        if not con.execute("SELECT count(*) FROM sync.warehouse_schema WHERE ddl_sha256 = ?", [digest]).fetchone()[0]:
+            # One transaction: one catalog commit instead of one per statement.
+            con.execute("BEGIN TRANSACTION")
+            for schema in SCHEMAS:
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            con.execute(ddl)
+            con.execute("INSERT INTO sync.warehouse_schema VALUES (?, ?)", [digest, dt.datetime.now(dt.timezone.utc)])
+            con.execute("COMMIT")
+        if applied is not None:
+            applied.add(digest)
+        return
     for schema in SCHEMAS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    for flow in registered():
+    for flow in flows:
         if flow.migrate is not None:
             flow.migrate(con)
         if flow.ddl.strip():

@@ -1,0 +1,1 @@
+"""Warehouse upkeep: the warehouse_maintenance asset and its daily schedule (no external system)."""

@@ -1,0 +1,218 @@
+"""The DuckLake backend: tables in a DuckLake (catalog in Postgres, data as Parquet in a folder or object store).
+
+Every connection is an in-memory DuckDB that attaches the lake as its default catalog, so each flow's SQL
+(schemas mixpanel, split, flagsmith, sync, analytics) runs unchanged. Writers serialize through a Postgres
+advisory lock on the catalog database, which holds across hosts; readers need no lock (snapshot isolation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+from mixsync.warehouse.sql import literal
+
+# Parquet row groups of 20,000 rows: DuckDB's default (122,880) ran out of memory at a 256 MB limit while
+# loading a 500,000-event day; 20,000 loads fine and faster (docs: notes/ducklake-and-postgres.md).
+PARQUET_ROW_GROUP_SIZE = 20000
+# pg_advisory_lock takes one 64-bit key; this one is "mixsync warehouse writer" hashed, fixed forever.
+WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixsync warehouse writer").digest()[:8], "big", signed=True)
+# Column compression clauses are a native-file feature; DuckLake refuses them (it compresses Parquet itself).
+_COMPRESSION_CLAUSE = re.compile(r"\s+USING\s+COMPRESSION\s+\w+", re.IGNORECASE)
+
+
+_databases: dict[tuple, duckdb.DuckDBPyConnection] = {}
+_databases_lock = threading.Lock()
+# Digests of the DDL this process has already seen applied, per catalog: skips even the check.
+_applied_ddl: dict[str, set[str]] = {}
+
+
+class WarehouseLockTimeout(RuntimeError):
+    """Another process kept the warehouse longer than the configured lock timeout."""
+
+
+def _extension_files() -> dict[str, Path]:
+    """The DuckDB extensions DuckLake needs, from the PyPI wheels (DuckDB's extension server is not needed)."""
+    import duckdb_extension_ducklake
+    import duckdb_extension_postgres
+
+    files = {}
+    for name, module in (("ducklake", duckdb_extension_ducklake), ("postgres", duckdb_extension_postgres)):
+        found = sorted(Path(module.__file__).parent.glob(f"extensions/v{duckdb.__version__}/*.duckdb_extension"))
+        if not found:
+            raise RuntimeError(f"the duckdb-extension-{name} wheel has no build for DuckDB {duckdb.__version__}: "
+                               "install the versions in requirements.lock")
+        files[name] = found[0]
+    return files
+
+
+def extension_directory() -> Path:
+    """Where mixsync installs DuckDB's extensions: a per-version cache folder on local disk, rebuilt when gone."""
+    return Path(tempfile.gettempdir()) / f"mixsync-duckdb-{duckdb.__version__}-extensions"
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
+    """INSTALL the wheels' files into our extension directory (once per host; a file lock orders processes), LOAD."""
+    directory = extension_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET extension_directory = {literal(str(directory))}")
+    # Never reach for DuckDB's extension server: offline machines would hang or fail on it.
+    con.execute("SET autoinstall_known_extensions = false")
+    with open(directory / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, file in _extension_files().items():
+            con.execute(f"INSTALL {literal(str(file))}")
+    for name in ("ducklake", "postgres"):
+        con.execute(f"LOAD {name}")
+
+
+@contextlib.contextmanager
+def advisory_lock(catalog: str, timeout_seconds: float) -> Iterator[None]:
+    """Hold the Postgres advisory writer lock on the catalog database; it holds across hosts and is released
+    by Postgres itself if this process dies (the session ends)."""
+    import psycopg2
+
+    pg = psycopg2.connect(catalog, application_name="mixsync writer lock")
+    try:
+        pg.autocommit = True
+        deadline = time.monotonic() + timeout_seconds
+        delay = 0.01
+        with pg.cursor() as cur:
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", [WRITER_LOCK_KEY])
+                if cur.fetchone()[0]:
+                    break
+                if time.monotonic() >= deadline:
+                    raise WarehouseLockTimeout(
+                        f"waited {timeout_seconds:.0f}s for the warehouse writer lock (a Postgres advisory lock on "
+                        "the DuckLake catalog): another mixsync process kept it; raise MIXSYNC_LOCK_TIMEOUT_SECONDS "
+                        "or look for a stuck run")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            with pg.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", [WRITER_LOCK_KEY])
+    finally:
+        pg.close()
+
+
+class DuckLakeWarehouse:
+    """A DuckLake whose catalog is the Postgres database `catalog` (libpq key=value string; the password comes
+    from PGPASSWORD) and whose Parquet files live under `data_path` (a folder or s3://bucket/prefix)."""
+
+    kind = "ducklake"
+
+    def __init__(self, catalog: str, data_path: str, memory_limit: str | None = "256MB", threads: int | None = 2,
+                 lock_timeout_seconds: float = 900):
+        self.catalog = catalog
+        self.data_path = data_path
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    def __repr__(self) -> str:
+        # The catalog string names host and database only (the password is in PGPASSWORD, never here).
+        return f"DuckLakeWarehouse(catalog={self.catalog!r}, data_path={self.data_path!r})"
+
+    @property
+    def description(self) -> str:
+        return f"DuckLake (catalog {self.catalog}, data {self.data_path})"
+
+    def _database(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """This process's DuckDB instance with the extensions loaded and the lake attached, made once.
+
+        Loading the two extensions takes about a second and attaching a round trip to Postgres; each connection
+        is a cursor on this instance instead. A cursor starts a transaction on the latest snapshot, so sharing
+        the instance never hides another host's commits.
+        """
+        key = (self.catalog, self.data_path, read_only, self.memory_limit, self.threads)
+        with _databases_lock:
+            database = _databases.get(key)
+            if database is None and read_only:
+                # A reader in a process that writes too reuses the writer's instance (it only reads).
+                database = _databases.get(key[:2] + (False,) + key[3:])
+            if database is None:
+                database = _databases[key] = self._attach(read_only)
+            return database
+
+    def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        from mixsync.warehouse import configure
+
+        con = duckdb.connect()
+        try:
+            configure(con, self.memory_limit, self.threads)
+            # An in-memory database spills to this folder beyond the memory limit.
+            con.execute(f"SET temp_directory = {literal(str(Path(tempfile.gettempdir()) / 'mixsync-duckdb-spill'))}")
+            load_extensions(con)
+            options = [f"DATA_PATH {literal(self.data_path)}"]
+            if read_only:
+                options.append("READ_ONLY")
+            try:
+                con.execute(f"ATTACH {literal('ducklake:postgres:' + self.catalog)} AS lake ({', '.join(options)})")
+            except duckdb.Error as exc:
+                raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
+                                      f"{exc}") from exc
+            if not read_only:
+                con.execute(f"CALL lake.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
+            return con
+        except BaseException:
+            con.close()
+            raise
+
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        from mixsync.warehouse import configure
+
+        con = self._database(read_only).cursor()
+        try:
+            configure(con, self.memory_limit, self.threads)
+            # The lake is the default catalog: every flow's `schema.table` names resolve in it.
+            con.execute("USE lake")
+            return con
+        except BaseException:
+            con.close()
+            raise
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection with the schema in place, under the cross-host writer lock."""
+        from mixsync.warehouse import ensure_schema
+
+        with advisory_lock(self.catalog, self.lock_timeout_seconds):
+            con = self._connect(read_only=False)
+            try:
+                ensure_schema(con, adapt=self.adapt_ddl, applied=_applied_ddl.setdefault(self.catalog, set()))
+                yield con
+            finally:
+                con.close()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection on the latest snapshot; it never waits for writers nor sees half a write."""
+        con = self._connect(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @staticmethod
+    def adapt_ddl(ddl: str) -> str:
+        return _COMPRESSION_CLAUSE.sub("", ddl)
+
+    def maintain(self, con: duckdb.DuckDBPyConnection, keep_days: int) -> dict:
+        """Expire snapshots older than `keep_days` and delete the files no snapshot needs any more."""
+        before = con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0]
+        con.execute(f"CALL ducklake_expire_snapshots('lake', older_than => now() - INTERVAL {int(keep_days)} DAY)")
+        cleaned = con.execute("CALL ducklake_cleanup_old_files('lake', cleanup_all => true)").fetchall()
+        after = con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0]
+        return {"snapshots_expired": before - after, "snapshots_kept": after, "files_deleted": len(cleaned)}

@@ -1,0 +1,209 @@
+"""The DuckLake backend on a real private Postgres: settings, the cross-process writer lock, conflict retries,
+`mixsync query`, warehouse_maintenance on both backends, and a Postgres-backed Dagster instance."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from mixsync.cli import main
+from mixsync.maintenance.defs import warehouse_maintenance
+from mixsync.mixpanel.assets import mixpanel_events
+from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.resources import WarehouseResource
+from mixsync.settings import SettingsError, WarehouseSettings
+from mixsync.warehouse import DuckLakeWarehouse, WarehouseLockTimeout, open_warehouse
+from mixsync.warehouse.ducklake import load_extensions
+from mixsync.warehouse.transactions import run_transaction
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lake_from(lake_env: dict, lock_timeout_seconds: float = 60) -> DuckLakeWarehouse:
+    settings = WarehouseSettings.from_env({**lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": str(int(lock_timeout_seconds))})
+    return open_warehouse(settings)
+
+
+def poll(condition, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_settings_name_what_is_wrong(tmp_path):
+    with pytest.raises(SettingsError, match="MIXSYNC_WAREHOUSE='sqlite' is not one of duckdb, ducklake"):
+        WarehouseSettings.from_env({"MIXSYNC_WAREHOUSE": "sqlite"})
+    with pytest.raises(SettingsError, match="MIXSYNC_DUCKLAKE_CATALOG is not set"):
+        WarehouseSettings.from_env({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path)})
+    with pytest.raises(SettingsError, match="MIXSYNC_DUCKLAKE_DATA_PATH is not set"):
+        WarehouseSettings.from_env({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_CATALOG": "dbname=x host=h"})
+    with pytest.raises(SettingsError, match="PGPASSWORD") as refused:
+        WarehouseSettings.from_env({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path),
+                                    "MIXSYNC_DUCKLAKE_CATALOG": "dbname=x host=h password=hunter2"})
+    assert "hunter2" not in str(refused.value)
+    assert open_warehouse(WarehouseSettings.from_env({})).kind == "duckdb"
+
+
+def test_the_lake_takes_every_flows_schema_and_keeps_zstd_on_the_file_only(lake_env, tmp_path):
+    with lake_from(lake_env).write() as con:
+        tables = {row[0] for row in con.execute(
+            "SELECT table_schema || '.' || table_name FROM information_schema.tables WHERE table_catalog = 'lake'").fetchall()}
+    assert {"mixpanel.event_rows", "mixpanel.event_loads", "mixpanel.events", "split.events_outbox",
+            "sync.flagsmith_outbox", "mixpanel.cohort_members"} <= tables
+    file_store = open_warehouse(WarehouseSettings.from_env({"MIXSYNC_DUCKDB_PATH": str(tmp_path / "w.duckdb")}))
+    with file_store.write() as con:
+        compression = con.execute("""SELECT DISTINCT compression FROM pragma_storage_info('mixpanel.event_rows')
+                                     WHERE column_name = 'properties' AND segment_type = 'VARCHAR'""").fetchall()
+    assert compression in ([], [("ZSTD",)])  # an empty table has no segments yet; the clause itself applied
+
+
+CHILD_HOLDS_THE_LOCK = """
+import sys, time
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import open_warehouse
+with open_warehouse(WarehouseSettings.from_env()).write() as con:
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_dies(lake_env):
+    lake = lake_from(lake_env, lock_timeout_seconds=1)
+    with lake.write():
+        pass  # the schema exists before the child races for it
+    child = subprocess.Popen([sys.executable, "-c", CHILD_HOLDS_THE_LOCK], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **lake_env})
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        with pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"):
+            with lake.write():
+                pass
+        # Reads never wait for a writer.
+        with lake.read() as con:
+            assert con.execute("SELECT count(*) FROM mixpanel.event_loads").fetchone()[0] == 0
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        patient = lake_from(lake_env, lock_timeout_seconds=60)
+        with patient.write() as con:  # Postgres ended the killed holder's session, and its lock with it
+            assert con.execute("SELECT 1").fetchone()[0] == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_transaction_that_loses_a_write_conflict_runs_again_whole(lake_env):
+    lake = lake_from(lake_env)
+    with lake.write() as con:
+        con.execute("CREATE TABLE analytics.conflicted (n INTEGER)")
+        con.execute("INSERT INTO analytics.conflicted VALUES (1), (2)")
+    attempts = []
+
+    def body(con):
+        attempts.append(len(attempts) + 1)
+        con.execute("DELETE FROM analytics.conflicted WHERE n = 1")
+        if len(attempts) == 1:
+            # Another writer (a second connection, as another host would be) commits a change to the same table.
+            other = duckdb.connect()
+            try:
+                load_extensions(other)
+                other.execute(f"ATTACH 'ducklake:postgres:{lake.catalog}' AS lake (DATA_PATH '{lake.data_path}')")
+                other.execute("INSERT INTO lake.analytics.conflicted VALUES (3)")
+            finally:
+                other.close()
+        con.execute("INSERT INTO analytics.conflicted VALUES (10)")
+        return len(attempts)
+
+    with lake.write() as con:
+        result, retries = run_transaction(con, body)
+        assert (result, retries) == (2, 1)
+        assert sorted(r[0] for r in con.execute("SELECT n FROM analytics.conflicted").fetchall()) == [2, 3, 10]
+
+
+def test_mixsync_query_reads_a_lake_and_cannot_write(lake_env, monkeypatch):
+    with lake_from(lake_env).write() as con:
+        con.execute("CREATE TABLE analytics.t AS SELECT 'São Paulo' AS city, 3 AS n")
+    for name, value in lake_env.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    shown = runner.invoke(main, ["query", "SELECT city, n FROM analytics.t"])
+    assert shown.exit_code == 0, shown.output
+    assert "São Paulo" in shown.output and "(1 rows)" in shown.output
+    refused = runner.invoke(main, ["query", "DROP TABLE analytics.t"])
+    assert refused.exit_code != 0 and "read-only" in refused.output.lower()
+
+
+def maintenance_metadata(instance) -> dict:
+    result = dg.materialize([warehouse_maintenance], instance=instance, resources={"warehouse": WarehouseResource()})
+    return {k: v.value for k, v in result.asset_materializations_for_node("warehouse_maintenance")[0].metadata.items()}
+
+
+@pytest.mark.both_backends
+def test_warehouse_maintenance_expires_snapshots_and_deletes_superseded_files(sandbox, env, warehouse, instance,
+                                                                               monkeypatch):
+    resources = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource()}
+    day = dt.date(2026, 1, 5)
+    for _ in range(2):  # the second load supersedes the first one's files
+        dg.materialize([mixpanel_events], instance=instance, resources=resources, partition_key=day.isoformat())
+    with warehouse.read() as con:
+        events = con.execute("SELECT count(*) FROM mixpanel.events").fetchone()[0]
+    if warehouse.kind == "duckdb":
+        done = maintenance_metadata(instance)
+        assert done["warehouse"] == "duckdb" and done["checkpointed"] is True
+    else:
+        lake_files = lambda: sorted(Path(env["MIXSYNC_DUCKLAKE_DATA_PATH"]).rglob("*.parquet"))  # noqa: E731
+        before = lake_files()
+        monkeypatch.setenv("MIXSYNC_DUCKLAKE_SNAPSHOT_RETENTION_DAYS", "0")
+        done = maintenance_metadata(instance)
+        assert done["warehouse"] == "ducklake"
+        assert done["snapshots_expired"] > 0 and done["files_deleted"] > 0
+        assert len(lake_files()) == len(before) - done["files_deleted"]
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM mixpanel.events").fetchone()[0] == events > 0
+
+
+def readme_dagster_yaml() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- dagster-postgres-yaml -->\s*```yaml\n(.*?)```", text, re.S)
+    assert match, "README has the Postgres dagster.yaml example"
+    return match.group(1)
+
+
+def test_the_readme_postgres_instance_materializes_an_asset(postgres, tmp_path):
+    postgres.create_database("dagster_instance")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(readme_dagster_yaml())
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(postgres.port),
+           "DAGSTER_PG_USERNAME": "postgres", "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
+           "DAGSTER_PG_DB": "dagster_instance", "MIXSYNC_DUCKDB_PATH": str(tmp_path / "w.duckdb")}
+    done = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "mixsync.definitions",
+                           "--select", "warehouse_maintenance"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import psycopg2
+
+    con = psycopg2.connect(postgres.dsn("dagster_instance"))
+    try:
+        with con.cursor() as cur:
+            cur.execute("SELECT count(*) FROM runs WHERE status = 'SUCCESS'")
+            assert cur.fetchone()[0] == 1
+            cur.execute("SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' "
+                        "AND asset_key LIKE '%warehouse_maintenance%'")
+            assert cur.fetchone()[0] == 1
+    finally:
+        con.close()
