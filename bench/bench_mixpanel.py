@@ -1,12 +1,15 @@
-"""Mixpanel export → DuckDB: mixsync's end-to-end path against DuckDB's own read_json of the same file.
+"""Mixpanel export → the warehouse: mixsync's end-to-end path against DuckDB's own read_json of the same file
+into the same backend, on a DuckDB file and on a DuckLake (catalog on a private Postgres, data in a folder).
 
 Prints ratios measured side by side in one run. Each measurement runs in a fresh child process, so its
-peak RSS (ru_maxrss) is its own. Usage: python bench/bench_mixpanel.py [--events 1000000] [--rounds 5]
+peak RSS (ru_maxrss) is its own. Usage:
+python bench/bench_mixpanel.py [--events 1000000] [--small-events 250000] [--rounds 5] [--backends duckdb,ducklake]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -21,13 +24,28 @@ OUT = Path(__file__).resolve().parent / "out"
 DAY = dt.date(2026, 1, 15)
 
 
-def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
+def _lake_connection(lake: dict):
+    """An in-memory DuckDB with the lake attached as mixsync attaches it (same extensions, same row groups)."""
+    import duckdb
+
+    from mixsync.warehouse.ducklake import PARQUET_ROW_GROUP_SIZE, load_extensions
+
+    con = duckdb.connect()
+    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/mixsync-duckdb-spill'")
+    load_extensions(con)
+    con.execute(f"ATTACH 'ducklake:postgres:{lake['catalog']}' AS lake (DATA_PATH '{lake['data_path']}')")
+    con.execute("USE lake")
+    con.execute(f"CALL lake.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
+    return con
+
+
+def child_duckdb_read_json(path: str, db: str, extract: str, lake: dict | None = None) -> dict:
     """extract: "tuned" (the columns mixsync lands, as fast as DuckDB does them), "plain" (the same columns
     written the obvious way: one `->>` per field, default storage), "bare" (event and properties only) or
     "auto" (`SELECT *` with read_json's own schema detection: properties become a STRUCT)."""
     import duckdb
 
-    con = duckdb.connect(db)
+    con = _lake_connection(lake) if lake else duckdb.connect(db)
     # The same DuckDB settings as mixsync's loader (MIXSYNC_DUCKDB_MEMORY_LIMIT, threads), so only the path differs.
     con.execute(f"SET threads = 2; SET memory_limit = '{os.environ.get('MIXSYNC_DUCKDB_MEMORY_LIMIT', '256MB')}'; "
                 "SET preserve_insertion_order = false")
@@ -43,8 +61,10 @@ def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
     elif extract == "tuned":
         # As fast as DuckDB does it: the fields in one parse of `properties`, and `properties` stored with zstd,
         # the same two choices mixsync makes (each measured faster), so the ratio shows only the pipeline's cost.
-        con.execute("""CREATE TABLE events (event VARCHAR, distinct_id VARCHAR, time TIMESTAMPTZ, insert_id VARCHAR,
-                                            properties JSON USING COMPRESSION zstd, day DATE)""")
+        # (A lake has no compression clause: it writes zstd Parquet itself.)
+        compression = "" if lake else " USING COMPRESSION zstd"
+        con.execute(f"""CREATE TABLE events (event VARCHAR, distinct_id VARCHAR, time TIMESTAMPTZ, insert_id VARCHAR,
+                                             properties JSON{compression}, day DATE)""")
         con.execute(f"""INSERT INTO events
             SELECT event, f[1]->>'$', epoch_ms(TRY_CAST(round(TRY_CAST(f[3]->>'$' AS DOUBLE)) AS BIGINT)), f[2]->>'$',
                    properties, CAST(epoch_ms(TRY_CAST(round(TRY_CAST(f[3]->>'$' AS DOUBLE)) AS BIGINT)) AS DATE)
@@ -58,19 +78,23 @@ def child_duckdb_read_json(path: str, db: str, extract: str) -> dict:
     return {"seconds": time.perf_counter() - started, "rows": rows}
 
 
-def child_mixsync(env: dict, db: str, landing: str) -> dict:
+def child_mixsync(env: dict, db: str, landing: str, lake: dict | None = None) -> dict:
     os.environ.update(env)
+    if lake:
+        os.environ.update({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_CATALOG": lake["catalog"],
+                           "MIXSYNC_DUCKLAKE_DATA_PATH": lake["data_path"]})
+    else:
+        os.environ.update({"MIXSYNC_WAREHOUSE": "duckdb", "MIXSYNC_DUCKDB_PATH": db})
     import logging
 
     from mixsync.http import RetryPolicy
     from mixsync.mixpanel.assets import load_export_window
     from mixsync.mixpanel.client import MixpanelClient
     from mixsync.settings import MixpanelSettings, WarehouseSettings
-    from mixsync.warehouse import Warehouse
+    from mixsync.warehouse import open_warehouse
 
     settings = MixpanelSettings.from_env()
-    ws = WarehouseSettings.from_env()
-    store = Warehouse(db, memory_limit=ws.memory_limit, threads=ws.threads)
+    store = open_warehouse(WarehouseSettings.from_env())
     started = time.perf_counter()
     with MixpanelClient(settings, RetryPolicy.from_env()) as client:
         loads, downloaded = load_export_window(client, store, settings, Path(landing), DAY, DAY,
@@ -87,58 +111,76 @@ def run_child(kind: str, *args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_seconds(runs: list[dict]) -> float:
+    return statistics.median(r["seconds"] for r in runs)
+
+
+def peak(runs: list[dict]) -> float:
+    return max(r["peak_rss_mb"] for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--small-events", type=int, default=250_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backends", default="duckdb,ducklake", help="comma-separated: duckdb, ducklake")
+    parser.add_argument("--extra-references", action="store_true",
+                        help="also time plain, bare and auto-detected read_json (DuckDB file only)")
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mixsync.sandbox import Sandbox
     from mixsync.sandbox.data import Dataset, ensure_day_file
+    from mixsync.sandbox.postgres import PostgresServer
 
     data_dir = OUT / "mixpanel-data"
-    results = {}
-    for label, n in (("large", args.events), ("small", args.small_events)):
-        dataset = Dataset(days=(DAY,), users=20_000, events_per_day=n)
-        local_file = ensure_day_file(dataset, DAY, data_dir / "mixpanel")
-        with Sandbox(dataset, data_dir=data_dir) as sandbox, tempfile.TemporaryDirectory() as tmp:
-            env = {**sandbox.env(), **{k: v for k, v in os.environ.items() if k.startswith("MIXSYNC_DUCKDB")}}
-            runs: dict[str, list[dict]] = {"read_json": [], "read_json_plain": [], "read_json_bare": [],
-                                           "read_json_auto": [], "mixsync": []}
-            rounds = args.rounds if label == "large" else 1
-            for r in range(rounds):
-                runs["read_json"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/a{r}.duckdb", "tuned"))
-                runs["mixsync"].append(run_child("child_mixsync", env, f"{tmp}/m{r}.duckdb", f"{tmp}/landing"))
-                if label == "large":
-                    runs["read_json_bare"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/b{r}.duckdb", "bare"))
-                    runs["read_json_plain"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/p{r}.duckdb", "plain"))
-                    runs["read_json_auto"].append(run_child("child_duckdb_read_json", str(local_file), f"{tmp}/x{r}.duckdb", "auto"))
-        results[label] = {"events": n, "gz_mb": round(local_file.stat().st_size / 2**20, 1), "runs": runs}
+    results: dict = {}
+    databases = iter(range(1, 1_000_000))
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(PostgresServer()) if "ducklake" in backends else None
 
-    large = results["large"]["runs"]
-    t_base = statistics.median(r["seconds"] for r in large["read_json"])
-    t_bare = statistics.median(r["seconds"] for r in large["read_json_bare"])
-    t_plain = statistics.median(r["seconds"] for r in large["read_json_plain"])
-    t_auto = statistics.median(r["seconds"] for r in large["read_json_auto"])
-    t_ours = statistics.median(r["seconds"] for r in large["mixsync"])
-    rows = large["mixsync"][0]["rows"]
-    print(f"events: {results['large']['events']:,} ({results['large']['gz_mb']} MB gzipped), rounds: {args.rounds}")
-    print(f"DuckDB read_json, same columns, tuned       : {t_base:6.2f} s  {rows / t_base:>10,.0f} ev/s  "
-          f"peak RSS {max(r['peak_rss_mb'] for r in large['read_json']):.0f} MB")
-    print(f"DuckDB read_json, same columns, plain SQL   : {t_plain:6.2f} s")
-    print(f"DuckDB read_json, bare (event, properties)  : {t_bare:6.2f} s")
-    print(f"DuckDB read_json, auto-detected (SELECT *)  : {t_auto:6.2f} s")
-    print(f"mixsync export over HTTP → mixpanel.events  : {t_ours:6.2f} s  {rows / t_ours:>10,.0f} ev/s  "
-          f"peak RSS {max(r['peak_rss_mb'] for r in large['mixsync']):.0f} MB")
-    print(f"ratio (mixsync throughput / read_json same columns, tuned): {t_base / t_ours:.2f}   (target >= 0.7)")
-    print(f"ratio (mixsync throughput / read_json same columns, plain): {t_plain / t_ours:.2f}")
-    print(f"ratio (mixsync throughput / read_json bare)               : {t_bare / t_ours:.2f}")
-    print(f"ratio (mixsync throughput / read_json auto-detected)      : {t_auto / t_ours:.2f}")
-    small = results["small"]["runs"]["mixsync"][0]
-    print(f"peak RSS, {results['small']['events']:,} events: {small['peak_rss_mb']:.0f} MB; "
-          f"{results['large']['events']:,} events: {max(r['peak_rss_mb'] for r in large['mixsync']):.0f} MB "
-          "(target < 600 MB, flat)")
+        def fresh_lake(tmp: str) -> dict:
+            n = next(databases)
+            return {"catalog": postgres.create_database(f"bench_{n}"), "data_path": f"{tmp}/lake{n}"}
+
+        for label, n in (("large", args.events), ("small", args.small_events)):
+            dataset = Dataset(days=(DAY,), users=20_000, events_per_day=n)
+            local_file = ensure_day_file(dataset, DAY, data_dir / "mixpanel")
+            with Sandbox(dataset, data_dir=data_dir) as sandbox, tempfile.TemporaryDirectory() as tmp:
+                env = {**sandbox.env(), **{k: v for k, v in os.environ.items() if k.startswith("MIXSYNC_DUCKDB")}}
+                runs: dict[str, list[dict]] = {}
+                rounds = args.rounds if label == "large" else 1
+                for r in range(rounds):
+                    # Alternating, so a busy moment on the shared machine falls on both sides alike.
+                    for backend in backends:
+                        lake = (lambda: fresh_lake(tmp)) if backend == "ducklake" else (lambda: None)
+                        runs.setdefault(f"{backend} read_json", []).append(run_child(
+                            "child_duckdb_read_json", str(local_file), f"{tmp}/a{r}.duckdb", "tuned", lake()))
+                        runs.setdefault(f"{backend} mixsync", []).append(run_child(
+                            "child_mixsync", env, f"{tmp}/m{r}.duckdb", f"{tmp}/landing", lake()))
+                    if label == "large" and args.extra_references:
+                        for extract in ("bare", "plain", "auto"):
+                            runs.setdefault(f"duckdb read_json_{extract}", []).append(run_child(
+                                "child_duckdb_read_json", str(local_file), f"{tmp}/{extract}{r}.duckdb", extract))
+            results[label] = {"events": n, "gz_mb": round(local_file.stat().st_size / 2**20, 1), "runs": runs}
+
+    large, small = results["large"]["runs"], results["small"]["runs"]
+    print(f"events: {results['large']['events']:,} ({results['large']['gz_mb']} MB gzipped), rounds: {args.rounds}, "
+          f"memory limit {os.environ.get('MIXSYNC_DUCKDB_MEMORY_LIMIT', '256MB')}")
+    print(f"{'backend':<9} {'read_json s':>11} {'mixsync s':>10} {'ratio':>6} {'read_json RSS':>14} {'mixsync RSS':>12} "
+          f"{'mixsync RSS at ' + format(results['small']['events'], ','):>22}")
+    for backend in backends:
+        t_base, t_ours = median_seconds(large[f"{backend} read_json"]), median_seconds(large[f"{backend} mixsync"])
+        print(f"{backend:<9} {t_base:>11.2f} {t_ours:>10.2f} {t_base / t_ours:>6.2f} "
+              f"{peak(large[f'{backend} read_json']):>11.0f} MB {peak(large[f'{backend} mixsync']):>9.0f} MB "
+              f"{peak(small[f'{backend} mixsync']):>19.0f} MB")
+    print("ratio = read_json seconds / mixsync seconds, same backend (target >= 0.85); RSS target < 500 MB, flat")
+    if args.extra_references:
+        t_ours = median_seconds(large["duckdb mixsync"])
+        for extract in ("plain", "bare", "auto"):
+            t = median_seconds(large[f"duckdb read_json_{extract}"])
+            print(f"duckdb: ratio against read_json {extract}: {t / t_ours:.2f} ({t:.2f} s)")
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_mixpanel.json").write_text(json.dumps(results, indent=2, default=str))
 

@@ -39,7 +39,8 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
     from mixsync.warehouse import WarehouseLockTimeout, open_warehouse
 
     try:
-        store = open_warehouse(WarehouseSettings.from_env())
+        settings = WarehouseSettings.from_env()
+        store = open_warehouse(settings)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import dagster as dg
-import pytest
 import httpx
+import pytest
 
 from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.resources import MixpanelResource

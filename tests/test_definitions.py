@@ -36,7 +36,7 @@ def test_every_asset_names_its_group_kinds_and_pool():
     # dagster.yaml gives every pool one slot: one step at a time per external API.
     assert {asset.op.pool for asset in defs.assets} == {
         "mixpanel_export", "mixpanel_query", "mixpanel_import", "split_events", "flagsmith", "impressions_landing",
-        "experiments", "mixpanel_profile_flags", "mixpanel_cohort_webhooks"}
+        "experiments", "mixpanel_profile_flags", "mixpanel_cohort_webhooks", "warehouse_maintenance"}
 
 
 def test_the_code_location_loads_without_any_service_settings(tmp_path):

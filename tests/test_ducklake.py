@@ -63,7 +63,7 @@ def test_the_lake_takes_every_flows_schema_and_keeps_zstd_on_the_file_only(lake_
     with lake_from(lake_env).write() as con:
         tables = {row[0] for row in con.execute(
             "SELECT table_schema || '.' || table_name FROM information_schema.tables WHERE table_catalog = 'lake'").fetchall()}
-    assert {"mixpanel.event_rows", "mixpanel.event_loads", "mixpanel.events", "split.events_outbox",
+    assert {"mixpanel.event_rows", "mixpanel.event_loads", "mixpanel.events", "sync.split_events",
             "sync.flagsmith_outbox", "mixpanel.cohort_members"} <= tables
     file_store = open_warehouse(WarehouseSettings.from_env({"MIXSYNC_DUCKDB_PATH": str(tmp_path / "w.duckdb")}))
     with file_store.write() as con:
@@ -90,9 +90,8 @@ def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_di
                              env={**os.environ, **lake_env})
     try:
         assert child.stdout.readline().strip() == "holding"
-        with pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"):
-            with lake.write():
-                pass
+        with pytest.raises(WarehouseLockTimeout, match="MIXSYNC_LOCK_TIMEOUT_SECONDS"), lake.write():
+            pass
         # Reads never wait for a writer.
         with lake.read() as con:
             assert con.execute("SELECT count(*) FROM mixpanel.event_loads").fetchone()[0] == 0

@@ -18,6 +18,7 @@ from mixsync.impressions.assets import split_impressions
 from mixsync.mixpanel.assets import mixpanel_events
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
+from mixsync.warehouse import Warehouse
 
 SAMPLE_RATIO_CHECK = "experiment_sample_ratio"
 
@@ -125,7 +126,9 @@ def experiment_results(context: dg.AssetExecutionContext, warehouse: WarehouseRe
         context.log.warning(f"split {split} is configured but has no impressions in split.impressions yet")
     for split, p_value in analysis.srm_failures.items():
         context.log.warning(f"{split}: sample ratio mismatch (p = {p_value:.2g}); see analytics.experiment_srm")
-    chart_dir = settings.chart_dir or store.path.parent / "experiment_charts"
+    # Beside the DuckDB file, or (a lake has no local file) beside the landing folder.
+    local_dir = store.path.parent if isinstance(store, Warehouse) else warehouse.settings().landing_dir.parent
+    chart_dir = settings.chart_dir or local_dir / "experiment_charts"
     metadata: dict[str, Any] = {}
     for summary in analysis.summaries:
         rows = [r for r in analysis.results if r[0] == summary.experiment.split]

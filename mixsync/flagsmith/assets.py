@@ -25,7 +25,7 @@ from mixsync.flagsmith.traits import TraitKeyError, trait_keys
 from mixsync.http import RetryStats, ServiceError
 from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
-from mixsync.warehouse import Warehouse, markdown_table
+from mixsync.warehouse import AnyWarehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
 # Per-identity POSTs go one by one inside a batch: smaller batches keep FLAGSMITH_CONCURRENCY requests in flight.
@@ -42,7 +42,7 @@ def _sender(client: FlagsmithClient, mode: str):
     return send
 
 
-def _push(store: Warehouse, client: FlagsmithClient, mode: str, settings: FlagsmithSettings, work_dir, scope: str,
+def _push(store: AnyWarehouse, client: FlagsmithClient, mode: str, settings: FlagsmithSettings, work_dir, scope: str,
           log) -> PushReport:
     try:
         batch = settings.batch_identities if mode != "identities" else min(settings.batch_identities, PER_IDENTITY_BATCH)

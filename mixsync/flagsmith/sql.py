@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import duckdb
 
 import mixsync.mixpanel.cohort_sql  # noqa: F401  (plan reads mixpanel.cohort_members; importing it registers those tables)
-from mixsync.warehouse.transactions import next_id
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.transactions import next_id
 
 OUTBOX = "sync.flagsmith_outbox"
 MAX_IDENTIFIER = 2000  # Flagsmith answers 500 above this

@@ -27,7 +27,7 @@ from mixsync.mixpanel.import_client import import_events
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
-from mixsync.warehouse import Warehouse, markdown_table
+from mixsync.warehouse import AnyWarehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, PushReport, push
 
 
@@ -132,7 +132,7 @@ def split_impressions(context: dg.AssetExecutionContext, config: SplitImpression
     })
 
 
-def push_exposures(store: Warehouse, client: MixpanelClient, settings: ImpressionsSettings, work_dir: Path,
+def push_exposures(store: AnyWarehouse, client: MixpanelClient, settings: ImpressionsSettings, work_dir: Path,
                    logger=None) -> PushReport:
     """Send the outbox's pending exposures to /import; each batch's acknowledgement is journaled as it comes."""
 

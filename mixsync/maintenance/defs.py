@@ -1,8 +1,6 @@
 """warehouse_maintenance: keep the warehouse small. On a DuckLake, expire old snapshots and delete the Parquet
 files no snapshot needs; on a DuckDB file, CHECKPOINT (write the WAL into the file, reclaim deleted rows)."""
 
-from __future__ import annotations
-
 import time
 
 import dagster as dg

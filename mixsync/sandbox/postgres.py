@@ -70,7 +70,7 @@ class PostgresServer:
         if result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr or result.stdout}")
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         self.data_dir.mkdir()
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
@@ -88,7 +88,7 @@ class PostgresServer:
             self.started = False
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         try:
             return self.start()
         except BaseException:

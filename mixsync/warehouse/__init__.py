@@ -13,9 +13,9 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -143,12 +143,13 @@ class Warehouse:
                 con.close()
 
 
-AnyWarehouse = Union[Warehouse, DuckLakeWarehouse]
+AnyWarehouse = Warehouse | DuckLakeWarehouse
 
 
-def open_warehouse(settings: "WarehouseSettings") -> AnyWarehouse:
+def open_warehouse(settings: WarehouseSettings) -> AnyWarehouse:
     """The backend MIXSYNC_WAREHOUSE names, configured from the settings."""
     if settings.backend == "ducklake":
+        assert settings.ducklake_catalog and settings.ducklake_data_path  # from_env requires both
         return DuckLakeWarehouse(settings.ducklake_catalog, settings.ducklake_data_path,
                                  memory_limit=settings.memory_limit, threads=settings.threads,
                                  lock_timeout_seconds=settings.lock_timeout_seconds)
@@ -177,7 +178,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, adapt: Callable[[str], str] | 
             for schema in SCHEMAS:
                 con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
             con.execute(ddl)
-            con.execute("INSERT INTO sync.warehouse_schema VALUES (?, ?)", [digest, dt.datetime.now(dt.timezone.utc)])
+            con.execute("INSERT INTO sync.warehouse_schema VALUES (?, ?)", [digest, dt.datetime.now(dt.UTC)])
             con.execute("COMMIT")
         if applied is not None:
             applied.add(digest)

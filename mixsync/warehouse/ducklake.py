@@ -14,8 +14,8 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
@@ -69,7 +69,7 @@ def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET autoinstall_known_extensions = false")
     with open(directory / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, file in _extension_files().items():
+        for file in _extension_files().values():
             con.execute(f"INSTALL {literal(str(file))}")
     for name in ("ducklake", "postgres"):
         con.execute(f"LOAD {name}")
@@ -139,9 +139,6 @@ class DuckLakeWarehouse:
         key = (self.catalog, self.data_path, read_only, self.memory_limit, self.threads)
         with _databases_lock:
             database = _databases.get(key)
-            if database is None and read_only:
-                # A reader in a process that writes too reuses the writer's instance (it only reads).
-                database = _databases.get(key[:2] + (False,) + key[3:])
             if database is None:
                 database = _databases[key] = self._attach(read_only)
             return database
@@ -210,9 +207,17 @@ class DuckLakeWarehouse:
         return _COMPRESSION_CLAUSE.sub("", ddl)
 
     def maintain(self, con: duckdb.DuckDBPyConnection, keep_days: int) -> dict:
-        """Expire snapshots older than `keep_days` and delete the files no snapshot needs any more."""
+        """Compact, expire snapshots older than `keep_days` and delete the files no snapshot needs any more.
+
+        A day's reload deletes the old load's rows with delete files; the data file stays current until it is
+        rewritten without them, so rewriting comes first. The files it replaces are deleted once the snapshots
+        that still read them expire (after `keep_days`: time travel reaches back that far).
+        """
         before = con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0]
+        rewritten = con.execute("CALL ducklake_rewrite_data_files('lake')").fetchall()
+        merged = con.execute("CALL ducklake_merge_adjacent_files('lake')").fetchall()
         con.execute(f"CALL ducklake_expire_snapshots('lake', older_than => now() - INTERVAL {int(keep_days)} DAY)")
         cleaned = con.execute("CALL ducklake_cleanup_old_files('lake', cleanup_all => true)").fetchall()
         after = con.execute("SELECT count(*) FROM lake.snapshots()").fetchone()[0]
-        return {"snapshots_expired": before - after, "snapshots_kept": after, "files_deleted": len(cleaned)}
+        return {"tables_rewritten": len(rewritten), "tables_merged": len(merged), "snapshots_expired": max(before - after, 0),
+                "snapshots_kept": after, "files_deleted": len(cleaned)}

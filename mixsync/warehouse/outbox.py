@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixsync.http import OutcomeUnknown
-from mixsync.warehouse import Warehouse
+from mixsync.warehouse import AnyWarehouse
 
 log = logging.getLogger("mixsync.outbox")
 READ_CHUNK = 4 << 20
@@ -136,7 +136,7 @@ def _batches(snapshot: Path, max_items: int, max_bytes: int) -> Iterator[tuple[l
 IN_FLIGHT_REASON = "in flight when a push was interrupted or killed: the service may or may not have it"
 
 
-def _apply(warehouse: Warehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
+def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
     """Mark the journal's settled ids sent, rejected or in doubt where still pending, then delete the journal.
 
     Ids journaled `inflight` whose batch never settled become `in_doubt` when `at_most_once`, else stay pending.
@@ -185,7 +185,7 @@ def _work_dir(work_dir: Path, table: str) -> Path:
     return path
 
 
-def recover(warehouse: Warehouse, table: str, work_dir: Path, logger: logging.Logger | None = None, *,
+def recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging.Logger | None = None, *,
             at_most_once: bool = False) -> PushReport:
     """Apply what an interrupted push of `table` journaled (push does this first; call it yourself before
     changing pending rows, so a row the service already holds is never taken for unsent)."""
@@ -209,7 +209,7 @@ def recover(warehouse: Warehouse, table: str, work_dir: Path, logger: logging.Lo
     return report
 
 
-def push(warehouse: Warehouse, table: str, send: Callable[[list[bytes]], BatchOutcome], work_dir: Path, *,
+def push(warehouse: AnyWarehouse, table: str, send: Callable[[list[bytes]], BatchOutcome], work_dir: Path, *,
          scope: str | None = None, max_items: int = 1000, max_bytes: int = 1 << 21, concurrency: int = 4,
          logger: logging.Logger | None = None, scopes: list[str] | None = None,
          at_most_once: bool = False) -> PushReport:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import duckdb
 
@@ -41,10 +43,8 @@ def run_transaction(con: duckdb.DuckDBPyConnection, body: Callable[[duckdb.DuckD
             return result, attempt
         except BaseException as exc:
             # A conflict at COMMIT has already rolled the transaction back; anything else has not.
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             if not is_conflict(exc):
                 raise
             log.warning("transaction lost a write conflict (attempt %d of %d); running it again", attempt + 1, attempts)
