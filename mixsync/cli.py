@@ -44,7 +44,8 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        with store.read() as con:
+        # A connection of its own: lock_down locks its configuration for good.
+        with store.read(private=True) as con:
             lock_down(con)
             rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
             print_result(con.execute(sql), output_format, rows, full, echo=click.echo)

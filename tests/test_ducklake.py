@@ -17,6 +17,7 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
+import mixsync.definitions  # noqa: F401  (importing every flow registers its tables)
 from mixsync.cli import main
 from mixsync.maintenance.defs import warehouse_maintenance
 from mixsync.mixpanel.assets import mixpanel_events

@@ -130,8 +130,9 @@ class Warehouse:
                 con.close()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection that waits for running writes instead of breaking them."""
+    def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection that waits for running writes instead of breaking them (always its own
+        connection, so `private` changes nothing here)."""
         if not self.path.exists():
             raise FileNotFoundError(f"no warehouse at {self.path}: materialize an asset first (MIXSYNC_DUCKDB_PATH)")
         with _file_lock(self.lock_path, exclusive=False, timeout_seconds=self.lock_timeout_seconds):

@@ -194,8 +194,23 @@ class DuckLakeWarehouse:
                 con.close()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection on the latest snapshot; it never waits for writers nor sees half a write."""
+    def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection on the latest snapshot; it never waits for writers nor sees half a write.
+
+        `private=True` gives a DuckDB instance of its own, closed afterwards, whose settings the caller may lock
+        (`mixsync query` does) without touching this process's shared instance.
+        """
+        if private:
+            from mixsync.warehouse import configure
+
+            database = self._attach(read_only=True)
+            try:
+                configure(database, self.memory_limit, self.threads)
+                database.execute("USE lake")
+                yield database
+            finally:
+                database.close()
+            return
         con = self._connect(read_only=True)
         try:
             yield con
