@@ -31,7 +31,9 @@ def load(store: Warehouse, impressions: list[tuple], events: list[tuple] = ()) -
                                         unnest($props) AS p)""",
                         {"name": name, "distinct_id": distinct_id, "time": time,
                          "props": [orjson.dumps(p).decode() for p in props]})
-            con.execute("""INSERT OR REPLACE INTO mixpanel.event_loads
+            # Delete + insert: event_loads has no key (the schema is portable to DuckLake).
+            con.execute("DELETE FROM mixpanel.event_loads WHERE day IN (SELECT day FROM mixpanel.event_rows)")
+            con.execute("""INSERT INTO mixpanel.event_loads
                            SELECT DISTINCT day, 0, 0, 0, day, day, now(), 1 FROM mixpanel.event_rows""")
 
 

@@ -86,7 +86,9 @@ def load_events(store: Warehouse, events: list[dict]) -> None:
         # A hand-made load 0 of DAY: its rows, and the ledger row that makes them mixpanel.events.
         con.executemany("""INSERT INTO mixpanel.event_rows (event, distinct_id, time, insert_id, properties, day, loaded_at, load_id)
                            VALUES (?, ?, ?, ?, ?, ?, now(), 0)""", rows)
-        con.execute("""INSERT OR REPLACE INTO mixpanel.event_loads VALUES (?, ?, 0, 0, ?, ?, now(), 0)""",
+        # Delete + insert: event_loads has no key (the schema is portable to DuckLake).
+        con.execute("DELETE FROM mixpanel.event_loads WHERE day = ?", [DAY])
+        con.execute("""INSERT INTO mixpanel.event_loads VALUES (?, ?, 0, 0, ?, ?, now(), 0)""",
                     [DAY, len(rows), DAY, DAY])
 
 
