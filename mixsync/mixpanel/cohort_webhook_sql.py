@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 import mixsync.mixpanel.cohort_sql  # noqa: F401  (registers mixpanel.cohort_members and friends, written here)
+from mixsync.mixpanel.cohort_sql import next_snapshot_id
 from mixsync.warehouse.schema import register_ddl
 from mixsync.warehouse.sql import literal
 
@@ -101,7 +102,9 @@ def _apply_change(con: duckdb.DuckDBPyConnection, files: list[str], action: str,
     con.execute(f"CREATE OR REPLACE TEMP TABLE wh_left AS {left}", {"c": cohort_id} if "$c" in left else {})
     n_entered = con.execute("SELECT count(*) FROM wh_entered").fetchone()[0]
     n_left = con.execute("SELECT count(*) FROM wh_left").fetchone()[0]
-    snapshot_id = con.execute("SELECT nextval('mixpanel.cohort_snapshot_ids')").fetchone()[0]
+    # Ids by construction (no sequences: the schema is portable to DuckLake); every snapshot has its row in
+    # mixpanel.cohort_snapshots, written below under the same writer lock.
+    snapshot_id = next_snapshot_id(con)
     now = dt.datetime.now(dt.UTC)
     params = {"c": cohort_id, "s": snapshot_id, "t": now}
     con.execute("""INSERT INTO mixpanel.cohort_membership_history
