@@ -236,7 +236,78 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
     return True
 
 
-STEPS = [mixpanel_step, split_step, flagsmith_step, profile_flags_step, impressions_step]
+def _verdict(split: str, metric: str, treatment: str, control: str, lift, low, high, p_value, reason) -> str:
+    if lift is None:
+        return f"  {split} {metric}: {treatment} vs {control}: no lift ({reason})"
+    significant = p_value is not None and p_value < 0.05 and (low > 0 or high < 0)
+    verdict = ("better than" if lift > 0 else "worse than") if significant else "not distinguishable from"
+    return (f"  {split} {metric}: {treatment} is {verdict} {control}: {lift * 100:+.1f}% "
+            f"[95% CI {low * 100:+.1f}%, {high * 100:+.1f}%], p = {p_value:.2g}")
+
+
+def experiments_step(instance, sandbox: Sandbox, store) -> bool:
+    """The seeded experiments' impressions land like any others; experiment_results then joins them to the events."""
+    from mixsync.definitions import resources
+    from mixsync.experiments.assets import experiment_results
+    from mixsync.impressions.assets import split_impressions
+    from mixsync.impressions.receiver import build_app
+    from mixsync.impressions.settings import ImpressionsSettings
+    from mixsync.sandbox import experiments
+    from mixsync.sandbox.impressions import encode
+    from mixsync.sandbox.server import serve
+
+    example = Path(__file__).parent / "experiments" / "experiments.example.yaml"
+    os.environ.setdefault("MIXSYNC_EXPERIMENTS_FILE", str(example))
+    dataset = sandbox.dataset
+    batch = experiments.impressions(dataset.days, dataset.experiment_users, dataset.seed)
+    print(f"\n-- experiments: {len(batch)} impressions of {experiments.CHECKOUT} (a real effect) and "
+          f"{experiments.CAROUSEL} (none), posted to the webhook receiver; their shoppers' events are in mixpanel.events")
+    receiver = serve("impressions-receiver", build_app(ImpressionsSettings.from_env()))
+    try:
+        import httpx
+
+        with httpx.Client(timeout=30) as client:
+            for start in range(0, len(batch), 2000):
+                body, headers = encode(batch[start:start + 2000])
+                client.post(f"{receiver.url}/impressions", content=body, headers=headers).raise_for_status()
+    finally:
+        receiver.stop()
+    landed = dg.materialize([split_impressions], instance=instance, resources=resources, raise_on_error=False,
+                            run_config=QUIET)
+    if not landed.success:
+        return False
+    print(f"-- experiment_results with MIXSYNC_EXPERIMENTS_FILE={os.environ['MIXSYNC_EXPERIMENTS_FILE']}")
+    result = dg.materialize([experiment_results], instance=instance, resources=resources, raise_on_error=False,
+                            run_config=QUIET)
+    if not result.success:
+        return False
+    metadata = result.asset_materializations_for_node("experiment_results")[0].metadata
+    [check] = result.get_asset_check_evaluations()
+    with store.read() as con:
+        _print_query(con, "results (analytics.experiment_results)",
+                     """SELECT split, metric, treatment, is_control, users, round(mean, 4) AS mean, round(lift, 4) AS lift,
+                               round(ci_low, 4) AS ci_low, round(ci_high, 4) AS ci_high, printf('%.2g', p_value) AS p_value
+                        FROM analytics.experiment_results ORDER BY split, metric, NOT is_control, treatment""")
+        _print_query(con, "sample ratios (analytics.experiment_srm)",
+                     """SELECT split, treatment, users, round(expected_share, 3) AS expected_share,
+                               round(srm_p_value, 4) AS srm_p_value FROM analytics.experiment_srm ORDER BY split, treatment""")
+        rows = con.execute("""SELECT r.split, r.metric, r.treatment, c.treatment, r.lift, r.ci_low, r.ci_high, r.p_value,
+                                     r.reason
+                              FROM analytics.experiment_results r JOIN analytics.experiment_results c
+                                ON c.split = r.split AND c.metric = r.metric AND c.is_control
+                              WHERE NOT r.is_control ORDER BY r.split DESC, r.metric, r.treatment""").fetchall()
+    print("\n== what it means (two-sided Welch t test, 95% intervals of the relative lift)")
+    for row in rows:
+        print(_verdict(*row))
+    print(f"sample-ratio check experiment_sample_ratio: {'passed' if check.passed else 'FAILED'} "
+          f"({check.description})")
+    for name, value in metadata.items():
+        if name.startswith("chart_path "):
+            print(f"chart of {name.removeprefix('chart_path ')}: {value.value}")
+    return True
+
+
+STEPS = [mixpanel_step, split_step, flagsmith_step, profile_flags_step, impressions_step, experiments_step]
 
 
 def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: int = 2000) -> int:
@@ -246,7 +317,9 @@ def run_demo(workdir: Path, days: int = 5, events_per_day: int = 4000, users: in
     workdir = workdir.absolute()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2)
+    # Three experiment shoppers per regular user: 6000 by default, enough for the checkout effect to be clear.
+    dataset = Dataset.recent(days, users=users, events_per_day=events_per_day, malformed_per_day=2,
+                             experiment_users=3 * users)
     with Sandbox(dataset, data_dir=workdir / "sandbox") as sandbox:
         os.environ.update(sandbox.env())
         os.environ["MIXSYNC_DUCKDB_PATH"] = str(workdir / "mixsync.duckdb")

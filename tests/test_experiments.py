@@ -205,6 +205,11 @@ def test_without_a_file_every_split_gets_exposures_and_a_sample_ratio(warehouse,
 
 def test_a_split_in_several_environments_needs_environment_id(warehouse, instance, tmp_path, monkeypatch):
     _known_answer_data(warehouse)
+    monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE", write_experiments(tmp_path / "e.yaml", CHECKOUT))
+    _materialize(instance, raise_on_error=True)
+    with warehouse.read() as con:
+        before = con.execute("SELECT * FROM analytics.experiment_results ORDER BY ALL").fetchall()
+    assert before
     monkeypatch.setenv("MIXSYNC_EXPERIMENTS_FILE",
                        write_experiments(tmp_path / "e.yaml", CHECKOUT.replace("    environment_id: prod\n", "")))
     result = _materialize(instance)
@@ -221,6 +226,9 @@ def test_a_split_in_several_environments_needs_environment_id(warehouse, instanc
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "'prdo' has no impressions" in failure.step_failure_data.error.message
     assert "'prod'" in failure.step_failure_data.error.message
+    # Failed runs leave the previous results in place.
+    with warehouse.read() as con:
+        assert con.execute("SELECT * FROM analytics.experiment_results ORDER BY ALL").fetchall() == before
 
 
 def test_a_materialization_writes_tables_chart_and_markdown(warehouse, instance, tmp_path, monkeypatch):
@@ -288,3 +296,31 @@ def test_a_missing_file_is_named():
 
     with pytest.raises(ExperimentsFileError, match=r"MIXSYNC_EXPERIMENTS_FILE=/nope\.yaml: no such file"):
         ExperimentsSettings.from_env({"MIXSYNC_EXPERIMENTS_FILE": "/nope.yaml"})
+
+
+def test_the_demo_data_has_a_real_effect_and_a_null_experiment(warehouse):
+    """The sandbox's seeded shoppers, as `make demo` lands them: one_click_checkout wins, the carousel does nothing."""
+    from mixsync.sandbox import experiments as seeded
+    from mixsync.sandbox.data import Dataset
+
+    days = tuple(dt.date(2026, 1, 5) + dt.timedelta(days=n) for n in range(5))
+    dataset = Dataset(days=days, experiment_users=6000)
+    moment = lambda ms: dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)  # noqa: E731
+    load(warehouse,
+         [(i["environmentId"], i["split"], i["key"], i["treatment"], moment(i["time"]))
+          for i in seeded.impressions(days, dataset.experiment_users, dataset.seed)],
+         [(e.name, e.key, moment(e.time_ms), e.properties)
+          for day in days for e in seeded.events_on(days, dataset.experiment_users, dataset.seed, day)])
+    example = Path(__file__).parent.parent / "mixsync" / "experiments" / "experiments.example.yaml"
+    with warehouse.write() as con:
+        analysis = analyse(con, parse_experiments(example.read_text(), str(example)))
+    compared = {(r[0], r[1], r[2]): r for r in analysis.results if not r[3]}
+    for metric in ("purchased", "purchases", "revenue"):
+        _, _, _, _, _, _, lift, low, _, p_value, _ = compared[("one_click_checkout", metric, "on")]
+        assert lift > 0 and low > 0 and p_value < 0.001
+    for (split, _, _), row in compared.items():
+        if split == "recommendation_carousel":
+            assert row[9] > 0.05 and row[7] < 0 < row[8]
+    assert not analysis.srm_failures
+    assert {s.experiment.split: s.users_multiple_treatments > 0 for s in analysis.summaries} == {
+        "one_click_checkout": True, "recommendation_carousel": False}

@@ -65,14 +65,16 @@ def render_chart(summary: ExperimentSummary, results: list[tuple]) -> bytes:
             ax.errorbar([lift * 100], [y], xerr=[[(lift - low) * 100], [(high - lift) * 100]], fmt="o",
                         color=COLORS[verdict], capsize=4, markersize=6)
             p_text = "n/a" if p_value is None or math.isnan(p_value) else f"{p_value:.3g}"
-            ax.annotate(f"{_percent(lift)} [{_percent(low)}, {_percent(high)}]  p={p_text}  n={row[4]:,}",
+            control_row = by_key.get((metric, experiment.control))
+            means = f"  mean {row[5]:.3g} vs {control_row[5]:.3g}" if control_row and row[5] is not None else ""
+            ax.annotate(f"{_percent(lift)} [{_percent(low)}, {_percent(high)}]  p={p_text}{means}",
                         (high * 100, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(range(len(labels)), labels)
-        ax.set_ylim(-0.7, max(len(labels), 1) - 0.3)
+        ax.set_ylim(max(len(labels), 1) - 0.3, -0.7)  # the first treatment on top
         ax.set_title(metric, fontsize=9, loc="left")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+.0f}%"))
         left, right = ax.get_xlim()
-        ax.set_xlim(left, right + (right - left) * 0.6)  # room for the labels right of each interval
+        ax.set_xlim(left, right + (right - left) * 0.8)  # room for the labels right of each interval
         ax.grid(axis="x", color="#eaeef2")
     if notes:
         fig.text(0.02, 0.01, "\n".join(notes), fontsize=8, color=COLORS["worse"], va="bottom")

@@ -48,6 +48,8 @@ class Dataset:
     malformed_per_day: int = 0
     # Legacy projects store local wall-clock time in this zone as if it were UTC epoch time.
     legacy_timezone: str | None = None
+    # Shoppers of the two seeded experiments (mixsync.sandbox.experiments); their events come on top of the rest.
+    experiment_users: int = 0
 
     @classmethod
     def recent(cls, n_days: int = 5, **kwargs) -> Dataset:
@@ -55,7 +57,8 @@ class Dataset:
         return cls(days=tuple(today - dt.timedelta(days=n) for n in range(n_days, 0, -1)), **kwargs)
 
     def file_name(self, day: dt.date) -> str:
-        return f"events-{day.isoformat()}-{self.users}-{self.events_per_day}-{self.seed}-{self.malformed_per_day}-{(self.legacy_timezone or 'utc').replace('/', '_')}.jsonl.gz"
+        experiments = f"-x{self.experiment_users}" if self.experiment_users else ""
+        return f"events-{day.isoformat()}-{self.users}-{self.events_per_day}-{self.seed}-{self.malformed_per_day}-{(self.legacy_timezone or 'utc').replace('/', '_')}{experiments}.jsonl.gz"
 
 
 def user_ids(users: int, seed: int = 7) -> list[str]:
@@ -134,6 +137,13 @@ def generate_day(dataset: Dataset, day: dt.date) -> Iterator[bytes]:
         elif 0.8 < roll < 0.805 and "$insert_id" in props:
             later = dict(props, mp_processing_time_ms=props["mp_processing_time_ms"] + 60_000, reprocessed=True)
             yield orjson.dumps({"event": name, "properties": later})
+    if dataset.experiment_users:
+        from mixsync.sandbox import experiments
+
+        for event in experiments.events_on(dataset.days, dataset.experiment_users, dataset.seed, day):
+            props = {"time": event.time_ms, "distinct_id": event.key, "$insert_id": f"{rng.getrandbits(128):032x}",
+                     "mp_processing_time_ms": event.time_ms + 1000, "mp_lib": "web", **event.properties}
+            yield orjson.dumps({"event": event.name, "properties": props})
 
 
 def ensure_day_file(dataset: Dataset, day: dt.date, directory: Path) -> Path:
