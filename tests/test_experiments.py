@@ -305,7 +305,7 @@ def test_the_demo_data_has_a_real_effect_and_a_null_experiment(warehouse):
 
     days = tuple(dt.date(2026, 1, 5) + dt.timedelta(days=n) for n in range(5))
     dataset = Dataset(days=days, experiment_users=6000)
-    moment = lambda ms: dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)  # noqa: E731
+    moment = lambda ms: dt.datetime.fromtimestamp(ms / 1000, dt.UTC)  # noqa: E731
     load(warehouse,
          [(i["environmentId"], i["split"], i["key"], i["treatment"], moment(i["time"]))
           for i in seeded.impressions(days, dataset.experiment_users, dataset.seed)],

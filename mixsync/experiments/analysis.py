@@ -107,7 +107,6 @@ def analyse(con: duckdb.DuckDBPyConnection, experiments: tuple[Experiment, ...])
     """Recompute exposures, results and sample ratios into the analytics tables, in one transaction on `con`.
 
     Raises sql.ExperimentDataError (nothing written) when a configured split's environment is ambiguous or absent."""
-    con.execute(sql.DDL)
     analysis = Analysis()
     envs = sql.environments(con, [e.split for e in experiments])
     environment_by_split = sql.resolve_environments(experiments, envs)

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+# The tables this flow reads: importing their SQL modules registers them before ours.
+import mixsync.impressions.sql
+import mixsync.mixpanel.sql  # noqa: F401
 from mixsync.experiments.settings import Experiment, Metric
+from mixsync.warehouse.schema import register_ddl
 
 DDL = """
-CREATE SCHEMA IF NOT EXISTS analytics;
 -- Each key's first impression of a split (in the configured environment); keys that saw more than one treatment
 -- of the split are left out (counted as users_multiple_treatments in the materialization's metadata).
 CREATE TABLE IF NOT EXISTS analytics.experiment_exposures (
@@ -43,6 +46,9 @@ CREATE TABLE IF NOT EXISTS analytics.experiment_srm (
     srm_p_value DOUBLE                   -- chi-square goodness of fit of users per treatment; null with < 2 treatments
 );
 """
+
+
+register_ddl("analytics.experiments", DDL)
 
 
 class ExperimentDataError(ValueError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 ENVIRONMENT = ("194da2f0-3e22-11ea-ba75-12f2f63694e5", "Production")  # the impressions generator's environment
 CHECKOUT = "one_click_checkout"
@@ -40,7 +40,7 @@ class SandboxEvent:
 
 
 def _day_ms(day: dt.date) -> int:
-    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def shoppers(days: tuple[dt.date, ...], users: int, seed: int) -> list[Shopper]:
