@@ -265,6 +265,7 @@ def test_a_bad_experiments_file_fails_the_run_naming_file_and_line(warehouse, in
     result = _materialize(instance)
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert f"{tmp_path / 'bad.yaml'}, line 8: type of metric purchases is 'counts'" in failure.step_failure_data.error.message
+    assert not Path(warehouse.path).exists()   # failed before opening the warehouse: nothing written
 
 
 @pytest.mark.parametrize("text, error", [
