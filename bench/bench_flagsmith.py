@@ -72,7 +72,7 @@ def main() -> int:
                 traits = meta["flagsmith_cohort_traits"]
                 rows.append({
                     "run": label,
-                    "members": meta["mixpanel_cohort_members"]["dagster/row_count"],
+                    "members": meta["mixpanel_cohort_members"]["members_loaded"],
                     "entered": meta["mixpanel_cohort_members"]["entered"],
                     "left": meta["mixpanel_cohort_members"]["left"],
                     "trait_writes": traits["trait_writes"],

@@ -85,7 +85,10 @@ def split_step(instance, sandbox: Sandbox, store) -> bool:
                                 run_config=QUIET, tags=tags)
         if not result.success:
             return False
-        meta = {k: v.value for k, v in result.asset_materializations_for_node("split_events")[0].metadata.items()}
+        # The run's own figures (a partition's are that day's only).
+        meta = {k.removeprefix("run/"): v.value
+                for k, v in result.asset_materializations_for_node("split_events")[0].metadata.items()
+                if k.startswith("run/")}
         sent.append(meta["events_sent"])
         print(f"{attempt}: considered {meta['events_considered']}, mapped {meta['events_mapped']}, "
               f"sent {meta['events_sent']} in {meta['batches']} batches, already sent before "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+from pathlib import Path
 
 # Daily partitions are defined when mixsync is imported; start them early enough for every test's days.
 os.environ.setdefault("MIXPANEL_START_DATE", "2024-01-01")
@@ -106,9 +107,17 @@ def warehouse(env) -> AnyWarehouse:
     return open_warehouse(WarehouseSettings(**{**s.__dict__, "lock_timeout_seconds": 60}))
 
 
+def repository_python_logs() -> dict:
+    """dagster_home/dagster.yaml's `python_logs` section, so test runs capture mixsync's loggers as real instances do."""
+    import yaml
+
+    with open(Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml") as handle:
+        return yaml.safe_load(handle)["python_logs"]
+
+
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as test_instance:
+    with dg.instance_for_test(overrides={"python_logs": repository_python_logs()}) as test_instance:
         yield test_instance
 
 

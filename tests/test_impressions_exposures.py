@@ -138,7 +138,7 @@ def test_exposures_reach_mixpanel_once(sandbox, impressions_env, warehouse, inst
     monkeypatch.setenv("MIXSYNC_EXPOSURES_BATCH_SIZE", "100")
     land(instance, ImpressionGenerator(seed=1).batch(250))
     _, meta = push(instance)
-    assert (meta["enqueued"], meta["dagster/row_count"], meta["batches"]) == (250, 250, 3)
+    assert (meta["rows_inserted"], meta["sent"], meta["batches"]) == (250, 250, 3)
     requests = import_requests(sandbox)
     assert all(r.params["strict"] == "1" and r.headers["content-encoding"] == "gzip" for r in requests)
     assert all(len(orjson.loads(gzip.decompress(r.body))) <= 100 for r in requests)
@@ -149,12 +149,12 @@ def test_exposures_reach_mixpanel_once(sandbox, impressions_env, warehouse, inst
     assert {e["properties"]["$insert_id"] for e in held} == ids
     # Nothing new: the next run sends nothing.
     _, meta = push(instance)
-    assert (meta["enqueued"], meta["dagster/row_count"]) == (0, 0)
+    assert (meta["rows_inserted"], meta["sent"]) == (0, 0)
     assert len(import_requests(sandbox)) == len(requests)
     # New impressions: only they go out.
     land(instance, ImpressionGenerator(seed=2).batch(30), name="impressions-2.json.gz")
     _, meta = push(instance)
-    assert (meta["enqueued"], meta["dagster/row_count"]) == (30, 30)
+    assert (meta["rows_inserted"], meta["sent"]) == (30, 30)
     assert sandbox.mixpanel.ingest.summary()["held"] == 280
 
 
@@ -163,7 +163,7 @@ def test_strict_mode_refusals_are_recorded_and_never_resent(sandbox, impressions
     ancient = [{**IMPRESSION, "key": f"old-{n}", "time": 5_000 + n} for n in range(3)]  # 1970: Mixpanel refuses
     land(instance, good + ancient)
     _, meta = push(instance)
-    assert (meta["dagster/row_count"], meta["rejected"]) == (40, 3)
+    assert (meta["sent"], meta["rejected"]) == (40, 3)
     assert list(meta["rejects_by_reason"].values()) == [3]
     assert "1971" in next(iter(meta["rejects_by_reason"]))
     with warehouse.read() as con:
@@ -228,7 +228,7 @@ def test_a_crash_then_a_rerun_leaves_mixpanel_with_each_exposure_once(sandbox, i
     _, meta = push(instance)
     assert meta["recovered_sent"] == 100          # the two batches journaled before the crash
     assert meta["in_flight_at_crash"] == 50       # the third: sent again, deduplicated by its $insert_id
-    assert meta["dagster/row_count"] == 300
+    assert meta["sent"] == 300
     summary = sandbox.mixpanel.ingest.summary()
     assert (summary["held"], summary["duplicates"]) == (400, 50)
     with warehouse.read() as con:

@@ -50,7 +50,7 @@ def test_gzip_and_plain_files_land_with_every_field(settings, warehouse, instanc
     drop(settings.impressions_dir, "impressions-a.json.gz", first)
     drop(settings.impressions_dir, "impressions-b.json", second, gzipped=False)
     _, meta = load(instance, ["impressions-a.json.gz", "impressions-b.json"])
-    assert meta["dagster/row_count"] == 65 and meta["files_loaded"] == 2
+    assert meta["rows_inserted"] == 65 and meta["files_loaded"] == 2
     with warehouse.read() as con:
         row = con.execute("""SELECT environment_id, environment_name, split, key, bucketing_key, treatment, label,
                                     epoch_ms(time), split_version_number, sdk, sdk_version, machine_name, machine_ip,
@@ -81,17 +81,19 @@ def test_the_same_file_dropped_twice_loads_once(settings, warehouse, instance):
     landed_bytes = original.read_bytes()
     shutil.copy(original, settings.impressions_dir / "copy-of-impressions-1.json.gz")
     _, meta = load(instance, ["impressions-1.json.gz", "copy-of-impressions-1.json.gz"])
-    assert (meta["files_loaded"], meta["files_duplicate"], meta["dagster/row_count"]) == (1, 1, 30)
+    assert (meta["files_loaded"], meta["files_duplicate"], meta["rows_inserted"]) == (1, 1, 30)
     # Again, later, under a third name: the ledger knows the bytes.
     write_atomically(settings.impressions_dir, "impressions-again.json.gz", landed_bytes)
     _, meta = load(instance, ["impressions-again.json.gz"])
-    assert (meta["files_duplicate"], meta["dagster/row_count"]) == (1, 0)
+    assert (meta["files_duplicate"], meta["rows_inserted"]) == (1, 0)
+    # dagster/row_count is the table's rows, not what the run inserted.
+    assert meta["dagster/row_count"] == 30 and meta["dagster/table_name"] == "split.impressions"
     # Split's retry with different bytes (plain this time), plus impressions overlapping an earlier file.
     drop(settings.impressions_dir, "impressions-retry.json", batch[:10] + ImpressionGenerator(seed=3).batch(5),
          gzipped=False)
     _, meta = load(instance, ["impressions-retry.json"])
-    assert (meta["files_loaded"], meta["dagster/row_count"], meta["duplicates_skipped"]) == (1, 5, 10)
-    assert count(warehouse) == 35
+    assert (meta["files_loaded"], meta["rows_inserted"], meta["duplicates_skipped"]) == (1, 5, 10)
+    assert count(warehouse) == 35 == meta["dagster/row_count"]
     assert count(warehouse, "SELECT count(DISTINCT impression_id) FROM split.impressions") == 35
     assert os.listdir(settings.impressions_dir) == []
 
@@ -118,7 +120,7 @@ def test_malformed_files_are_quarantined_and_the_rest_loads(settings, warehouse,
         names.append(name)
     result, meta = load(instance, names)
     assert result.success
-    assert (meta["files_loaded"], meta["files_quarantined"], meta["dagster/row_count"]) == (3, len(MALFORMED), 60)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (3, len(MALFORMED), 60)
     with warehouse.read() as con:
         records = {name: (reason, detail, moved_to) for name, reason, detail, moved_to in con.execute(
             "SELECT file_name, reason, detail, moved_to FROM split.impression_quarantine").fetchall()}
@@ -135,7 +137,7 @@ def test_delete_after_load_when_configured(settings, warehouse, instance, monkey
     monkeypatch.setenv("MIXSYNC_IMPRESSIONS_AFTER_LOAD", "delete")
     drop(settings.impressions_dir, "impressions-x.json.gz", ImpressionGenerator(seed=6).batch(10))
     _, meta = load(instance, ["impressions-x.json.gz"])
-    assert meta["after_load"] == "deleted" and meta["dagster/row_count"] == 10
+    assert meta["after_load"] == "deleted" and meta["rows_inserted"] == 10
     assert os.listdir(settings.impressions_dir) == [] and not settings.archive_dir.exists()
 
 
@@ -145,7 +147,7 @@ def test_empty_config_loads_every_complete_file_waiting(settings, warehouse, ins
         drop(settings.impressions_dir, f"impressions-{n}.json.gz", gen.batch(10))
     (settings.impressions_dir / ".impressions-5.json.gz.tmp").write_bytes(b"[")
     _, meta = load(instance)
-    assert (meta["files_loaded"], meta["dagster/row_count"]) == (4, 40)
+    assert (meta["files_loaded"], meta["rows_inserted"]) == (4, 40)
     assert os.listdir(settings.impressions_dir) == [".impressions-5.json.gz.tmp"]
 
 
@@ -171,12 +173,12 @@ def test_a_run_retried_after_a_crash_loads_nothing_twice(settings, warehouse, in
     assert sorted(os.listdir(settings.impressions_dir)) == names  # the crash left them in place
     # The retry (Dagster's "re-execute" with the same run config) finds the bytes in the ledger.
     _, meta = load(instance, names)
-    assert (meta["files_duplicate"], meta["dagster/row_count"]) == (4, 0)
+    assert (meta["files_duplicate"], meta["rows_inserted"]) == (4, 0)
     assert count(warehouse) == 100
     assert os.listdir(settings.impressions_dir) == []
     # And once more, now that the files are archived: nothing to do, nothing missing.
     _, meta = load(instance, names)
-    assert (meta["files_already_handled"], meta["files_missing"], meta["dagster/row_count"]) == (4, 0, 0)
+    assert (meta["files_already_handled"], meta["files_missing"], meta["rows_inserted"]) == (4, 0, 0)
 
 
 def test_sensor_run_requests_materialize_end_to_end(settings, warehouse, instance, monkeypatch):

@@ -36,7 +36,7 @@ def test_files_of_a_dead_run_are_removed_by_the_next_load_and_a_live_writers_are
         day = sandbox.dataset.days[0].isoformat()
         result = dg.materialize([mixpanel_events], instance=instance, resources=RESOURCES, partition_key=day)
         metadata = result.asset_materializations_for_node("mixpanel_events")[0].metadata
-        assert metadata["orphaned_files_removed"].value == 2
+        assert metadata["run/orphaned_files_removed"].value == 2
         assert not any(path.exists() for path in orphans) and in_progress.exists()
         assert sorted(p.name for p in landing.iterdir()) == [in_progress.name]  # the load cleaned up after itself
     finally:

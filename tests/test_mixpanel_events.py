@@ -80,10 +80,10 @@ def test_a_day_lands_deduplicated_with_rejects_and_metadata(sandbox, env, wareho
     assert reprocessed[0] == reprocessed[1] > 0
     meta = metadata(result)
     assert meta["dagster/row_count"] == n
-    assert meta["lines"] == len(lines)
+    assert meta["run/lines"] == len(lines)
     assert meta["rejected"] == sandbox.dataset.malformed_per_day
     assert meta["duplicates_dropped"] == len(lines) - n - sandbox.dataset.malformed_per_day
-    assert meta["export_requests"] == 1
+    assert meta["run/export_requests"] == 1
 
 
 def test_rejects_name_their_reason_and_keep_the_raw_line(sandbox, env, warehouse, instance):
@@ -148,7 +148,9 @@ def test_a_range_backfill_asks_for_one_window_not_one_call_per_day(sandbox, env,
     with warehouse.read() as con:
         per_day = dict(con.execute("SELECT day, count(*) FROM mixpanel.events GROUP BY day").fetchall())
     assert set(per_day) == set(days)
-    assert metadata(result)["dagster/row_count"] == sum(per_day.values())
+    by_partition = {m.partition: m.metadata["dagster/row_count"].value
+                    for m in result.asset_materializations_for_node("mixpanel_events")}
+    assert by_partition == {day.isoformat(): n for day, n in per_day.items()}
 
 
 def test_export_windows_split_long_ranges():
@@ -176,7 +178,7 @@ def test_the_export_survives_misbehaviour(fault, sandbox, env, warehouse, instan
         n = con.execute("SELECT count(*) FROM mixpanel.events WHERE day = ?", [day]).fetchone()[0]
     assert n == len(dedupe_keys(source_lines(sandbox, day)))
     assert len(export_requests(sandbox)) == 2
-    assert metadata(result)["retries"] == 1
+    assert metadata(result)["run/retries"] == 1
 
 
 def test_an_export_that_keeps_ending_early_fails_and_keeps_the_previous_day(sandbox, env, warehouse, instance):

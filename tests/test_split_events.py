@@ -34,7 +34,9 @@ def materialize(instance, assets, first: str, last: str | None = None, run_confi
 
 
 def split_metadata(result) -> dict:
-    return {k: v.value for k, v in result.asset_materializations_for_node("split_events")[0].metadata.items()}
+    """The run's figures (run/..., without the prefix) and the first partition's dagster/ entries."""
+    metadata = result.asset_materializations_for_node("split_events")[0].metadata.items()
+    return {k.removeprefix("run/"): v.value for k, v in metadata if k.startswith(("run/", "dagster/"))}
 
 
 def failure_text(result) -> str:

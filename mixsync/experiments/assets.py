@@ -15,6 +15,7 @@ from mixsync.experiments.settings import ExperimentsFileError
 from mixsync.experiments.sql import ExperimentDataError
 from mixsync.experiments.stats import SRM_ALPHA
 from mixsync.impressions.assets import split_impressions
+from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.assets import mixpanel_events
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
@@ -102,6 +103,7 @@ def sample_ratio_result(analysis: Analysis, configured: set[str]) -> dg.AssetChe
     group_name="analytics",
     kinds={"duckdb", "python"},
     tags={"mixsync/source": "warehouse"},
+    metadata=table_name("analytics.experiment_results"),
     check_specs=[dg.AssetCheckSpec(
         SAMPLE_RATIO_CHECK, asset="experiment_results",
         description=f"Users per treatment of each split match its expected shares (chi-square p >= {SRM_ALPHA}).")],
@@ -120,6 +122,7 @@ def experiment_results(context: dg.AssetExecutionContext, warehouse: WarehouseRe
     try:
         with store.write() as con:
             analysis = analyse(con, settings.experiments)
+            table = table_metadata(con, "analytics.experiment_results")
     except ExperimentDataError as exc:
         raise dg.Failure(f"{settings.source}: {exc}" if settings.source else str(exc)) from None
     for split in analysis.not_started:
@@ -143,7 +146,7 @@ def experiment_results(context: dg.AssetExecutionContext, warehouse: WarehouseRe
         metadata[f"summary {summary.experiment.split}"] = _summary_metadata(summary)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": len(analysis.results),
+            **table,
             "experiments": len(analysis.summaries),
             "experiments_file": settings.source or "(not set: exposures and sample ratios only)",
             "exposures": sum(e.users for e in analysis.exposures),

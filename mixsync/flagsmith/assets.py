@@ -23,6 +23,7 @@ from mixsync.flagsmith.sql import (
 )
 from mixsync.flagsmith.traits import TraitKeyError, trait_keys
 from mixsync.http import RetryStats, ServiceError
+from mixsync.metadata import table_metadata, table_name
 from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import AnyWarehouse, markdown_table
@@ -88,6 +89,7 @@ def _cohort_keys(con, settings: FlagsmithSettings) -> dict[int, str]:
     group_name="flagsmith",
     kinds={"flagsmith", "duckdb"},
     tags={"mixsync/destination": "flagsmith"},
+    metadata=table_name("sync.flagsmith_traits"),
     description="A boolean trait per synced Mixpanel cohort (FLAGSMITH_TRAIT_PREFIX + snake_cased name) on each "
                 "Flagsmith identity: only changes since what Flagsmith last confirmed are sent (sync.flagsmith_traits).",
 )
@@ -146,12 +148,13 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: Flagsm
                                                     count(*) FILTER (NOT trait_value) AS "false",
                                                     count(*) FILTER (trait_value IS NULL) AS deleted
                                              FROM sync.flagsmith_traits GROUP BY trait_key ORDER BY trait_key LIMIT 20""")
+            table = table_metadata(con, "sync.flagsmith_traits")
         requests = client.requests_sent
     if rejects:
         context.log.warning(f"Flagsmith refused {sum(rejects.values())} identities: {rejects} "
                             f"(see {OUTBOX} WHERE status = 'rejected')")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": ledger["ledger_true"] + ledger["ledger_false"],
+        **table,
         "sync_id": sync_id,
         "bulk_mode": mode,
         "exit_mode": settings.exit_mode,

@@ -22,6 +22,7 @@ from mixsync.impressions.sql import (
     ledger_by_name,
     load_impression_files,
 )
+from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.import_client import import_events
 from mixsync.mixpanel.resources import MixpanelResource
@@ -85,6 +86,7 @@ def _settle(load: ImpressionLoad, files: dict[str, LandingFile], settings: Impre
     group_name="impressions",
     kinds={"split", "duckdb"},
     tags={"mixsync/source": "split"},
+    metadata=table_name("split.impressions"),
     description="Split impressions from the webhook's landing files, deduplicated: split.impressions "
                 "(ledger: split.impression_files, bad files: split.impression_quarantine).",
 )
@@ -115,8 +117,10 @@ def split_impressions(context: dg.AssetExecutionContext, config: SplitImpression
         preview = markdown_table(con, """SELECT split, treatment, count(*) AS impressions, count(DISTINCT key) AS keys
                                          FROM split.impressions WHERE load_id = ? GROUP BY ALL
                                          ORDER BY impressions DESC LIMIT 10""", [context.run.run_id])
+        table = table_metadata(con, "split.impressions")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": load.inserted,
+        **table,
+        "rows_inserted": load.inserted,
         "files_requested": len(names),
         "files_loaded": load.count("loaded"),
         "files_duplicate": load.count("duplicate"),
@@ -150,6 +154,7 @@ def push_exposures(store: AnyWarehouse, client: MixpanelClient, settings: Impres
     group_name="impressions",
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/destination": "mixpanel"},
+    metadata=table_name(EXPOSURES_OUTBOX),
     description="Every impression sent once to Mixpanel's /import as an `$experiment_started` exposure, through the "
                 "outbox sync.mixpanel_exposures (deterministic $insert_id; strict-mode refusals recorded there).",
 )
@@ -176,12 +181,13 @@ def mixpanel_experiment_exposures(context: dg.AssetExecutionContext, warehouse: 
         rejects = exposure_rejects_by_reason(con)
         preview = markdown_table(con, f"""SELECT status, count(*) AS exposures, max(sent_at) AS last_sent
                                           FROM {EXPOSURES_OUTBOX} GROUP BY status ORDER BY status""")
+        table = table_metadata(con, EXPOSURES_OUTBOX)
     if report.rejected:
         context.log.warning(f"Mixpanel refused {report.rejected} exposure(s); see rejects_by_reason "
                             f"and {EXPOSURES_OUTBOX} WHERE status = 'rejected'")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": report.sent,
-        "enqueued": enqueued,
+        **table,
+        "rows_inserted": enqueued,
         **report.as_metadata(),
         "outbox_pending": counts.get("pending", 0),
         "outbox_sent": counts.get("sent", 0),

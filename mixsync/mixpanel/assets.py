@@ -13,11 +13,13 @@ import dagster as dg
 import psutil
 
 from mixsync.http import RetryStats
+from mixsync.metadata import column_schema, table_name
 from mixsync.mixpanel.checks import DAILY_VOLUME, daily_volume_result
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
 from mixsync.mixpanel.resources import MixpanelResource
-from mixsync.mixpanel.sql import ExportLoad, TruncatedExport, load_export_file
+from mixsync.mixpanel.sql import ExportLoad, TruncatedExport, day_figures, load_export_file
+from mixsync.progress import CountProgress, DownloadProgress
 from mixsync.resources import WarehouseResource
 from mixsync.settings import MixpanelSettings
 from mixsync.warehouse import AnyWarehouse, markdown_table
@@ -47,7 +49,8 @@ def load_export_window(client: MixpanelClient, warehouse: AnyWarehouse, settings
     and if it keeps coming back for a multi-day window, the window is halved."""
     legacy_tz = settings.project_timezone if settings.legacy_local_time else None
     for attempt in range(1, TRUNCATION_ATTEMPTS + 1):
-        download = client.export_to_file(start, end, landing)
+        progress = DownloadProgress(log, f"export {start}..{end}")
+        download = client.export_to_file(start, end, landing, progress=progress)
         try:
             # Only the parse and the write hold the warehouse; the download above did not.
             with warehouse.write() as con:
@@ -102,6 +105,7 @@ def disk_full(exc: OSError, folder: Path, setting: str) -> dg.Failure:
     group_name="mixpanel",
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/source": "mixpanel"},
+    metadata=table_name("mixpanel.events"),
     description="Mixpanel's raw event export, one row per event (deduplicated), a day per partition: mixpanel.events.",
     check_specs=[DAILY_VOLUME],
 )
@@ -123,8 +127,11 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
     downloaded = 0
     landing = warehouse.settings().landing_dir / "mixpanel"
     orphans_removed = remove_orphaned_downloads(landing, context.log)
+    windows = export_windows(first_day, last_day, settings.export_window_days)
+    # Windows take minutes each: every one is reported, with how many remain and an estimate of the time left.
+    backfill = CountProgress(context.log, f"export of {first_day}..{last_day}", len(windows), "windows", interval=0)
     with mixpanel.client(stats) as client:
-        for start, end in export_windows(first_day, last_day, settings.export_window_days):
+        for start, end in windows:
             try:
                 window_loads, window_bytes = load_export_window(client, store, settings, landing, start, end,
                                                                 context.log)
@@ -134,32 +141,42 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
                 raise
             loads += window_loads
             downloaded += window_bytes
-            context.log.info(f"loaded {start}..{end}: {sum(l.events for l in window_loads)} events")
+            backfill.advance(note=f"loaded {start}..{end}: {sum(l.events for l in window_loads):,} events")
         export_requests = client.requests_sent
-    events = sum(l.events for l in loads)
     rejects: dict[str, int] = {}
     for load in loads:
         for reason, n in load.rejects_by_reason.items():
             rejects[reason] = rejects.get(reason, 0) + n
     with store.read() as con:
+        days = day_figures(con, first_day, last_day)
+        schema = column_schema(con, "mixpanel.events")
         preview = markdown_table(con, """SELECT event, count(*) AS events, count(DISTINCT distinct_id) AS people
                                          FROM mixpanel.events WHERE day BETWEEN ? AND ?
                                          GROUP BY event ORDER BY events DESC LIMIT 10""", [first_day, last_day])
         volume_check = daily_volume_result(con)
+    # Each partition carries its own day's figures (a single-run backfill covers many days, and Dagster would
+    # otherwise copy the run's figures onto every one of them); what belongs to the run is under run/.
+    for key in context.partition_keys:
+        figures = days.get(dt.date.fromisoformat(key))
+        if figures is None:  # after Mixpanel's "today": nothing was asked for
+            figures = {"events": 0, "rejected": 0, "duplicates_dropped": 0, "rejects_by_reason": {},
+                       "export_window": "not exported: after Mixpanel's today"}
+        context.add_asset_metadata({"dagster/row_count": figures["events"], **figures}, partition_key=key)
     return dg.MaterializeResult(check_results=[volume_check], metadata={
-        "dagster/row_count": events,
-        "days": f"{first_day}..{last_day}",
-        "export_requests": export_requests,
-        "bytes_downloaded": downloaded,
-        "lines": sum(l.lines for l in loads),
-        "duplicates_dropped": sum(l.duplicates_dropped for l in loads),
+        "dagster/table_name": "mixpanel.events",
+        "dagster/column_schema": schema,
+        "run/days": f"{first_day}..{last_day}",
+        "run/events": sum(l.events for l in loads),
+        "run/export_requests": export_requests,
+        "run/bytes_downloaded": downloaded,
+        "run/lines": sum(l.lines for l in loads),
+        "run/duplicates_dropped": sum(l.duplicates_dropped for l in loads),
         # Times a day's switch lost a DuckLake write conflict and was run again whole (always 0 on a file).
-        "conflict_retries": sum(l.conflict_retries for l in loads),
-        "rejected": sum(rejects.values()),
-        "rejects_by_reason": rejects,
-        "events_per_day": {str(day): n for l in loads for day, n in sorted(l.per_day.items())},
-        **stats.as_metadata(),
-        "duration_seconds": round(time.monotonic() - started, 3),
-        "orphaned_files_removed": len(orphans_removed),
-        "top_events": dg.MetadataValue.md(preview),
+        "run/conflict_retries": sum(l.conflict_retries for l in loads),
+        "run/rejected": sum(rejects.values()),
+        "run/rejects_by_reason": rejects,
+        **{f"run/{name}": value for name, value in stats.as_metadata().items()},
+        "run/duration_seconds": round(time.monotonic() - started, 3),
+        "run/orphaned_files_removed": len(orphans_removed),
+        "run/top_events": dg.MetadataValue.md(preview),
     })

@@ -12,6 +12,7 @@ import httpx
 import orjson
 
 from mixsync.http import RetryPolicy, RetryStats, raise_for_status, timeouts, user_agent, with_retries
+from mixsync.progress import DownloadProgress
 from mixsync.settings import MixpanelSettings
 
 CREDENTIALS_HINT = (
@@ -75,11 +76,13 @@ class MixpanelClient:
         return with_retries(attempt, self.policy, self.stats, what)
 
     def export_to_file(self, from_date: dt.date, to_date: dt.date, directory: Path,
-                       events: list[str] | None = None, where: str | None = None) -> Download:
+                       events: list[str] | None = None, where: str | None = None,
+                       progress: DownloadProgress | None = None) -> Download:
         """Stream the raw export for from_date..to_date (both inclusive) to a file, bytes as they arrive.
 
         The body is stored exactly as sent (gzip stays gzip); DuckDB parses it later. The file appears under
-        its final name only when the whole body arrived.
+        its final name only when the whole body arrived. `progress` hears of every chunk (it logs bytes and
+        lines every few seconds: a 31-day window can take many minutes).
         """
         params: dict[str, str] = {
             "project_id": self.settings.project_id,
@@ -104,12 +107,16 @@ class MixpanelClient:
                 final = directory / (stem + (".jsonl.gz" if gzipped else ".jsonl"))
                 partial = final.with_name(final.name + ".part")
                 written = 0
+                if progress is not None:
+                    progress.start(gzipped)
                 try:
                     with open(partial, "wb") as out:
                         # iter_raw: the bytes as sent, still compressed; never decoded by a guessed charset.
                         for chunk in response.iter_raw(CHUNK_BYTES):
                             out.write(chunk)
                             written += len(chunk)
+                            if progress is not None:
+                                progress.advance(chunk)
                     os.replace(partial, final)
                 except BaseException:
                     partial.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from mixsync.http import RetryStats, ServiceError
+from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.cohort_settings import CohortSettings
 from mixsync.mixpanel.cohort_sql import (
     UnknownCohorts,
@@ -28,6 +29,7 @@ QUERY_POOL = "mixpanel_query"
     group_name="mixpanel",
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/source": "mixpanel"},
+    metadata=table_name("mixpanel.cohorts"),
     description="The project's cohorts (id, name, description, count, visibility, created): mixpanel.cohorts, "
                 "replaced each run.",
 )
@@ -45,11 +47,13 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
         load = replace_cohorts(con, body)
         preview = markdown_table(con, """SELECT id, name, count, visibility, created FROM mixpanel.cohorts
                                          ORDER BY count DESC NULLS LAST LIMIT 10""")
+        table = table_metadata(con, "mixpanel.cohorts")
     if load.rejected:
         context.log.warning(f"{load.rejected} cohort entries were malformed: {load.rejects_by_reason} "
                             "(see mixpanel.cohorts_rejected)")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": load.cohorts,
+        **table,
+        "cohorts_loaded": load.cohorts,
         "rejected": load.rejected,
         "rejects_by_reason": load.rejects_by_reason,
         **stats.as_metadata(),
@@ -64,6 +68,7 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
     group_name="mixpanel",
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/source": "mixpanel"},
+    metadata=table_name("mixpanel.cohort_members"),
     description="Members of the selected cohorts (MIXPANEL_COHORTS, default all) through engage: current membership "
                 "in mixpanel.cohort_members, who entered and left in mixpanel.cohort_membership_history.",
 )
@@ -111,12 +116,14 @@ def mixpanel_cohort_members(context: dg.AssetExecutionContext, mixpanel: Mixpane
                                          FROM mixpanel.cohort_member_loads l
                                          JOIN mixpanel.cohort_snapshots s USING (snapshot_id)
                                          ORDER BY l.members DESC LIMIT 10""")
+        table = table_metadata(con, "mixpanel.cohort_members")
     rejects: dict[str, int] = {}
     for load in loads:
         for reason, n in load.rejects_by_reason.items():
             rejects[reason] = rejects.get(reason, 0) + n
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": sum(l.members for l in loads),
+        **table,
+        "members_loaded": sum(l.members for l in loads),
         "cohorts": len(loads),
         "cohorts_removed": [l.cohort_id for l in removed],
         "entered": sum(l.entered for l in loads),

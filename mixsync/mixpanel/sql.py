@@ -282,6 +282,20 @@ def recent_daily_counts(con: duckdb.DuckDBPyConnection, day: dt.date, lookback_d
     return (row[0] if row else None), mean
 
 
+def day_figures(con: duckdb.DuckDBPyConnection, first_day: dt.date, last_day: dt.date) -> dict[dt.date, dict]:
+    """Each loaded day's own figures from the load ledger: what the UI shows for that day's partition."""
+    window = {"first": first_day, "last": last_day}
+    reasons: dict[dt.date, dict[str, int]] = {}
+    for day, reason, n in con.execute("""SELECT day, reason, count(*) FROM mixpanel.events_rejected
+                                         WHERE day BETWEEN $first AND $last GROUP BY ALL ORDER BY ALL""", window).fetchall():
+        reasons.setdefault(day, {})[reason] = n
+    return {day: {"events": events, "rejected": rejected, "duplicates_dropped": duplicates,
+                  "rejects_by_reason": reasons.get(day, {}), "export_window": f"{start}..{end}"}
+            for day, events, rejected, duplicates, start, end in con.execute(
+                """SELECT day, events, rejected, duplicates_dropped, window_start, window_end FROM mixpanel.event_loads
+                   WHERE day BETWEEN $first AND $last ORDER BY day""", window).fetchall()}
+
+
 register_ddl("mixpanel.events", DDL, migrate)
 
 # For people (`analytics`): what is asked first of the export, without knowing how loads work.

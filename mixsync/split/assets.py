@@ -6,13 +6,15 @@ import time
 import dagster as dg
 
 from mixsync.http import RetryStats, ServiceError
+from mixsync.metadata import column_schema, table_name
 from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
+from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.split.client import SplitEventsClient
 from mixsync.split.mapping import MappingError
 from mixsync.split.resources import SplitResource
-from mixsync.split.sql import EVENTS_OUTBOX, stage_window
+from mixsync.split.sql import EVENTS_OUTBOX, day_figures, stage_window
 from mixsync.warehouse import markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
@@ -49,12 +51,14 @@ accept_backfill_policy_beta()
     group_name="split",
     kinds={"split", "duckdb"},
     tags={"mixsync/destination": "split"},
+    metadata=table_name(EVENTS_OUTBOX),
     description="Mixpanel events of the day sent to Split's Events API, each once (outbox sync.split_events; "
                 "unmappable events in split.events_rejected).",
 )
 def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, split: SplitResource,
                  warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc)
     try:
         settings = split.settings()
         mapping = split.mapping(settings)
@@ -91,9 +95,14 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     stats = RetryStats()
     failure: str | None = None
     report = PushReport()
+    with store.read() as con:
+        pending_before = con.execute(f"""SELECT count(*) FROM {EVENTS_OUTBOX} WHERE status = 'pending'
+                                         AND list_contains(?, scope)""", [days]).fetchone()[0]
+    progress = CountProgress(context.log, f"push of {first_day}..{last_day} to Split", pending_before, "events",
+                             batched=True)
     with split.client(settings, stats) as client:
         try:
-            report = push(store, EVENTS_OUTBOX, batch_sender(client), work_dir, scopes=days,
+            report = push(store, EVENTS_OUTBOX, reporting_sends(batch_sender(client), progress), work_dir, scopes=days,
                           max_items=settings.batch_size, max_bytes=settings.max_batch_bytes,
                           concurrency=settings.concurrency, logger=context.log, at_most_once=True)
         except (FatalPushError, ServiceError) as exc:
@@ -104,11 +113,18 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             SELECT count(*) FILTER (status = 'pending' AND list_contains(?, scope)),
                    count(*) FILTER (status = 'in_doubt')
             FROM {EVENTS_OUTBOX}""", [days]).fetchone()
+        per_day = day_figures(con, days, started_at)
+        schema = column_schema(con, EVENTS_OUTBOX)
         preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events
                                           FROM {EVENTS_OUTBOX} WHERE list_contains(?, scope)
                                           GROUP BY ALL ORDER BY events DESC LIMIT 10""", [days])
-    metadata = {
-        "dagster/row_count": report.sent,
+    # Each partition carries its own day's figures; `dagster/row_count` is the events of that day Split holds.
+    # What belongs to the whole run (which may cover many days) is under run/.
+    for key in context.partition_keys:
+        figures = per_day.get(key, {})
+        context.add_asset_metadata({"dagster/row_count": figures.get("events_sent_total", 0), **figures},
+                                   partition_key=key)
+    run = {
         "days": f"{first_day}..{last_day}",
         "events_considered": staged.considered,
         "events_not_selected": staged.not_selected,
@@ -141,6 +157,8 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             f"{report.in_doubt + recovered.recovered_in_doubt} events are in doubt (Split may or may not have them); "
             f"{in_doubt_held} are held in sync.split_events with status 'in_doubt' and are not sent again. "
             "Check Split, then run with resend_in_doubt: true to send them anyway")
+    metadata = {"dagster/table_name": EVENTS_OUTBOX, "dagster/column_schema": schema,
+                **{f"run/{name}": value for name, value in run.items()}}
     if failure is not None:
         # Batches Split acknowledged stay marked sent; the rest stay pending for the next run.
         raise dg.Failure(description=f"Split refused the push: {failure}", metadata=metadata)

@@ -126,6 +126,33 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
     return result
 
 
+def day_figures(con: duckdb.DuckDBPyConnection, days: list[str], sent_since: dt.datetime) -> dict[str, dict]:
+    """Each day's own figures for its partition: what Split holds of that day (`sent`), what this push sent,
+    what waits, what could not be mapped and why, and the day's events in mixpanel.events."""
+    params = {"days": days, "since": sent_since}
+    figures: dict[str, dict] = {day: {"events_considered": 0, "events_sent_total": 0, "events_sent": 0,
+                                      "events_pending": 0, "events_rejected": 0, "rejects_by_reason": {},
+                                      "outbox_by_status": {}} for day in days}
+    for day, n in con.execute("""SELECT day::VARCHAR, count(*) FROM mixpanel.events
+                                 WHERE list_contains($days, day::VARCHAR) GROUP BY ALL""", {"days": days}).fetchall():
+        figures[day]["events_considered"] = n
+    for day, status, n, sent_now in con.execute(f"""
+            SELECT scope, status, count(*), count(*) FILTER (status = 'sent' AND sent_at >= $since)
+            FROM {EVENTS_OUTBOX} WHERE list_contains($days, scope) GROUP BY ALL ORDER BY ALL""", params).fetchall():
+        figures[day]["outbox_by_status"][status] = n
+        figures[day]["events_sent"] += sent_now
+        if status == "sent":
+            figures[day]["events_sent_total"] = n
+        elif status == "pending":
+            figures[day]["events_pending"] = n
+    for day, reason, n in con.execute("""SELECT day::VARCHAR, reason, count(*) FROM split.events_rejected
+                                         WHERE list_contains($days, day::VARCHAR) GROUP BY ALL ORDER BY ALL""",
+                                      {"days": days}).fetchall():
+        figures[day]["rejects_by_reason"][reason] = n
+        figures[day]["events_rejected"] += n
+    return figures
+
+
 register_ddl("split.events", DDL)
 
 # For people (`analytics`): where the push to Split stands for each day (the outbox's scope is the day).
