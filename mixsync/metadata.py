@@ -29,5 +29,5 @@ def table_metadata(con: duckdb.DuckDBPyConnection, table: str, row_count: bool =
     """
     metadata: dict = {"dagster/table_name": table, "dagster/column_schema": column_schema(con, table)}
     if row_count:
-        metadata["dagster/row_count"] = con.execute(f"SELECT count(*) FROM {identifier(table)}").fetchone()[0]
+        metadata["dagster/row_count"] = con.execute(f"SELECT count(*) FROM {identifier(table)}").fetchall()[0][0]
     return metadata

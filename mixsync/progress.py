@@ -7,11 +7,13 @@ import os
 import threading
 import time
 import zlib
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from mixsync.settings import parse_int
 
 DEFAULT_PROGRESS_SECONDS = 10
+Outcome = TypeVar("Outcome")
 
 
 def progress_seconds(environ: Mapping[str, str] | None = None) -> float:
@@ -21,7 +23,7 @@ def progress_seconds(environ: Mapping[str, str] | None = None) -> float:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -160,10 +162,10 @@ class CountProgress:
         return text + (f"; {note}" if note else "")
 
 
-def reporting_sends(send: Callable[[list[bytes]], object], progress: CountProgress) -> Callable[[list[bytes]], object]:
+def reporting_sends(send: Callable[[list[bytes]], Outcome], progress: CountProgress) -> Callable[[list[bytes]], Outcome]:
     """Wrap an outbox push's `send`: each batch the service answered advances `progress` by its items."""
 
-    def send_and_report(payloads: list[bytes]):
+    def send_and_report(payloads: list[bytes]) -> Outcome:
         outcome = send(payloads)
         progress.advance(len(payloads))
         return outcome

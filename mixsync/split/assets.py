@@ -58,7 +58,7 @@ accept_backfill_policy_beta()
 def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, split: SplitResource,
                  warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     try:
         settings = split.settings()
         mapping = split.mapping(settings)
