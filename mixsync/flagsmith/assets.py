@@ -1,11 +1,13 @@
 """Mixpanel cohort membership → a boolean trait per cohort on each Flagsmith identity; only changes are sent."""
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 import orjson
 
+from mixsync.dry_run import DryRunConfig, would_send
 from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import FlagsmithSettings
@@ -24,6 +26,7 @@ from mixsync.flagsmith.sql import (
 from mixsync.flagsmith.traits import TraitKeyError, trait_keys
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
+from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import AnyWarehouse, markdown_table
@@ -90,11 +93,15 @@ def _cohort_keys(con, settings: FlagsmithSettings) -> dict[int, str]:
     kinds={"flagsmith", "duckdb"},
     tags={"mixsync/destination": "flagsmith"},
     metadata=table_name("sync.flagsmith_traits"),
+    check_specs=outbox_check_specs("flagsmith_cohort_traits", OUTBOX),
+    # A dry run materializes nothing: it reports what would be sent as an observation.
+    output_required=False,
     description="A boolean trait per synced Mixpanel cohort (FLAGSMITH_TRAIT_PREFIX + snake_cased name) on each "
                 "Flagsmith identity: only changes since what Flagsmith last confirmed are sent (sync.flagsmith_traits).",
 )
-def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: FlagsmithResource,
-                            warehouse: WarehouseResource) -> dg.MaterializeResult:
+def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunConfig, flagsmith: FlagsmithResource,
+                            warehouse: WarehouseResource
+                            ) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
     settings = flagsmith.settings()
     store = warehouse.warehouse()
@@ -105,6 +112,30 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: Flagsm
             mode = client.detect_bulk_mode() if settings.bulk_mode == "auto" else settings.bulk_mode
         except FlagsmithKeyError as exc:
             raise dg.Failure(str(exc)) from None
+        if config.dry_run:
+            # The fold and the plan exactly as below, in one transaction that is read, then rolled back.
+            batch = settings.batch_identities if mode != "identities" else min(settings.batch_identities,
+                                                                                PER_IDENTITY_BATCH)
+            with store.write() as con:
+                keys = _cohort_keys(con, settings)
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    fold_acknowledged(con, transaction=False)
+                    sync_id = begin_sync(con, mode, settings.exit_mode)
+                    plan = plan_changes(con, sync_id, 0, keys, settings.exit_mode, settings.identifier_property,
+                                        transaction=False)
+                    seen = would_send(con, OUTBOX, [f"sync-{sync_id}-r0"], batch)
+                finally:
+                    con.execute("ROLLBACK")
+                checks = outbox_check_results(con, "flagsmith_cohort_traits", OUTBOX)
+            context.log.info(f"dry run ({mode}): would send {seen.items} identities ({plan.set_true} true, "
+                             f"{plan.set_false} false, {plan.deleted} deleted); nothing was sent or kept")
+            yield dg.AssetObservation(asset_key=context.asset_key, metadata={
+                **seen.metadata(), "bulk_mode": mode, "traits_set_true": plan.set_true,
+                "traits_set_false": plan.set_false, "traits_deleted": plan.deleted,
+                "skipped_by_reason": plan.skipped_by_reason})
+            yield from checks
+            return
         # 1. An interrupted run: apply what Flagsmith acknowledged, so none of it is sent again.
         recovered = recover(store, OUTBOX, work_dir, context.log)
         with store.write() as con:
@@ -149,11 +180,12 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, flagsmith: Flagsm
                                                     count(*) FILTER (trait_value IS NULL) AS deleted
                                              FROM sync.flagsmith_traits GROUP BY trait_key ORDER BY trait_key LIMIT 20""")
             table = table_metadata(con, "sync.flagsmith_traits")
+            checks = outbox_check_results(con, "flagsmith_cohort_traits", OUTBOX)
         requests = client.requests_sent
     if rejects:
         context.log.warning(f"Flagsmith refused {sum(rejects.values())} identities: {rejects} "
                             f"(see {OUTBOX} WHERE status = 'rejected')")
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(check_results=checks, metadata={
         **table,
         "sync_id": sync_id,
         "bulk_mode": mode,

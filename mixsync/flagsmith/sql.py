@@ -95,8 +95,9 @@ def finish_sync(con: duckdb.DuckDBPyConnection, sync_id: int, plan: Plan, verifi
                  verified, mismatches, sync_id])
 
 
-def fold_acknowledged(con: duckdb.DuckDBPyConnection) -> int:
-    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction."""
+def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) -> int:
+    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction (the caller's
+    when `transaction` is False: a dry run rolls it back)."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fold_items AS
         SELECT t.identifier, t.trait_key, t.cohort_id, t.trait_value, t.sync_id, o.sent_at, o.id
         FROM {OUTBOX} o JOIN sync.flagsmith_outbox_traits t ON t.outbox_id = o.id
@@ -106,7 +107,8 @@ def fold_acknowledged(con: duckdb.DuckDBPyConnection) -> int:
     if not folded:
         con.execute("DROP TABLE fold_items")
         return 0
-    con.execute("BEGIN TRANSACTION")
+    if transaction:
+        con.execute("BEGIN TRANSACTION")
     try:
         con.execute("""DELETE FROM sync.flagsmith_traits l USING fold_items f
                        WHERE l.identifier = f.identifier AND l.trait_key = f.trait_key""")
@@ -114,9 +116,11 @@ def fold_acknowledged(con: duckdb.DuckDBPyConnection) -> int:
                        SELECT identifier, trait_key, cohort_id, trait_value, sync_id, sent_at FROM fold_items""")
         con.execute(f"""UPDATE {OUTBOX} SET folded_at = now()
                         WHERE status = 'sent' AND folded_at IS NULL""")
-        con.execute("COMMIT")
+        if transaction:
+            con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        if transaction:
+            con.execute("ROLLBACK")
         raise
     con.execute("DROP TABLE fold_items")
     return folded
@@ -130,7 +134,7 @@ def _identifier_sql(identifier_property: str | None) -> str:
 
 
 def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys: dict[int, str], exit_mode: str,
-                 identifier_property: str | None) -> Plan:
+                 identifier_property: str | None, transaction: bool = True) -> Plan:
     """Enqueue, per identity, the trait changes between current cohort membership and the ledger.
 
     Members get `true` where the ledger does not hold true; owned traits of people who left become `false`
@@ -185,7 +189,8 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
         WHERE c.identifier = r.identifier AND c.trait_key = r.trait_key
           AND c.trait_value IS NOT DISTINCT FROM r.trait_value""").fetchone()[0]
     item_id = f"md5('{sync_id}|{round_}|' || identifier)"
-    con.execute("BEGIN TRANSACTION")
+    if transaction:  # else the caller's (a dry run rolls it back)
+        con.execute("BEGIN TRANSACTION")
     try:
         plan.superseded = con.execute(f"UPDATE {OUTBOX} SET status = 'superseded' WHERE status = 'pending'").fetchone()[0]
         enqueue(con, OUTBOX, f"sync-{sync_id}-r{round_}", f"""
@@ -199,9 +204,11 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
         if round_ == 0:
             con.execute("DELETE FROM sync.flagsmith_skipped")
             con.execute(f"INSERT INTO sync.flagsmith_skipped SELECT {sync_id}, * FROM fs_skipped")
-        con.execute("COMMIT")
+        if transaction:
+            con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        if transaction:
+            con.execute("ROLLBACK")
         raise
     plan.identities, plan.set_true, plan.set_false, plan.deleted = con.execute("""
         SELECT count(DISTINCT identifier), count(*) FILTER (trait_value), count(*) FILTER (NOT trait_value),

@@ -3,11 +3,13 @@
 import datetime as dt
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from mixsync.dry_run import DryRunConfig, would_send
 from mixsync.http import RetryStats, ServiceError
 from mixsync.impressions.exposures import exposure_payload_sql
 from mixsync.impressions.landing import LandingFile, archive_folder, fingerprint, landed_names, move_aside
@@ -26,6 +28,7 @@ from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.import_client import import_events
 from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.warehouse import AnyWarehouse, markdown_table
@@ -136,6 +139,10 @@ def split_impressions(context: dg.AssetExecutionContext, config: SplitImpression
     })
 
 
+class ExposuresConfig(DryRunConfig):
+    pass
+
+
 def push_exposures(store: AnyWarehouse, client: MixpanelClient, settings: ImpressionsSettings, work_dir: Path,
                    logger=None) -> PushReport:
     """Send the outbox's pending exposures to /import; each batch's acknowledgement is journaled as it comes."""
@@ -155,17 +162,38 @@ def push_exposures(store: AnyWarehouse, client: MixpanelClient, settings: Impres
     kinds={"mixpanel", "duckdb"},
     tags={"mixsync/destination": "mixpanel"},
     metadata=table_name(EXPOSURES_OUTBOX),
+    check_specs=outbox_check_specs("mixpanel_experiment_exposures", EXPOSURES_OUTBOX),
+    # A dry run materializes nothing: it reports what would be sent as an observation.
+    output_required=False,
     description="Every impression sent once to Mixpanel's /import as an `$experiment_started` exposure, through the "
                 "outbox sync.mixpanel_exposures (deterministic $insert_id; strict-mode refusals recorded there).",
 )
-def mixpanel_experiment_exposures(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                                  mixpanel: MixpanelResource, impressions: ImpressionsResource) -> dg.MaterializeResult:
+def mixpanel_experiment_exposures(context: dg.AssetExecutionContext, config: ExposuresConfig,
+                                  warehouse: WarehouseResource, mixpanel: MixpanelResource,
+                                  impressions: ImpressionsResource
+                                  ) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
     settings = _settings(impressions)
     store = warehouse.warehouse()
     payload_sql = exposure_payload_sql(settings.exposure_event, settings.property_names)
     stats = RetryStats()
     _settings(mixpanel)  # a missing MIXPANEL_* setting fails here, before anything is enqueued
+    if config.dry_run:
+        # Enqueued exactly as below, read, then rolled back: the outbox does not change.
+        with store.write() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                enqueued = enqueue_exposures(con, payload_sql, context.run.run_id)
+                seen = would_send(con, EXPOSURES_OUTBOX, None, settings.exposure_batch_size)
+            finally:
+                con.execute("ROLLBACK")
+            checks = outbox_check_results(con, "mixpanel_experiment_exposures", EXPOSURES_OUTBOX)
+        context.log.info(f"dry run: would send {seen.items} exposures in about {seen.batches} batches; "
+                         "nothing was sent or kept")
+        yield dg.AssetObservation(asset_key=context.asset_key,
+                                  metadata={**seen.metadata(), "would_enqueue": enqueued})
+        yield from checks
+        return
     with store.write() as con:
         enqueued = enqueue_exposures(con, payload_sql, context.run.run_id)
     try:
@@ -182,10 +210,11 @@ def mixpanel_experiment_exposures(context: dg.AssetExecutionContext, warehouse: 
         preview = markdown_table(con, f"""SELECT status, count(*) AS exposures, max(sent_at) AS last_sent
                                           FROM {EXPOSURES_OUTBOX} GROUP BY status ORDER BY status""")
         table = table_metadata(con, EXPOSURES_OUTBOX)
+        checks = outbox_check_results(con, "mixpanel_experiment_exposures", EXPOSURES_OUTBOX)
     if report.rejected:
         context.log.warning(f"Mixpanel refused {report.rejected} exposure(s); see rejects_by_reason "
                             f"and {EXPOSURES_OUTBOX} WHERE status = 'rejected'")
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(check_results=checks, metadata={
         **table,
         "rows_inserted": enqueued,
         **report.as_metadata(),

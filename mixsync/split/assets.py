@@ -2,12 +2,15 @@
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 
+from mixsync.dry_run import DryRunConfig, WouldSend, would_send
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import column_schema, table_name
 from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
+from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
@@ -19,7 +22,7 @@ from mixsync.warehouse import markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
 
-class SplitEventsConfig(dg.Config):
+class SplitEventsConfig(DryRunConfig):
     resend: bool = False
     """Send again events Split already acknowledged. Split does not deduplicate: it will count them twice."""
     resend_in_doubt: bool = False
@@ -52,11 +55,14 @@ accept_backfill_policy_beta()
     kinds={"split", "duckdb"},
     tags={"mixsync/destination": "split"},
     metadata=table_name(EVENTS_OUTBOX),
+    check_specs=outbox_check_specs("split_events", EVENTS_OUTBOX),
+    # A dry run materializes nothing: it reports what would be sent as an observation.
+    output_required=False,
     description="Mixpanel events of the day sent to Split's Events API, each once (outbox sync.split_events; "
                 "unmappable events in split.events_rejected).",
 )
 def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, split: SplitResource,
-                 warehouse: WarehouseResource) -> dg.MaterializeResult:
+                 warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     try:
@@ -70,6 +76,24 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     first_day = window.start.date()
     last_day = (window.end - dt.timedelta(days=1)).date()
     days = [(first_day + dt.timedelta(days=n)).isoformat() for n in range((last_day - first_day).days + 1)]
+
+    if config.dry_run:
+        # Staged exactly as below, read, then rolled back: no outbox, ledger or rejects change.
+        seen: list[WouldSend] = []
+        with store.write() as con:
+            staged = stage_window(con, mapping, first_day, last_day, settings.environment, dt.datetime.now(dt.UTC),
+                                  resend=config.resend, resend_in_doubt=config.resend_in_doubt,
+                                  inspect=lambda c: seen.append(would_send(c, EVENTS_OUTBOX, days, settings.batch_size)))
+            checks = outbox_check_results(con, "split_events", EVENTS_OUTBOX)
+        context.log.info(f"dry run of {first_day}..{last_day}: would send {seen[0].items} events in about "
+                         f"{seen[0].batches} batches; nothing was sent or kept")
+        yield dg.AssetObservation(asset_key=context.asset_key, metadata={
+            **seen[0].metadata(), "days": f"{first_day}..{last_day}", "events_considered": staged.considered,
+            "events_mapped": staged.mapped, "events_rejected": staged.rejected,
+            "rejects_by_reason": staged.rejects_by_reason,
+            "events_already_sent_before": staged.already_sent - staged.resend, "events_resent": staged.resend})
+        yield from checks
+        return
 
     # What a crashed push acknowledged is applied before the mapping touches pending rows.
     # A batch in flight when a push was killed or interrupted is marked in_doubt here, never resent on a guess.
@@ -115,6 +139,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             FROM {EVENTS_OUTBOX}""", [days]).fetchone()
         per_day = day_figures(con, days, started_at)
         schema = column_schema(con, EVENTS_OUTBOX)
+        checks = outbox_check_results(con, "split_events", EVENTS_OUTBOX)
         preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events
                                           FROM {EVENTS_OUTBOX} WHERE list_contains(?, scope)
                                           GROUP BY ALL ORDER BY events DESC LIMIT 10""", [days])
@@ -162,7 +187,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     if failure is not None:
         # Batches Split acknowledged stay marked sent; the rest stay pending for the next run.
         raise dg.Failure(description=f"Split refused the push: {failure}", metadata=metadata)
-    return dg.MaterializeResult(metadata=metadata)
+    yield dg.MaterializeResult(metadata=metadata, check_results=checks)
 
 
 @dg.asset_check(asset=split_events, blocking=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -62,12 +63,15 @@ class StagedEvents:
 
 def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.date, end: dt.date,
                  environment: str | None, now: dt.datetime, resend: bool = False,
-                 resend_in_doubt: bool = False) -> StagedEvents:
+                 resend_in_doubt: bool = False,
+                 inspect: Callable[[duckdb.DuckDBPyConnection], object] | None = None) -> StagedEvents:
     """Map the events of days start..end and bring the outbox and the rejects table in line, in one transaction.
 
     New events are enqueued (never seen ids only); pending ones take the current mapping's payload; pending ones
     the mapping no longer produces are withdrawn; sent ones stay sent unless `resend` puts them back to pending;
     in_doubt ones stay held unless `resend_in_doubt` (or `resend`) puts them back to pending.
+    With `inspect` (a dry run), it is called with the staged state inside the transaction, which is then rolled
+    back: nothing is kept.
     """
     result = StagedEvents()
     window = {"start": start, "end": end}
@@ -117,7 +121,11 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
                     FROM split_stage s WHERE o.id = s.id AND s.payload IS NOT NULL AND o.status <> 'pending'""").fetchone()[0]
             result.enqueued = enqueue(con, EVENTS_OUTBOX, None,
                                       "SELECT id, day::VARCHAR AS scope, payload FROM split_stage WHERE payload IS NOT NULL")
-            con.execute("COMMIT")
+            if inspect is not None:
+                inspect(con)
+                con.execute("ROLLBACK")
+            else:
+                con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
