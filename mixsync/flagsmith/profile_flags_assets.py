@@ -18,6 +18,7 @@ from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import ProfileFlagsSettings
 from mixsync.http import RetryPolicy, RetryStats, ServiceError
+from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.profiles_client import ProfilesClient
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
@@ -77,6 +78,7 @@ def _sender(client: ProfilesClient):
     group_name="flagsmith",
     kinds={"flagsmith", "mixpanel", "duckdb"},
     tags={"mixsync/destination": "mixpanel"},
+    metadata=table_name(sql.LEDGER),
     description="Each managed Flagsmith identity's flag states as Mixpanel profile properties "
                 "(FLAGSMITH_PROFILE_PROPERTY_PREFIX + feature name) through /engage $set/$unset; flags land in "
                 "flagsmith.identity_flags, and only changes since sync.mixpanel_profile_flags are sent.",
@@ -136,11 +138,13 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
                                           FROM {sql.LEDGER} WHERE value IS NOT NULL
                                           GROUP BY property ORDER BY property LIMIT 20""")
         flags_rows = con.execute("SELECT count(*) FROM flagsmith.identity_flags").fetchone()[0]
+        table = table_metadata(con, sql.LEDGER)
     if rejects:
         context.log.warning(f"Mixpanel refused {sum(rejects.values())} profile updates: {rejects} "
                             f"(see {sql.OUTBOX} WHERE status = 'rejected')")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": flags_rows,
+        **table,
+        "identity_flags_rows": flags_rows,
         "sync_id": sync_id,
         "identities": len(identities),
         "identities_read": identities_read,
