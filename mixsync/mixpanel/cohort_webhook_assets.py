@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel import cohort_webhook_sql as sql
 from mixsync.mixpanel.cohort_webhook import cohort_webhook_dir
 from mixsync.resources import WarehouseResource
@@ -19,6 +20,7 @@ def landed_bodies(directory) -> list:
     pool="mixpanel_cohort_webhooks",
     group_name="mixpanel",
     kinds={"mixpanel", "duckdb"},
+    metadata=table_name("mixpanel.cohort_members"),
     description="Mixpanel cohort webhook bodies (landed by `mixsync receive-cohorts`) applied to "
                 "mixpanel.cohort_members and mixpanel.cohort_membership_history: add_members and remove_members "
                 "at once, a members snapshot once all pages of its session arrived.",
@@ -35,11 +37,11 @@ def mixpanel_cohort_webhook_members(context: dg.AssetExecutionContext,
         path.unlink(missing_ok=True)
     with store.write() as con:
         result = sql.apply_pending(con)
-        members = con.execute("SELECT count(*) FROM mixpanel.cohort_members").fetchone()[0]
+        table = table_metadata(con, "mixpanel.cohort_members")
     context.log.info(f"{landed} bodies landed, {result.applied} applied (+{result.entered} -{result.left}), "
                      f"{result.waiting_pages} members pages waiting for their session's other pages")
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": members,
+        **table,
         "bodies_landed": landed,
         "bodies_applied": result.applied,
         "members_entered": result.entered,
