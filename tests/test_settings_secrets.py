@@ -20,7 +20,7 @@ SECRETS = {
     "MIXSYNC_COHORT_WEBHOOK_PASSWORD": "cohort-password-4716",
 }
 REQUIRED = {"MIXPANEL_PROJECT_ID": "12345", "MIXPANEL_SERVICE_ACCOUNT_USERNAME": "sa.user",
-            "MIXPANEL_PROJECT_TOKEN": "0123456789abcdef0123456789abcdef"}
+            "MIXPANEL_PROJECT_TOKEN": "0123456789abcdef0123456789abcdef", "MIXSYNC_COHORT_WEBHOOK_USER": "mixpanel"}
 
 
 def settings_classes() -> list[type]:
