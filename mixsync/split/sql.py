@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import duckdb
 
 import mixsync.mixpanel.sql  # noqa: F401  (staging reads mixpanel.events; importing it registers those tables)
-from mixsync.split.mapping import Mapping, names_sql, stage_sql
+from mixsync.split.mapping import Mapping
+from mixsync.split.mapping_sql import names_sql, stage_sql
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
 
@@ -89,7 +90,6 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
             "SELECT reject_reason, count(*) FROM split_stage WHERE reject_reason IS NOT NULL GROUP BY ALL ORDER BY ALL").fetchall())
         result.renames = dict(con.execute(
             "SELECT DISTINCT event, event_type_id FROM split_names WHERE rename_rule IS NOT NULL AND selected ORDER BY ALL").fetchall())
-        in_window = f"o.scope BETWEEN '{start.isoformat()}' AND '{end.isoformat()}'"
         result.already_sent, result.pending_before = con.execute(f"""
             SELECT count(*) FILTER (o.status <> 'pending'), count(*) FILTER (o.status = 'pending')
             FROM {EVENTS_OUTBOX} o SEMI JOIN split_stage s ON s.id = o.id AND s.payload IS NOT NULL""").fetchone()
@@ -106,8 +106,9 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
             con.execute(f"INSERT INTO split.event_renames SELECT event, event_type_id, rename_rule, $now FROM ({renamed})",
                         {"now": now})
             result.withdrawn = con.execute(f"""
-                DELETE FROM {EVENTS_OUTBOX} o WHERE {in_window} AND o.status = 'pending'
-                  AND o.id NOT IN (SELECT id FROM split_stage WHERE payload IS NOT NULL)""").fetchone()[0]
+                DELETE FROM {EVENTS_OUTBOX} o WHERE o.scope BETWEEN $start AND $end AND o.status = 'pending'
+                  AND o.id NOT IN (SELECT id FROM split_stage WHERE payload IS NOT NULL)""",
+                {"start": start.isoformat(), "end": end.isoformat()}).fetchone()[0]
             result.pending_refreshed = con.execute(f"""
                 UPDATE {EVENTS_OUTBOX} o SET payload = s.payload
                 FROM split_stage s WHERE o.id = s.id AND o.status = 'pending' AND o.payload <> s.payload""").fetchone()[0]
