@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mixsync.warehouse import sql
+
 DEFAULT_DUCKDB_PATH = "data/mixsync.duckdb"
 DEFAULT_LANDING_DIR = "data/landing"
 
@@ -110,6 +112,16 @@ def parse_url(environ: Mapping[str, str], name: str, default: str | None = None)
     return value.rstrip("/")
 
 
+def parse_memory_limit(environ: Mapping[str, str], name: str, default: str) -> str:
+    """A DuckDB memory limit (256MB, 2GB, 50%), checked here so a typo fails with the variable's name, not in SQL."""
+    value = _env(environ, name) or default
+    try:
+        sql.memory_limit(value, name)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return value
+
+
 def parse_timezone(environ: Mapping[str, str], name: str, default: str) -> str:
     value = _env(environ, name) or default
     try:
@@ -166,7 +178,7 @@ class WarehouseSettings:
         return cls(
             duckdb_path=Path(_env(environ, "MIXSYNC_DUCKDB_PATH") or DEFAULT_DUCKDB_PATH).expanduser().absolute(),
             landing_dir=Path(_env(environ, "MIXSYNC_LANDING_DIR") or DEFAULT_LANDING_DIR).expanduser().absolute(),
-            memory_limit=_env(environ, "MIXSYNC_DUCKDB_MEMORY_LIMIT") or "256MB",
+            memory_limit=parse_memory_limit(environ, "MIXSYNC_DUCKDB_MEMORY_LIMIT", "256MB"),
             threads=parse_int(environ, "MIXSYNC_DUCKDB_THREADS", 2, minimum=1, maximum=256),
             lock_timeout_seconds=parse_int(environ, "MIXSYNC_LOCK_TIMEOUT_SECONDS", 900, minimum=1),
             backend=backend,

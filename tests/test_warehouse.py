@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 import threading
 from zoneinfo import ZoneInfo
 
@@ -88,3 +90,25 @@ def test_the_nightly_schedules_ask_for_yesterday_and_the_lookback_in_one_run(sch
     assert request.tags["dagster/asset_partition_range_start"] == "2026-05-06"
     assert request.tags["dagster/asset_partition_range_end"] == "2026-05-09"
     assert request.run_key.endswith("2026-05-09")
+
+
+REGISTRY_PROBE = """
+import sys
+from mixsync.warehouse import Warehouse
+flows = ("mixpanel", "split", "flagsmith", "impressions", "experiments")
+store = Warehouse(sys.argv[1])
+with store.write() as con:
+    before = {r[0] for r in con.execute("SELECT schema_name || '.' || table_name FROM duckdb_tables()").fetchall()}
+imported = sorted(m for m in sys.modules if m.startswith("mixsync.") and m.split(".")[1] in flows)
+import mixsync.split.sql  # registers split's tables, and mixpanel's, which its staging reads
+with store.write() as con:
+    after = {r[0] for r in con.execute("SELECT schema_name || '.' || table_name FROM duckdb_tables()").fetchall()}
+print(imported, sorted(before), "split.events_rejected" in after, "mixpanel.event_rows" in after,
+      "sync.flagsmith_traits" in after)
+"""
+
+
+def test_the_warehouse_imports_no_flow_and_creates_the_tables_flows_register(tmp_path):
+    out = subprocess.run([sys.executable, "-c", REGISTRY_PROBE, str(tmp_path / "w.duckdb")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["[]", "[]", "True", "True", "False"]

@@ -9,6 +9,7 @@ import duckdb
 import mixsync.mixpanel.cohort_sql  # noqa: F401  (plan reads mixpanel.cohort_members; importing it registers those tables)
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.sql import literal
 from mixsync.warehouse.transactions import next_id
 
 OUTBOX = "sync.flagsmith_outbox"
@@ -151,8 +152,8 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
     params: dict = {"edge_whitespace": f"^{_WHITESPACE}+|{_WHITESPACE}+$"}
     if identifier_property is not None:
         params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
-    reason_missing = ("'empty distinct_id'" if identifier_property is None
-                      else f"'profile has no {identifier_property.replace(chr(39), chr(39) * 2)}'")
+    reason_missing = literal("empty distinct_id" if identifier_property is None
+                             else f"profile has no {identifier_property}")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_members AS
         SELECT m.cohort_id, m.distinct_id, k.trait_key,
                regexp_replace({_identifier_sql(identifier_property)}, $edge_whitespace, '', 'g') AS identifier
@@ -188,7 +189,7 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
             WHERE o.status = 'rejected' AND t.sync_id > coalesce(l.sync_id, 0)) r
         WHERE c.identifier = r.identifier AND c.trait_key = r.trait_key
           AND c.trait_value IS NOT DISTINCT FROM r.trait_value""").fetchone()[0]
-    item_id = f"md5('{sync_id}|{round_}|' || identifier)"
+    item_id = f"md5({literal(f'{sync_id}|{round_}|')} || identifier)"
     if transaction:  # else the caller's (a dry run rolls it back)
         con.execute("BEGIN TRANSACTION")
     try:

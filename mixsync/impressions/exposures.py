@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from mixsync.warehouse.sql import literal
+
 # Mixpanel's /import: `$insert_id` must be at most 36 bytes of [A-Za-z0-9-] (apis/mixpanel.md).
 INSERT_ID_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,36}$")
 SOURCE_VALUE = "Split"
@@ -19,12 +21,8 @@ ROLE_EXPRESSIONS = {
     "environment_id": "i.environment_id",
     "sdk": "i.sdk",
     "sdk_version": "i.sdk_version",
-    "source": f"'{SOURCE_VALUE}'",
+    "source": literal(SOURCE_VALUE),
 }
-
-
-def sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def insert_id_sql(alias: str = "i") -> str:
@@ -43,8 +41,8 @@ def exposure_payload_sql(event_name: str, property_names: Mapping[str, str]) -> 
         raise ValueError(f"property names missing for roles: {', '.join(sorted(missing))}")
     properties = ", ".join(
         ["'time', epoch_ms(i.time)", "'distinct_id', i.key", f"'$insert_id', {insert_id_sql()}"]
-        + [f"{sql_literal(property_names[role])}, {expression}" for role, expression in ROLE_EXPRESSIONS.items()]
+        + [f"{literal(property_names[role])}, {expression}" for role, expression in ROLE_EXPRESSIONS.items()]
     )
     return (f"SELECT {insert_id_sql()} AS id, "
-            f"json_object('event', {sql_literal(event_name)}, 'properties', json_object({properties}))::VARCHAR AS payload "
+            f"json_object('event', {literal(event_name)}, 'properties', json_object({properties}))::VARCHAR AS payload "
             "FROM split.impressions i")

@@ -13,6 +13,7 @@ import duckdb
 
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.sql import literal
 
 EXPOSURES_OUTBOX = "sync.mixpanel_exposures"
 
@@ -136,7 +137,7 @@ def _stage_select(compression: str) -> str:
                bucketingKey AS bucketing_key, treatment, label, time AS time_ms,
                splitVersionNumber AS split_version_number, sdk, sdkVersion AS sdk_version,
                machineName AS machine_name, machineIp AS machine_ip, properties AS properties_text
-        FROM read_json($paths, format='array', columns={WEBHOOK_COLUMNS}, compression='{compression}',
+        FROM read_json($paths, format='array', columns={WEBHOOK_COLUMNS}, compression={literal(compression)},
                        filename=true, maximum_object_size=16777216)"""
 
 

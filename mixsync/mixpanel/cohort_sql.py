@@ -160,10 +160,6 @@ def next_snapshot_id(con: duckdb.DuckDBPyConnection) -> int:
     return next_id(con, "mixpanel.cohort_snapshots.snapshot_id")
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_name: str, pages: list[Path],
                         properties: list[str], total_reported: int | None) -> MembersLoad:
     """Make `pages` (engage bodies on disk) the cohort's current membership, recording who entered and left."""
@@ -172,8 +168,7 @@ def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_n
     snapshot_id = result.snapshot_id = next_snapshot_id(con)
     if pages:
         # A page is one JSON object; read_text + a JSON path avoids read_json's per-file object buffers.
-        source = f"SELECT unnest(json_extract(content, '$.results[*]')) AS r FROM read_text({_sql_list(pages)})"
-
+        source = "SELECT unnest(json_extract(content, '$.results[*]')) AS r FROM read_text($pages)"
     else:
         source = "SELECT NULL::JSON AS r WHERE false"
     # $distinct_id comes as a string or, now and then, a number: keep its text either way.
@@ -182,7 +177,7 @@ def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_n
                CASE WHEN json_type(r->'$."$distinct_id"') IN ('VARCHAR', 'BIGINT', 'UBIGINT', 'DOUBLE')
                     THEN r->>'$."$distinct_id"' END AS distinct_id,
                coalesce(r->'$."$properties"', '{{}}'::JSON) AS properties
-        FROM ({source})""")
+        FROM ({source})""", {"pages": [str(p) for p in pages]} if pages else None)
     con.execute("""CREATE OR REPLACE TEMP TABLE members_checked AS
         SELECT *, CASE WHEN distinct_id IS NULL OR distinct_id = '' THEN 'missing $distinct_id'
                        WHEN json_type(properties) <> 'OBJECT' THEN '$properties is not an object' END AS reason,

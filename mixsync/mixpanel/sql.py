@@ -10,6 +10,8 @@ from pathlib import Path
 import duckdb
 
 from mixsync.warehouse.schema import register_ddl
+from mixsync.warehouse.sql import literal
+from mixsync.warehouse.sql import path as sql_path
 from mixsync.warehouse.transactions import next_id, run_transaction
 
 DDL = """
@@ -104,7 +106,7 @@ class ExportLoad:
 def _select_events(source_sql: str, legacy_timezone: str | None, loaded_at_param: str) -> str:
     if legacy_timezone:
         local = f"epoch_ms({_RAW_MS})::TIMESTAMP"
-        instant = f"mixpanel.local_to_utc({local}, '{legacy_timezone}')"
+        instant = f"mixpanel.local_to_utc({local}, {literal(legacy_timezone)})"
         day = f"CAST({local} AS DATE)"
     else:
         instant = f"epoch_ms({_RAW_MS})"
@@ -124,17 +126,13 @@ def _select_events(source_sql: str, legacy_timezone: str | None, loaded_at_param
 
 def _fast_source(path: Path) -> str:
     # DuckDB's JSON reader parses in C++ across threads; it fails on the first malformed line.
-    return (f"SELECT event, properties FROM read_json('{_sql_path(path)}', format='newline_delimited', "
+    return (f"SELECT event, properties FROM read_json({sql_path(path)}, format='newline_delimited', "
             "columns={event: 'VARCHAR', properties: 'JSON'}, maximum_object_size=16777216)")
-
-
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _line_source(path: Path) -> str:
     # One VARCHAR per line, no quoting: the careful path that can name every bad line.
-    return (f"SELECT line FROM read_csv('{_sql_path(path)}', columns={{'line': 'VARCHAR'}}, delim='\\x1f', "
+    return (f"SELECT line FROM read_csv({sql_path(path)}, columns={{'line': 'VARCHAR'}}, delim='\\x1f', "
             "quote='', escape='', header=false, auto_detect=false, strict_mode=false, null_padding=true)")
 
 

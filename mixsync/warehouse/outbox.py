@@ -32,6 +32,8 @@ from pathlib import Path
 
 from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import AnyWarehouse
+from mixsync.warehouse.sql import literal
+from mixsync.warehouse.sql import path as sql_path
 
 log = logging.getLogger("mixsync.outbox")
 READ_CHUNK = 4 << 20
@@ -85,7 +87,7 @@ def enqueue(con, table: str, scope: str | None, select_sql: str, params: dict | 
 
     With `scope=None`, `select_sql` gives each row's scope in a `scope` column (one insert for many partitions).
     """
-    scope_sql = "n.scope" if scope is None else f"'{scope.replace(chr(39), chr(39) * 2)}'"
+    scope_sql = "n.scope" if scope is None else literal(scope)
     return con.execute(f"""
         INSERT INTO {table} (id, scope, payload, status, enqueued_at)
         SELECT n.id, {scope_sql}, n.payload, 'pending', now()
@@ -236,7 +238,7 @@ def push(warehouse: AnyWarehouse, table: str, send: Callable[[list[bytes]], Batc
         # No ORDER BY: any order will do, and sorting a million payloads on a read-only connection (which cannot
         # spill) ran out of memory. QUOTE '' keeps the JSON as it is.
         report.considered = con.execute(
-            f"COPY (SELECT id || chr(31) || payload FROM {table} WHERE {where}) TO '{snapshot}' "
+            f"COPY (SELECT id || chr(31) || payload FROM {table} WHERE {where}) TO {sql_path(snapshot)} "
             "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '')", params).fetchone()[0]
     if report.considered == 0:
         snapshot.unlink(missing_ok=True)
