@@ -12,7 +12,7 @@ from mixsync.split import defs as split
 
 FLOWS = (mixpanel, split, flagsmith, impressions, experiments, maintenance)
 
-resources = {"warehouse": WarehouseResource()}
+resources = {"warehouse": WarehouseResource.from_environment()}
 for flow in FLOWS:
     resources.update(flow.resources)
 

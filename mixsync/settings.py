@@ -14,6 +14,8 @@ from mixsync.warehouse import sql
 
 DEFAULT_DUCKDB_PATH = "data/mixsync.duckdb"
 DEFAULT_LANDING_DIR = "data/landing"
+# The first daily partition when MIXPANEL_START_DATE is not set: fixed, so partitions never move.
+DEFAULT_START_DATE = "2025-01-01"
 
 MIXPANEL_REGIONS = {
     # region: (raw export host, query API base, ingestion host)
@@ -251,8 +253,10 @@ class MixpanelSettings:
 
 
 def partitions_start_date(environ: Mapping[str, str] | None = None) -> dt.date:
-    """The first daily partition; read at import time, so an unset value must not break loading."""
+    """The first daily partition; read at import time, so an unset value must not break loading.
+
+    The default is a fixed day, not "some days ago": a start that moved every day made the oldest partitions,
+    and their materializations, vanish from the UI.
+    """
     environ = os.environ if environ is None else environ
-    if _env(environ, "MIXPANEL_START_DATE") is None:
-        return (dt.datetime.now(dt.UTC) - dt.timedelta(days=30)).date()
-    return parse_date(environ, "MIXPANEL_START_DATE")
+    return parse_date(environ, "MIXPANEL_START_DATE", DEFAULT_START_DATE)

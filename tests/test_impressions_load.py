@@ -16,6 +16,7 @@ import pytest
 from mixsync.definitions import resources as RESOURCES
 from mixsync.impressions.assets import split_impressions
 from mixsync.impressions.landing import write_atomically
+from mixsync.impressions.resources import ImpressionsResource
 from mixsync.impressions.sensors import split_impression_files_sensor
 from mixsync.impressions.settings import ImpressionsSettings
 from mixsync.sandbox.impressions import ImpressionGenerator, encode
@@ -189,7 +190,8 @@ def test_sensor_run_requests_materialize_end_to_end(settings, warehouse, instanc
     cursor = None
     runs = 0
     while True:
-        result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+        result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                                    resources={"impressions": ImpressionsResource()}))
         cursor = result.cursor
         if not result.run_requests:
             break

@@ -10,6 +10,7 @@ import orjson
 
 from mixsync.impressions import sensors
 from mixsync.impressions.landing import write_atomically
+from mixsync.impressions.resources import ImpressionsResource
 from mixsync.impressions.sensors import CursorState, plan_file_batches, split_impression_files_sensor
 from mixsync.sandbox.impressions import ImpressionGenerator, encode
 
@@ -20,7 +21,8 @@ def drop(directory, name, size=5, seed=1, gzipped=True):
 
 
 def tick(instance, cursor=None):
-    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                                    resources={"impressions": ImpressionsResource()}))
     return result
 
 

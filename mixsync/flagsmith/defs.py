@@ -46,7 +46,7 @@ mixpanel_profile_flags_schedule = dg.ScheduleDefinition(
                 "decides which identities are managed.",
 )
 
-resources: dict[str, dg.ConfigurableResource] = {"flagsmith": FlagsmithResource()}
+resources: dict[str, dg.ConfigurableResource] = {"flagsmith": FlagsmithResource.from_environment()}
 
 defs = dg.Definitions(
     assets=[flagsmith_cohort_traits, mixpanel_profile_flags, mixpanel_cohort_webhook_members],

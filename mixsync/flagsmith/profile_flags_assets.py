@@ -16,8 +16,7 @@ import orjson
 from mixsync.flagsmith import profile_flags_sql as sql
 from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.resources import FlagsmithResource
-from mixsync.flagsmith.settings import ProfileFlagsSettings
-from mixsync.http import RetryPolicy, RetryStats, ServiceError
+from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.profiles_client import ProfilesClient
 from mixsync.resources import WarehouseResource
@@ -87,7 +86,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
                            warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
     try:
-        settings = ProfileFlagsSettings.from_env()
+        settings = flagsmith.profile_flags_settings()
     except SettingsError as exc:
         raise dg.Failure(str(exc)) from None
     flagsmith_settings = flagsmith.settings()
@@ -120,7 +119,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
     context.log.info(f"sync {sync_id}: {identities_read} identities read, {plan.profiles} profiles to update "
                      f"({plan.properties_set} properties set, {plan.properties_unset} unset)")
     # 3. Send. A $set or $unset is idempotent: an update in flight at a crash is simply sent again.
-    with ProfilesClient(settings.ingestion_url, RetryPolicy.from_env(), push_stats) as profiles:
+    with ProfilesClient(settings.ingestion_url, flagsmith.retry_policy(), push_stats) as profiles:
         try:
             report = push(store, sql.OUTBOX, _sender(profiles), work_dir, scope=f"sync-{sync_id}",
                           max_items=PROFILES_PER_REQUEST, max_bytes=MAX_REQUEST_BYTES, concurrency=2,

@@ -1,19 +1,38 @@
-"""The Flagsmith resource: settings from the environment, checked when an asset needs them."""
+"""The Flagsmith resource: its settings as typed fields, checked when an asset needs them."""
 
 from __future__ import annotations
 
-import dagster as dg
-
 from mixsync.flagsmith.client import FlagsmithClient
-from mixsync.flagsmith.settings import FlagsmithSettings
-from mixsync.http import RetryPolicy, RetryStats
+from mixsync.flagsmith.settings import FlagsmithSettings, ProfileFlagsSettings
+from mixsync.http import RetryStats
+from mixsync.resources import HttpResource, env_setting
 
 
-class FlagsmithResource(dg.ConfigurableResource):
-    """Reads FLAGSMITH_* at run time, so the code location loads without them and only Flagsmith assets need them."""
+class FlagsmithResource(HttpResource):
+    """Where cohort traits go and how they are named; only the Flagsmith asset needs them."""
+
+    environment_key: str | None = env_setting("FLAGSMITH_ENVIRONMENT_KEY",
+                                              "the server-side environment key (bind with EnvVar only)")
+    api_url: str | None = env_setting("FLAGSMITH_API_URL", "the API (default Flagsmith's Edge API)")
+    trait_prefix: str | None = env_setting("FLAGSMITH_TRAIT_PREFIX", "trait key prefix (default mp_cohort_)")
+    on_cohort_exit: str | None = env_setting("FLAGSMITH_ON_COHORT_EXIT", "false or delete (default false)")
+    identifier_property: str | None = env_setting("FLAGSMITH_IDENTIFIER_PROPERTY",
+                                                  "a profile property to identify people by (default distinct_id)")
+    bulk_mode: str | None = env_setting("FLAGSMITH_BULK_MODE", "auto, edge, core or identities (default auto)")
+    concurrency: int | None = env_setting("FLAGSMITH_CONCURRENCY", "requests in flight (default 4)")
+    verify_sample: int | None = env_setting("FLAGSMITH_VERIFY_SAMPLE", "identities read back (default 100)")
+    batch_identities: int | None = env_setting("FLAGSMITH_BATCH_IDENTITIES", "identities per request (default 100)")
+    # mixpanel_profile_flags: flag states onto Mixpanel profiles.
+    mixpanel_project_token: str | None = env_setting("MIXPANEL_PROJECT_TOKEN",
+                                                     "the token /engage updates carry (bind with EnvVar only)")
+    profile_property_prefix: str | None = env_setting("FLAGSMITH_PROFILE_PROPERTY_PREFIX",
+                                                      "profile property prefix (default flagsmith_)")
 
     def settings(self) -> FlagsmithSettings:
-        return FlagsmithSettings.from_env()
+        return FlagsmithSettings.from_env(self.environ())
+
+    def profile_flags_settings(self) -> ProfileFlagsSettings:
+        return ProfileFlagsSettings.from_env(self.environ())
 
     def client(self, stats: RetryStats | None = None) -> FlagsmithClient:
-        return FlagsmithClient(self.settings(), RetryPolicy.from_env(), stats)
+        return FlagsmithClient(self.settings(), self.retry_policy(), stats)

@@ -6,7 +6,7 @@ from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impr
 from mixsync.impressions.resources import ImpressionsResource
 from mixsync.impressions.sensors import split_impression_files_sensor, split_impressions_job
 
-resources: dict[str, dg.ConfigurableResource] = {"impressions": ImpressionsResource()}
+resources: dict[str, dg.ConfigurableResource] = {"impressions": ImpressionsResource.from_environment()}
 
 defs = dg.Definitions(
     assets=[split_impressions, mixpanel_experiment_exposures],

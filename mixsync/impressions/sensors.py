@@ -13,7 +13,7 @@ import orjson
 
 from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impressions
 from mixsync.impressions.landing import landed_entries
-from mixsync.impressions.settings import ImpressionsSettings
+from mixsync.impressions.resources import ImpressionsResource
 
 CURSOR_PREFIX = "z1:"
 
@@ -114,8 +114,8 @@ def run_key(sequence: int, batch: list[str]) -> str:
     description="Requests a run of split_impressions for new complete files in MIXSYNC_IMPRESSIONS_DIR, "
                 "in batches of MIXSYNC_IMPRESSIONS_BATCH_FILES, each file once.",
 )
-def split_impression_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    settings = ImpressionsSettings.from_env()
+def split_impression_files_sensor(context: dg.SensorEvaluationContext, impressions: ImpressionsResource) -> dg.SensorResult:
+    settings = impressions.settings()
     directory = settings.impressions_dir
     if not directory.is_dir():
         return dg.SensorResult(skip_reason=f"{directory} does not exist yet (MIXSYNC_IMPRESSIONS_DIR)",

@@ -7,7 +7,6 @@ import dagster as dg
 
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
-from mixsync.mixpanel.cohort_settings import CohortSettings
 from mixsync.mixpanel.cohort_sql import (
     UnknownCohorts,
     load_cohort_members,
@@ -75,7 +74,7 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
 def mixpanel_cohort_members(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
                             warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
-    settings = CohortSettings.from_env()
+    settings = mixpanel.cohort_settings()
     store = warehouse.warehouse()
     landing = warehouse.settings().landing_dir / "mixpanel-cohorts"
     with store.write() as con:

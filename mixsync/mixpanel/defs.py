@@ -7,7 +7,7 @@ from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_coh
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.schedules import mixpanel_events_job, mixpanel_events_schedule
 
-resources = {"mixpanel": MixpanelResource()}
+resources = {"mixpanel": MixpanelResource.from_environment()}
 
 defs = dg.Definitions(
     assets=[mixpanel_events, mixpanel_cohorts, mixpanel_cohort_members],

@@ -6,7 +6,7 @@ from mixsync.mixpanel.schedules import recent_days_request
 from mixsync.split.assets import split_events, split_events_in_doubt
 from mixsync.split.resources import SplitResource
 
-resources = {"split": SplitResource()}
+resources = {"split": SplitResource.from_environment()}
 
 split_events_job = dg.define_asset_job(
     "split_events_job", selection=[split_events], tags={"mixsync/writes": "duckdb"},
