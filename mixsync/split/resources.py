@@ -20,6 +20,8 @@ class SplitResource(HttpResource):
     batch_size: int | None = env_setting("SPLIT_BATCH_SIZE", "events per request (default 1000)")
     max_batch_bytes: int | None = env_setting("SPLIT_MAX_BATCH_BYTES", "bytes per request (default 2 MiB)")
     push_concurrency: int | None = env_setting("SPLIT_PUSH_CONCURRENCY", "requests in flight (default 4)")
+    request_timeout_seconds: int | None = env_setting("SPLIT_REQUEST_TIMEOUT_SECONDS",
+                                                      "wait for Split's answer; past it a batch is in doubt (default 60)")
 
     def settings(self) -> SplitSettings:
         return SplitSettings.from_env(self.environ())
