@@ -13,7 +13,7 @@ from test_ducklake import readme_dagster_yaml
 
 from mixsync.settings import WarehouseSettings
 from mixsync.warehouse import open_warehouse
-from mixsync.warehouse.split import EVENTS_OUTBOX
+from mixsync.split.sql import EVENTS_OUTBOX
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
