@@ -12,8 +12,8 @@ import dagster as dg
 from test_ducklake import readme_dagster_yaml
 
 from mixsync.settings import WarehouseSettings
-from mixsync.warehouse import open_warehouse
 from mixsync.split.sql import EVENTS_OUTBOX
+from mixsync.warehouse import open_warehouse
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
