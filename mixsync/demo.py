@@ -210,7 +210,7 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
         receiver.stop()
     print(f"posted {posted.bodies} bodies ({posted.resent} resent, as Split's retry does), {posted.impressions} "
           f"distinct impressions; answers {posted.statuses}; {len(os.listdir(settings.impressions_dir))} files landed")
-    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance))
+    result = split_impression_files_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     requests = (result.run_requests or []) if isinstance(result, dg.SensorResult) else []
     print(f"split_impression_files_sensor asked for {len(requests)} run(s) of split_impressions: "
           + ", ".join(f"{r.tags['mixsync/files']} files" for r in requests))
