@@ -165,58 +165,69 @@ def json_pointer(name: str) -> str:
 
 
 def metric_statistics_sql(metrics: tuple[Metric, ...]) -> str:
-    """The query of one experiment's per-treatment statistics. Parameters: $split, $environment_id, $window_days,
-    $events, $from, $until, and per metric i: $event_i (and $pointer_i for sums)."""
-    per_user, finals, outer = [], [], []
-    raws = []
+    """The query of one experiment's per-treatment statistics over the temporary table experiment_exposed (see
+    metric_statistics). Parameters: $window_us, $events, $from, $until, and per metric i: $event_i (and $pointer_i
+    for sums)."""
+    if not metrics:
+        return "SELECT treatment, count(*) AS users FROM experiment_exposed GROUP BY treatment"
+    matched, numbers, per_user, finals, outer = [], [], [], [], []
     for i, metric in enumerate(metrics):
-        matches = f"e.event = $event_{i}"
+        matched.append(f"e.event = $event_{i} AS is{i}")
         if metric.type == "conversion":
-            per_user.append(f"(count(*) FILTER (WHERE {matches}) > 0)::INTEGER AS m{i}")
+            per_user.append(f"(count(*) FILTER (WHERE is{i}) > 0)::INTEGER AS m{i}")
         elif metric.type == "count":
-            per_user.append(f"count(*) FILTER (WHERE {matches}) AS m{i}")
+            per_user.append(f"count(*) FILTER (WHERE is{i}) AS m{i}")
         else:
-            # One parse of properties per matching event: its text, then a number when it reads as a finite one.
-            raws.append(f"CASE WHEN e.event = $event_{i} THEN json_extract_string(e.properties, $pointer_{i}) END AS raw{i}")
-            value = f"TRY_CAST(raw{i} AS DOUBLE)"
-            per_user.append(f"sum(CASE WHEN isfinite({value}) THEN {value} END) FILTER (WHERE {matches}) AS m{i}")
-            per_user.append(f"count(*) FILTER (WHERE {matches} AND raw{i} IS NULL) AS missing{i}")
-            per_user.append(f"count(*) FILTER (WHERE {matches} AND raw{i} IS NOT NULL "
-                            f"AND NOT coalesce(isfinite({value}), false)) AS non_numeric{i}")
+            # The property is read and converted once per matching event, before the join carries the row along.
+            matched.append(f"CASE WHEN e.event = $event_{i} THEN json_extract_string(e.properties, $pointer_{i}) END AS raw{i}")
+            numbers.append(f"TRY_CAST(raw{i} AS DOUBLE) AS number{i}")
+            per_user.append(f"sum(number{i}) FILTER (WHERE is{i} AND isfinite(number{i})) AS m{i}")
+            per_user.append(f"count(*) FILTER (WHERE is{i} AND raw{i} IS NULL) AS missing{i}")
+            per_user.append(f"count(*) FILTER (WHERE is{i} AND raw{i} IS NOT NULL "
+                            f"AND NOT coalesce(isfinite(number{i}), false)) AS non_numeric{i}")
             outer.append(f"coalesce(sum(h.missing{i}), 0) AS missing{i}, coalesce(sum(h.non_numeric{i}), 0) AS non_numeric{i}")
         finals.append(f"avg(coalesce(h.m{i}, 0)) AS mean{i}, var_samp(coalesce(h.m{i}, 0)) AS variance{i}")
-    if not metrics:
-        return """SELECT treatment, count(*) AS users FROM analytics.experiment_exposures
-                  WHERE split = $split AND environment_id = $environment_id GROUP BY treatment"""
+    # The window test is one subtraction of microseconds (the warehouse's time zone is UTC, so a day is 86,400 s):
+    # timestamp-plus-interval per joined event, or the window as join conditions, measured twice as slow.
     return f"""
-        WITH exposed AS (
-            SELECT key, treatment, first_exposed_at FROM analytics.experiment_exposures
-            WHERE split = $split AND environment_id = $environment_id),
-        events AS (
-            SELECT e.distinct_id, e.event, e.time{''.join(', ' + r for r in raws)}
-            FROM mixpanel.events e
-            WHERE e.event IN (SELECT unnest($events)) AND e.time >= $from AND e.time < $until),
+        WITH events AS (
+            SELECT *{''.join(', ' + n for n in numbers)}
+            FROM (SELECT e.distinct_id, epoch_us(e.time) AS time_us, {', '.join(matched)}
+                  FROM mixpanel.events e
+                  WHERE e.event IN (SELECT unnest($events)) AND e.time >= $from AND e.time < $until)),
         hits AS (
-            SELECT x.key, {', '.join(per_user)}
-            FROM exposed x JOIN events e ON e.distinct_id = x.key
-            WHERE e.time >= x.first_exposed_at AND e.time < x.first_exposed_at + to_days($window_days)
-            GROUP BY x.key)
+            SELECT x.user_number, {', '.join(per_user)}
+            FROM events e JOIN experiment_exposed x ON e.distinct_id = x.key
+            WHERE e.time_us - x.first_exposed_us BETWEEN 0 AND $window_us - 1
+            GROUP BY x.user_number)
         SELECT x.treatment, count(*) AS users, {', '.join(finals + outer)}
-        FROM exposed x LEFT JOIN hits h ON h.key = x.key
+        FROM experiment_exposed x LEFT JOIN hits h ON h.user_number = x.user_number
         GROUP BY x.treatment"""
 
 
 def metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str
                       ) -> list[TreatmentStats]:
     """Each treatment's users and, per metric, the mean and sample variance of the per-user values."""
-    bounds = con.execute("""SELECT min(first_exposed_at), max(first_exposed_at) FROM analytics.experiment_exposures
-                            WHERE split = $split AND environment_id = $environment_id""",
-                         {"split": experiment.split, "environment_id": environment_id}).fetchone()
-    if bounds[0] is None:
+    # The experiment's exposed users, numbered: the join and the per-user grouping then hash an integer, and the
+    # planner sees how many there are (from a CTE it misjudged the sides of the join).
+    con.execute("""CREATE OR REPLACE TEMP TABLE experiment_exposed AS
+                   SELECT row_number() OVER () AS user_number, key, treatment, epoch_us(first_exposed_at) AS first_exposed_us
+                   FROM analytics.experiment_exposures WHERE split = $split AND environment_id = $environment_id""",
+                {"split": experiment.split, "environment_id": environment_id})
+    try:
+        return _metric_statistics(con, experiment)
+    finally:
+        con.execute("DROP TABLE IF EXISTS experiment_exposed")
+
+
+def _metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment) -> list[TreatmentStats]:
+    bounds = con.execute("SELECT make_timestamptz(min(first_exposed_us)), make_timestamptz(max(first_exposed_us)) "
+                         "FROM experiment_exposed").fetchone()
+    if bounds is None or bounds[0] is None:
         return []
-    params: dict[str, object] = {"split": experiment.split, "environment_id": environment_id}
+    params: dict[str, object] = {}
     if experiment.metrics:
-        params.update({"window_days": experiment.window_days,
+        params.update({"window_us": experiment.window_days * 86_400_000_000,
                        "events": sorted({m.event for m in experiment.metrics}),
                        "from": bounds[0], "until": bounds[1] + dt.timedelta(days=experiment.window_days)})
         for i, metric in enumerate(experiment.metrics):
