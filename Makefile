@@ -18,11 +18,12 @@ help:
 	@echo "make bench     run the benchmarks (writes bench/out/, see bench/RESULTS.md)"
 
 # The environment is installed from requirements.lock (exact versions); mixsync itself goes in editable, without deps.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock dagster_cli_notices.pth
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -c 'import shutil, sysconfig; shutil.copy("dagster_cli_notices.pth", sysconfig.get_paths()["purelib"])'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -51,14 +52,11 @@ check: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Dagster 1.13 marks `dagster dev` and `dagster definitions validate` superseded by its new `dg` CLI and says so on
-# every start; these targets use them knowingly, so that one notice (and no other warning) is filtered.
 validate: venv home
-	PYTHONWARNINGS='ignore:Function `definitions_validate_command` is superseded' \
 	$(BIN)/dagster definitions validate -m mixsync.definitions
 
 dev: venv home
-	PYTHONWARNINGS='ignore:Function `dev_command` is superseded' $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/dagster dev -w workspace.yaml
 
 sandbox: venv
 	$(BIN)/mixsync sandbox

@@ -145,6 +145,8 @@ def test_the_cli_shows_progress_and_mixsyncs_loggers(sandbox, env, tmp_path):
                           "--partition", day.isoformat()], env=cli_env, capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]
+    # The README's command is quiet: no supersession, beta or instance notice (dagster_cli_notices.pth, make venv).
+    assert "Warning" not in run.stderr and "will not be used" not in run.stderr, run.stderr[-3000:]
     assert f"export {day}..{day}: " in output and f"{day_lines(sandbox, day):,} lines so far" in output
     assert f"export of {day}..{day}: 1 of 1 windows done, 0 remaining" in output
     assert "HTTP 503 from Mixpanel export" in output and "retry 1/" in output

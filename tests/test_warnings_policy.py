@@ -13,11 +13,15 @@ PROBES = textwrap.dedent('''
     import warnings
 
     import dagster as dg
-    from dagster_shared.utils.warnings import beta_warning, deprecation_warning
+    from dagster_shared.utils.warnings import beta_warning, deprecation_warning, supersession_warning
 
 
     def test_a_dagster_deprecation():
         deprecation_warning("Some Dagster API mixsync started to use", "2.0")
+
+
+    def test_a_dagster_supersession():
+        supersession_warning("Some Dagster API mixsync started to use")
 
 
     def test_a_dagster_beta():
@@ -50,4 +54,5 @@ def test_new_deprecations_and_betas_fail_and_the_known_one_does_not(tmp_path):
     assert "FAILED test_probes.py::test_a_dagster_deprecation" in out, out[-3000:]
     assert "FAILED test_probes.py::test_a_dagster_beta" in out
     assert "FAILED test_probes.py::test_a_duckdb_deprecation" in out
-    assert "3 failed, 1 passed" in out
+    assert "FAILED test_probes.py::test_a_dagster_supersession" in out
+    assert "4 failed, 1 passed" in out
