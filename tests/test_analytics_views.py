@@ -37,3 +37,15 @@ def test_the_analytics_views_answer_from_the_flows_tables(tmp_path):
                            "ORDER BY ALL").fetchall() == [("2026-01-05", "checkout", "off", 1, 1),
                                                           ("2026-01-05", "checkout", "on", 2, 1),
                                                           ("2026-01-06", "checkout", "on", 1, 1)]
+
+
+def test_a_view_left_by_an_older_version_is_replaced_by_the_current_definition(tmp_path):
+    """Upgrading mixsync updates its views in an existing warehouse (they are created OR REPLACED, not IF NOT EXISTS)."""
+    store = Warehouse(tmp_path / "w.duckdb")
+    with store.write() as con:
+        con.execute("CREATE OR REPLACE VIEW analytics.events_per_day AS SELECT 'stale' AS definition")
+    with store.write():
+        pass
+    with store.read() as con:
+        columns = [d[0] for d in con.execute("SELECT * FROM analytics.events_per_day").description]
+    assert columns[:2] == ["day", "event"], columns

@@ -331,7 +331,7 @@ register_ddl("split.impressions", DDL)
 
 # For people (`analytics`): exposures per split and treatment per (UTC) day.
 ANALYTICS_DDL = """
-CREATE VIEW IF NOT EXISTS analytics.exposures_per_day AS
+CREATE OR REPLACE VIEW analytics.exposures_per_day AS
     SELECT CAST(time AT TIME ZONE 'UTC' AS DATE) AS day, split, treatment, count(*) AS exposures,
            count(DISTINCT key) AS users
     FROM split.impressions GROUP BY ALL;

@@ -268,7 +268,7 @@ register_ddl("mixpanel.cohorts", DDL)
 
 # For people (`analytics`): who is in which cohort now, by the cohort's name.
 ANALYTICS_DDL = """
-CREATE VIEW IF NOT EXISTS analytics.cohort_membership AS
+CREATE OR REPLACE VIEW analytics.cohort_membership AS
     SELECT m.cohort_id, c.name AS cohort_name, m.distinct_id, m.entered_at, m.properties
     FROM mixpanel.cohort_members m LEFT JOIN mixpanel.cohorts c ON c.id = m.cohort_id;
 """

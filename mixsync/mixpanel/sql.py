@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_loads_unfinished (
     window_end DATE NOT NULL,
     started_at TIMESTAMPTZ NOT NULL
 );
-CREATE VIEW IF NOT EXISTS mixpanel.events AS
+CREATE OR REPLACE VIEW mixpanel.events AS
     SELECT r.event, r.distinct_id, r.time, r.insert_id, r.mp_processing_time_ms, r.properties, r.day, r.loaded_at
     FROM mixpanel.event_rows r SEMI JOIN mixpanel.event_loads l ON r.day = l.day AND r.load_id = l.load_id;
 -- Legacy projects store local wall-clock time as if it were UTC epoch time. Convert with the tz database:
@@ -298,7 +298,7 @@ register_ddl("mixpanel.events", DDL, migrate)
 
 # For people (`analytics`): what is asked first of the export, without knowing how loads work.
 ANALYTICS_DDL = """
-CREATE VIEW IF NOT EXISTS analytics.events_per_day AS
+CREATE OR REPLACE VIEW analytics.events_per_day AS
     SELECT day, event, count(*) AS events, count(DISTINCT distinct_id) AS people
     FROM mixpanel.events GROUP BY day, event;
 """

@@ -166,7 +166,7 @@ register_ddl("split.events", DDL)
 
 # For people (`analytics`): where the push to Split stands for each day (the outbox's scope is the day).
 ANALYTICS_DDL = f"""
-CREATE VIEW IF NOT EXISTS analytics.split_push_per_day AS
+CREATE OR REPLACE VIEW analytics.split_push_per_day AS
     SELECT TRY_CAST(scope AS DATE) AS day, count(*) AS events,
            count(*) FILTER (WHERE status = 'sent') AS sent,
            count(*) FILTER (WHERE status = 'pending') AS pending,
