@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
+from waiting import poll
 
 from mixsync.recovery import recover_runs
 
@@ -25,14 +25,6 @@ DEFS = Path(__file__).with_name("processes") / "held_step_defs.py"
 BIN = Path(sys.executable).parent
 
 
-def poll(check, deadline_seconds: float, what: str):
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"gave up after {deadline_seconds}s waiting for {what}")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -34,16 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 def lake_from(lake_env: dict, lock_timeout_seconds: float = 60) -> DuckLakeWarehouse:
     settings = WarehouseSettings.from_env({**lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": str(int(lock_timeout_seconds))})
     return open_warehouse(settings)
-
-
-def poll(condition, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_settings_name_what_is_wrong(tmp_path):

@@ -11,16 +11,7 @@ import mixpanel
 import pytest
 from flagsmith import Flagsmith
 from mixpanel import Consumer, Mixpanel, ServiceAccountCredentials
-
-
-def wait_for(condition, seconds: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from waiting import poll
 
 
 @pytest.fixture
@@ -152,8 +143,8 @@ def test_splitio_sdk_track_reaches_the_events_api(sandbox):
         done = threading.Event()
         factory.destroy(done)  # flushes the queued events before stopping
         done.wait(15)
-    received = wait_for(lambda: [e for e in sandbox.split.events if e["eventTypeId"] == "purchase"],
-                        what="the SDK's event at the sandbox")
+    received = poll(lambda: [e for e in sandbox.split.events if e["eventTypeId"] == "purchase"], 20,
+                    what="the SDK's event at the sandbox")
     (event,) = received
     assert event["key"] == "sdk-user-3" and event["trafficTypeName"] == "user" and event["value"] == 12.5
     assert event["properties"] == {"plan": "pro"}

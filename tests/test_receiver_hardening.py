@@ -8,38 +8,26 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
+from waiting import free_ports, poll
 
 from mixsync.sandbox.impressions import ImpressionGenerator
 
 MIXSYNC = str(Path(sys.executable).parent / "mixsync")
 
 
-def poll(check, deadline_seconds: float, what: str):
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"gave up after {deadline_seconds}s waiting for {what}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:
     def __init__(self, tmp_path: Path, **env: str):
         self.landing = tmp_path / "impressions"
-        self.port = free_port()
+        self.port = free_ports()[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / f"receiver-{self.port}.log"
         self.process = subprocess.Popen(
@@ -186,7 +174,7 @@ def test_an_impression_the_loader_could_not_use_refuses_the_body(receiver, field
 
 def test_listening_beyond_loopback_without_a_token_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MIXSYNC_WEBHOOK_TOKEN"}
-    refused = subprocess.run([MIXSYNC, "receive-impressions", "--host", "0.0.0.0", "--port", str(free_port())],
+    refused = subprocess.run([MIXSYNC, "receive-impressions", "--host", "0.0.0.0", "--port", str(free_ports()[0])],
                              env={**env, "MIXSYNC_IMPRESSIONS_DIR": str(tmp_path / "i")}, capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode != 0

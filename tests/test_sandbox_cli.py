@@ -6,7 +6,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,20 +13,13 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
+from waiting import free_ports
 
 from mixsync.cli import SANDBOX_PORTS, main
 
 MIXSYNC = str(Path(sys.executable).with_name("mixsync"))
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _read_exports(process: subprocess.Popen, timeout: float = 120.0) -> dict[str, str]:
@@ -55,7 +47,7 @@ def test_default_ports_are_fixed_and_shown():
 
 
 def test_ports_come_from_the_environment_and_a_taken_port_is_a_clear_error():
-    mixpanel, split, flagsmith = _free_ports(3)
+    mixpanel, split, flagsmith = free_ports(3)
     env = {**os.environ, "MIXSYNC_SANDBOX_MIXPANEL_PORT": str(mixpanel), "MIXSYNC_SANDBOX_SPLIT_PORT": str(split),
            "MIXSYNC_SANDBOX_FLAGSMITH_PORT": str(flagsmith)}
     args = [MIXSYNC, "sandbox", "--days", "1", "--events-per-day", "50", "--users", "20"]
