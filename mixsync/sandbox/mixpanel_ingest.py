@@ -195,15 +195,20 @@ def _gunzip(body: bytes) -> bytes | None:
     return data
 
 
-async def import_events(request: Request) -> Response:
+async def _recorded(request: Request, handle) -> Response:
+    """Record the request, answer it with `handle(mixpanel, state, request, body)`, and count the answer's status."""
     mixpanel = request.app.state.mixpanel
     state: IngestState = mixpanel.ingest
     recorded = await record(mixpanel.recorder, request)
-    response = _import(mixpanel, state, request, recorded.body)
+    response = handle(mixpanel, state, request, recorded.body)
     recorded.status = response.status_code
     with state.lock:
         state.requests[response.status_code] += 1
     return response
+
+
+async def import_events(request: Request) -> Response:
+    return await _recorded(request, _import)
 
 
 def _import(mixpanel, state: IngestState, request: Request, body: bytes) -> Response:
@@ -298,14 +303,7 @@ def _validate_track(item: Any, now: float, token: str) -> tuple[str, str] | None
 
 
 async def track(request: Request) -> Response:
-    mixpanel = request.app.state.mixpanel
-    state: IngestState = mixpanel.ingest
-    recorded = await record(mixpanel.recorder, request)
-    response = _track(mixpanel, state, request, recorded.body)
-    recorded.status = response.status_code
-    with state.lock:
-        state.requests[response.status_code] += 1
-    return response
+    return await _recorded(request, _track)
 
 
 def _track(mixpanel, state: IngestState, request: Request, body: bytes) -> Response:
