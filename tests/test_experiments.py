@@ -160,8 +160,12 @@ def test_sample_ratio_p_value_is_the_chi_square_goodness_of_fit():
 
 def _materialize(instance, raise_on_error: bool = False):
     from mixsync.definitions import resources
+    from mixsync.experiments.resources import ExperimentsResource
 
-    return dg.materialize([experiment_results], instance=instance, resources=resources, raise_on_error=raise_on_error)
+    # Unbound fields: the resource reads MIXSYNC_EXPERIMENTS_* when the asset runs, as each test sets them (the
+    # definitions' copy was bound to whatever was set when the first test imported them).
+    return dg.materialize([experiment_results], instance=instance,
+                          resources={**resources, "experiments": ExperimentsResource()}, raise_on_error=raise_on_error)
 
 
 def _skewed_split(store, on: int, off: int) -> None:

@@ -22,7 +22,7 @@ import mixsync.definitions as d
 from mixsync.mixpanel.partitions import daily_partitions
 repo = d.defs.get_repository_def()
 print("start", daily_partitions.start.date().isoformat())
-for name in ("warehouse", "mixpanel", "split", "flagsmith", "impressions"):
+for name in ("warehouse", "mixpanel", "split", "flagsmith", "impressions", "experiments"):
     resource = d.resources[name]
     print(name, repr(resource), resource.model_dump())
 """
@@ -39,10 +39,12 @@ def probe_definitions(extra_env: dict[str, str]) -> str:
 def test_fields_are_bound_to_the_variables_that_are_set_and_secrets_stay_names():
     out = probe_definitions({"FLAGSMITH_ENVIRONMENT_KEY": SECRET, "SPLIT_SDK_KEY": SECRET,
                              "MIXPANEL_SERVICE_ACCOUNT_SECRET": SECRET, "MIXSYNC_WEBHOOK_TOKEN": SECRET,
-                             "MIXSYNC_DUCKDB_PATH": "/srv/mixsync.duckdb", "SPLIT_BATCH_SIZE": "500"})
+                             "MIXSYNC_DUCKDB_PATH": "/srv/mixsync.duckdb", "SPLIT_BATCH_SIZE": "500",
+                             "MIXSYNC_EXPERIMENTS_FILE": "/srv/experiments.yaml"})
     assert SECRET not in out
     assert "environment_key='FLAGSMITH_ENVIRONMENT_KEY'" in out and "sdk_key='SPLIT_SDK_KEY'" in out
     assert "duckdb_path='MIXSYNC_DUCKDB_PATH'" in out and "/srv/mixsync.duckdb" not in out
+    assert "experiments_file='MIXSYNC_EXPERIMENTS_FILE'" in out and "chart_dir=None" in out
     # Unset variables leave their fields empty, to be read when an asset runs.
     assert "events_url=None" in out and "project_id=None" in out
 

@@ -6,7 +6,7 @@ from mixsync.experiments.assets import experiment_results
 from mixsync.experiments.resources import ExperimentsResource
 from mixsync.experiments.schedules import experiment_results_job, experiment_results_schedule
 
-resources: dict[str, dg.ConfigurableResource] = {"experiments": ExperimentsResource()}
+resources: dict[str, dg.ConfigurableResource] = {"experiments": ExperimentsResource.from_environment()}
 
 defs = dg.Definitions(
     assets=[experiment_results],
