@@ -8,11 +8,13 @@ import dagster as dg
 import httpx
 import pytest
 
+from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 
-RESOURCES = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource()}
+# mixpanel_cohorts checks the Flagsmith key only in runs that push to Flagsmith; none of these do.
+RESOURCES = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
 ASSETS = [mixpanel_cohorts, mixpanel_cohort_members]
 
 

@@ -242,6 +242,32 @@ def test_a_wrong_key_fails_fast_without_showing_it(sandbox, env, instance, monke
     assert not result.success and "FLAGSMITH_ENVIRONMENT_KEY is not a server-side key" in failure_message(result)
 
 
+def test_the_job_checks_the_flagsmith_key_before_any_mixpanel_request(sandbox, env, instance, monkeypatch):
+    from mixsync.definitions import defs
+
+    job = defs.resolve_job_def("flagsmith_cohort_traits_job")
+    mixpanel, flagsmith = sandbox.mixpanel.recorder, sandbox.flagsmith.recorder
+    monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", "ser.wrong-secret-value")
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert "FLAGSMITH_ENVIRONMENT_KEY" in message and "403" in message and "wrong-secret-value" not in message
+    assert mixpanel.requests == []  # Mixpanel was asked nothing
+    assert [(r.method, r.path, r.status) for r in flagsmith.requests] == [("GET", "/api/v1/flags/", 403)]
+
+    flagsmith.clear()
+    monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", sandbox.flagsmith.client_key)
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    assert "FLAGSMITH_ENVIRONMENT_KEY is not a server-side key" in failure_message(result)
+    assert mixpanel.requests == [] and flagsmith.requests == []  # refused before any request
+
+    monkeypatch.setenv("FLAGSMITH_ENVIRONMENT_KEY", sandbox.flagsmith.server_key)
+    assert job.execute_in_process(instance=instance).success
+    assert (flagsmith.requests[0].method, flagsmith.requests[0].path) == ("GET", "/api/v1/flags/")
+    assert mixpanel.requests and owned(sandbox.flagsmith)
+
+
 def test_a_429_storm_is_ridden_out_and_nothing_is_written_twice(sandbox, env, instance):
     flagsmith = sandbox.flagsmith
     limited = '{"detail": "Request was throttled. Expected available in 1 second."}'

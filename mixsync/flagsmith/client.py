@@ -73,6 +73,11 @@ class FlagsmithClient:
 
         return with_retries(attempt, self.policy, self.stats, f"Flagsmith {what}")
 
+    def check_key(self) -> None:
+        """One cheap authenticated read, `GET flags/` (the environment's flags): a key Flagsmith does not know
+        answers 403, raised as FlagsmithKeyError naming FLAGSMITH_ENVIRONMENT_KEY. Writes nothing."""
+        self._request("GET", "flags/", "key check (GET flags/)")
+
     def detect_bulk_mode(self) -> str:
         """'edge' when PUT bulk-identities/ exists, else 'core' when PUT traits/bulk/ exists, else 'identities'.
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from mixsync.flagsmith.client import FlagsmithClient
+import dagster as dg
+
+from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.settings import FlagsmithSettings, ProfileFlagsSettings
 from mixsync.http import RetryStats
 from mixsync.resources import HttpResource, env_setting
+from mixsync.settings import SettingsError
 
 
 class FlagsmithResource(HttpResource):
@@ -36,3 +39,13 @@ class FlagsmithResource(HttpResource):
 
     def client(self, stats: RetryStats | None = None) -> FlagsmithClient:
         return FlagsmithClient(self.settings(), self.retry_policy(), stats)
+
+    def check_environment_key(self) -> None:
+        """Fail with a message naming FLAGSMITH_ENVIRONMENT_KEY when the key is missing, not a server-side key
+        (checked without a request), or refused by Flagsmith (one `GET flags/`). Runs that push to Flagsmith call
+        it in their first step, so a bad key is reported before any other service is asked for anything."""
+        try:
+            with self.client() as client:
+                client.check_key()
+        except (SettingsError, FlagsmithKeyError) as exc:
+            raise dg.Failure(f"Flagsmith key check failed before any other request of this run: {exc}") from None

@@ -5,6 +5,7 @@ import time
 
 import dagster as dg
 
+from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.cohort_sql import (
@@ -21,6 +22,15 @@ from mixsync.warehouse import markdown_table
 
 # Both assets call the query API, which allows 5 concurrent queries and 60 per hour per project: one pool.
 QUERY_POOL = "mixpanel_query"
+# The push at the end of flagsmith_cohort_traits_job: a run that includes it checks the Flagsmith key first.
+FLAGSMITH_TRAITS = dg.AssetKey("flagsmith_cohort_traits")
+
+
+def _run_materializes(context: dg.AssetExecutionContext, key: dg.AssetKey) -> bool:
+    """Whether this run (not just this step) materializes `key`: the run's asset selection when it has one (a
+    subset launched from the UI), else every asset of its job (an empty selection means the whole job)."""
+    selection = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
+    return key in selection
 
 
 @dg.asset(
@@ -32,9 +42,14 @@ QUERY_POOL = "mixpanel_query"
     description="The project's cohorts (id, name, description, count, visibility, created): mixpanel.cohorts, "
                 "replaced each run.",
 )
-def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
-                     warehouse: WarehouseResource) -> dg.MaterializeResult:
+def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResource, warehouse: WarehouseResource,
+                     flagsmith: FlagsmithResource) -> dg.MaterializeResult:
     started = time.monotonic()
+    if _run_materializes(context, FLAGSMITH_TRAITS):
+        # A wrong or client-side Flagsmith key would otherwise surface only after the whole Mixpanel extraction
+        # (query quota spent, members loaded); one cheap read now fails the run before Mixpanel is asked anything.
+        flagsmith.check_environment_key()
+        context.log.info("Flagsmith accepted FLAGSMITH_ENVIRONMENT_KEY (checked before any Mixpanel request)")
     stats = RetryStats()
     store = warehouse.warehouse()
     with mixpanel.client(stats) as client:
