@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import orjson
 import pytest
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
@@ -268,6 +269,54 @@ def test_the_job_checks_the_flagsmith_key_before_any_mixpanel_request(sandbox, e
     assert mixpanel.requests and owned(sandbox.flagsmith)
 
 
+def probes(flagsmith) -> list[str]:
+    """The empty bulk writes that detect the route (PUT bulk-identities/ {"data": []}, PUT traits/bulk/ [])."""
+    return [r.path for r in flagsmith.recorder.requests if r.method == "PUT" and r.body in (b'{"data": []}', b"[]")]
+
+
+def test_a_run_with_nothing_to_send_makes_no_write_request_and_the_route_is_remembered(sandbox, env, instance,
+                                                                                       warehouse):
+    flagsmith = sandbox.flagsmith
+    first = meta(sync(instance))
+    assert first["bulk_mode"] == "core" and first["trait_writes"] > 0
+    assert probes(flagsmith) == ["/api/v1/bulk-identities/", "/api/v1/traits/bulk/"]  # detected once
+    with warehouse.read() as con:
+        assert con.execute("SELECT api_url, bulk_mode FROM sync.flagsmith_routes").fetchall() == [
+            (env["FLAGSMITH_API_URL"], "core")]
+
+    flagsmith.recorder.clear()
+    nothing = meta(sync(instance))  # membership unchanged: nothing to send
+    assert nothing["trait_writes"] == 0 and nothing["requests"] > 0  # the read-back still reads
+    assert [(r.method, r.path) for r in flagsmith.recorder.requests if r.method != "GET"] == []
+
+    sandbox.mixpanel.query.advance()
+    flagsmith.recorder.clear()
+    changes = meta(sync(instance))
+    assert changes["trait_writes"] > 0 and changes["bulk_mode"] == "core"
+    assert probes(flagsmith) == []  # the remembered route, no probe
+    assert flagsmith.recorder.matching("/traits/bulk/") and not flagsmith.recorder.matching("/bulk-identities/")
+
+
+def test_a_remembered_route_that_disappears_is_detected_again(sandbox, env, instance, warehouse):
+    flagsmith = sandbox.flagsmith
+    flagsmith.api = "edge"
+    assert meta(sync(instance))["bulk_mode"] == "edge"
+    flagsmith.api = "core"  # the server changed: bulk-identities/ now answers 404
+    sandbox.mixpanel.query.advance()
+    flagsmith.recorder.clear()
+    changed = meta(sync(instance))
+    assert changed["rejected"] == 0
+    assert flagsmith.recorder.matching("/api/v1/identities/")  # this run fell back to identity by identity
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM sync.flagsmith_routes").fetchone()[0] == 0
+    sandbox.mixpanel.query.advance()
+    flagsmith.recorder.clear()
+    assert meta(sync(instance))["bulk_mode"] == "core"
+    assert probes(flagsmith) == ["/api/v1/bulk-identities/", "/api/v1/traits/bulk/"]
+    expected = {(m, k): True for k, ms in memberships(sandbox.mixpanel.query).items() for m in ms}
+    assert {pair: v for pair, v in owned(flagsmith).items() if v} == expected
+
+
 def test_a_429_storm_is_ridden_out_and_nothing_is_written_twice(sandbox, env, instance):
     flagsmith = sandbox.flagsmith
     limited = '{"detail": "Request was throttled. Expected available in 1 second."}'
@@ -320,13 +369,147 @@ def test_identifiers_flagsmith_cannot_store_are_skipped_with_a_reason(sandbox, e
             (1003, "identifier longer than 2000 characters")]
 
 
+# Every character Python (so Flagsmith, which trims with str.strip) counts as whitespace: tab, newline, vertical tab,
+# form feed, the information separators, NEL, no-break, ogham, en/em/thin/hair spaces, line and paragraph separators,
+# narrow no-break, medium mathematical and ideographic spaces.
+UNICODE_WHITESPACE = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+
+
 def test_identifiers_of_only_whitespace_of_any_kind_are_skipped_with_a_reason(sandbox, env, instance, warehouse):
+    assert len(UNICODE_WHITESPACE) >= 25 and "\u00a0" in UNICODE_WHITESPACE and "\u3000" in UNICODE_WHITESPACE
+    blanks = [*UNICODE_WHITESPACE, "\u2003\u00a0", "\n\x0b ", "\t\r\x0c\u2028"]
     members = sandbox.mixpanel.query.cohorts[1003].members
-    members += ["\t", "\u2003\u00a0", "\n\x0b "]
+    members += [*blanks, "\u00a0padded\t"]  # surrounding whitespace is trimmed, as Flagsmith does
     result = meta(sync(instance))
-    assert result["skipped_by_reason"] == {"empty distinct_id": 3}
-    stored = set(sandbox.flagsmith.all_traits())
-    assert not any(identifier.strip() == "" for identifier in stored)
+    assert result["skipped_by_reason"] == {"distinct_id is only whitespace": len(blanks)}
+    stored = sandbox.flagsmith.all_traits()
+    assert not any(identifier.strip() == "" for identifier in stored) and "padded" in stored
+    sent = [item["identity"]["identifier"] for r in sandbox.flagsmith.recorder.matching("/traits/bulk/")
+            for item in orjson.loads(r.body)]
+    assert sent and not [identifier for identifier in sent if identifier.strip() == ""]
     with warehouse.read() as con:
-        assert con.execute("SELECT count(*) FROM sync.flagsmith_skipped WHERE reason = 'empty distinct_id'"
-                           ).fetchone()[0] == 3
+        assert con.execute("""SELECT count(*) FROM sync.flagsmith_skipped
+                              WHERE reason = 'distinct_id is only whitespace'""").fetchone()[0] == len(blanks)
+        assert con.execute("SELECT count(*) FROM sync.flagsmith_traits WHERE trim(identifier) = ''").fetchone()[0] == 0
+
+
+def test_the_client_refuses_a_blank_identifier_without_sending_it(sandbox, env):
+    from mixsync.flagsmith.client import BLANK_IDENTIFIER, FlagsmithClient
+    from mixsync.flagsmith.settings import FlagsmithSettings
+
+    identifiers = ["\t", "\u00a0", "\u2029 \x1f", "ok"]
+    payloads = [orjson.dumps({"identifier": i, "traits": [{"trait_key": "k", "trait_value": True}]})
+                for i in identifiers]
+    for mode in ("identities", "core"):
+        sandbox.flagsmith.recorder.clear()
+        with FlagsmithClient(FlagsmithSettings.from_env()) as client:
+            refused = client.send(mode, payloads)
+        assert refused == {0: BLANK_IDENTIFIER, 1: BLANK_IDENTIFIER, 2: BLANK_IDENTIFIER}
+        bodies = [orjson.loads(r.body) for r in sandbox.flagsmith.recorder.requests]
+        sent = [b["identifier"] if isinstance(b, dict) else item["identity"]["identifier"]
+                for b in bodies for item in (b if isinstance(b, list) else [b])]
+        assert sent == ["ok"]
+
+
+def test_a_200_for_another_identifier_is_counted_as_refused_and_not_recorded_as_sent(sandbox, env, instance,
+                                                                                    monkeypatch, warehouse):
+    from mixsync.flagsmith.client import IDENTIFIER_CHANGED, NOT_ECHOED
+
+    monkeypatch.setenv("FLAGSMITH_BULK_MODE", "identities")
+    flagsmith = sandbox.flagsmith
+    # Flagsmith answers 200 for an identity other than the one sent (as it does, with a hashed identifier, for an
+    # identifier it cannot use): nothing was stored on the identity mixsync meant.
+    flagsmith.faults.add("identities", status=200, body='{"identifier": "someone-else", "traits": [], "flags": []}')
+    result = meta(sync(instance))
+    assert result["rejected"] == 1 and result["rejects_by_reason"] == {IDENTIFIER_CHANGED[:120]: 1}
+    with warehouse.read() as con:
+        refused, error = con.execute("""SELECT payload->>'identifier', error FROM sync.flagsmith_outbox
+                                        WHERE status = 'rejected'""").fetchone()
+        in_ledger = con.execute("SELECT count(*) FROM sync.flagsmith_traits WHERE identifier = ?",
+                                [refused]).fetchone()[0]
+    assert error == IDENTIFIER_CHANGED and in_ledger == 0 and refused not in flagsmith.all_traits()
+
+    # traits/bulk: a 200 whose answer does not echo an identity that was given a value.
+    monkeypatch.setenv("FLAGSMITH_BULK_MODE", "core")
+    monkeypatch.setenv("FLAGSMITH_BATCH_IDENTITIES", "100")
+    sandbox.mixpanel.query.advance()
+    flagsmith.faults.add("traits_bulk", status=200, body="[]")
+    result = meta(sync(instance))
+    with warehouse.read() as con:
+        not_echoed = con.execute("""SELECT list(payload->>'identifier') FROM sync.flagsmith_outbox
+                                    WHERE status = 'rejected' AND error = ?""", [NOT_ECHOED]).fetchone()[0]
+    assert not_echoed and result["rejects_by_reason"][NOT_ECHOED[:120]] == len(not_echoed)
+    with warehouse.read() as con:
+        recorded = con.execute("""SELECT count(*) FROM sync.flagsmith_outbox_traits t JOIN sync.flagsmith_outbox o
+                                  ON o.id = t.outbox_id JOIN sync.flagsmith_traits l
+                                  ON l.identifier = t.identifier AND l.trait_key = t.trait_key AND l.sync_id = t.sync_id
+                                  WHERE o.status = 'rejected'""").fetchone()[0]
+    assert recorded == 0  # no refused change reached the ledger
+
+
+def test_a_non_boolean_value_on_an_owned_trait_is_repaired_and_counted(sandbox, env, instance, monkeypatch,
+                                                                       warehouse):
+    monkeypatch.setenv("FLAGSMITH_VERIFY_SAMPLE", "100000")  # read every identity back
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    sync(instance)
+    query.advance()
+    sync(instance)  # now some owned traits are true (members) and some false (people who left)
+    now = owned(flagsmith)
+    member = next(pair for pair, value in sorted(now.items()) if value is True)
+    leaver = next(pair for pair, value in sorted(now.items()) if value is False)
+
+    def ledger(pair):
+        with warehouse.read() as con:
+            return con.execute("SELECT trait_value, drift::VARCHAR FROM sync.flagsmith_traits "
+                               "WHERE identifier = ? AND trait_key = ?", list(pair)).fetchone()
+
+    def sync_row(sync_id):
+        with warehouse.read() as con:
+            return con.execute("SELECT requeued, finished_at IS NOT NULL FROM sync.flagsmith_syncs WHERE sync_id = ?",
+                               [sync_id]).fetchone()
+
+    # 1. Found and repaired by the run that reads it back.
+    flagsmith.set_trait(*member, "yes")
+    result = meta(sync(instance))
+    assert result["verify_non_boolean"] == 1 and result["requeued_trait_writes"] == 1
+    assert flagsmith.traits(member[0])[member[1]] is True and ledger(member) == (True, None)
+    assert sync_row(result["sync_id"]) == (1, True)
+
+    # 2. The repair write fails (a 503 storm): the traits stay owned, marked with what was found, and the re-queued
+    # writes are counted on the sync's row; the next run re-writes them.
+    flagsmith.set_trait(*member, "yes")
+    flagsmith.set_trait(*leaver, 7)
+    flagsmith.faults.add("traits_bulk", status=503, body='{"detail": "unavailable"}', times=1000)
+    failed = sync(instance, raise_on_error=False)
+    assert not failed.success
+    flagsmith.faults.clear()
+    assert ledger(member) == (True, '"yes"') and ledger(leaver) == (False, "7")
+    with warehouse.read() as con:
+        failed_sync, requeued, finished = con.execute("""SELECT sync_id, requeued, finished_at IS NOT NULL
+                                                         FROM sync.flagsmith_syncs ORDER BY sync_id DESC LIMIT 1""").fetchone()
+    assert (requeued, finished) == (2, False)
+    writes_before = writes(flagsmith)
+    repaired = meta(sync(instance))
+    assert repaired["sync_id"] > failed_sync and repaired["trait_writes"] == 2
+    assert flagsmith.traits(member[0])[member[1]] is True and flagsmith.traits(leaver[0])[leaver[1]] is False
+    assert ledger(member) == (True, None) and ledger(leaver) == (False, None)
+    assert {pair: n - writes_before.get(pair, 0) for pair, n in writes(flagsmith).items()
+            if n != writes_before.get(pair, 0)} == {member: 1, leaver: 1}
+    assert repaired["verify_mismatches"] == 0
+
+
+def test_the_push_logs_batches_sent_and_remaining_with_the_time_left(sandbox, env, instance, monkeypatch):
+    monkeypatch.setenv("MIXSYNC_PROGRESS_SECONDS", "0")  # a line per batch, so the test sees them all
+    monkeypatch.setenv("FLAGSMITH_BATCH_IDENTITIES", "20")
+    monkeypatch.setenv("FLAGSMITH_CONCURRENCY", "1")
+    result = sync(instance)
+    identities = meta(result)["identities_touched"]
+    assert identities > 40
+    lines = [e.user_message for e in instance.all_logs(result.run_id)
+             if e.user_message.startswith("push of sync-1-r0 to Flagsmith (core): ")]
+    assert len(lines) == -(-identities // 20)
+    assert lines[0].startswith(f"push of sync-1-r0 to Flagsmith (core): 20 of {identities:,} identities done, "
+                               f"{identities - 20:,} remaining (1 batches sent, about ")
+    assert " left" in lines[0]
+    assert lines[-1] == (f"push of sync-1-r0 to Flagsmith (core): {identities:,} of {identities:,} identities done, "
+                         f"0 remaining ({len(lines)} batches sent, about 0 to go)")

@@ -20,7 +20,10 @@ from mixsync.flagsmith.sql import (
     ledger_summary,
     plan_changes,
     reconcile_read_back,
+    record_requeue,
     rejected_by_reason,
+    remember_bulk_mode,
+    remembered_bulk_mode,
     verification_sample,
 )
 from mixsync.flagsmith.traits import TraitKeyError, trait_keys
@@ -28,6 +31,7 @@ from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
 from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.privacy import pseudonym
+from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.warehouse import AnyWarehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
@@ -46,11 +50,17 @@ def _sender(client: FlagsmithClient, mode: str):
     return send
 
 
+def _batch_size(settings: FlagsmithSettings, mode: str | None) -> int:
+    return settings.batch_identities if mode != "identities" else min(settings.batch_identities, PER_IDENTITY_BATCH)
+
+
 def _push(store: AnyWarehouse, client: FlagsmithClient, mode: str, settings: FlagsmithSettings, work_dir, scope: str,
-          log) -> PushReport:
+          log, identities: int) -> PushReport:
+    """Push one scope's pending identities; the run log shows batches sent and remaining with the time left."""
+    progress = CountProgress(log, f"push of {scope} to Flagsmith ({mode})", identities, "identities", batched=True)
     try:
-        batch = settings.batch_identities if mode != "identities" else min(settings.batch_identities, PER_IDENTITY_BATCH)
-        return push(store, OUTBOX, _sender(client, mode), work_dir, scope=scope, max_items=batch,
+        return push(store, OUTBOX, reporting_sends(_sender(client, mode), progress), work_dir, scope=scope,
+                    max_items=_batch_size(settings, mode),
                     concurrency=settings.concurrency, logger=log)
     except FatalPushError as exc:
         raise dg.Failure(f"Flagsmith refused the environment key; nothing more was sent. {exc}") from None
@@ -108,30 +118,44 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
     work_dir = warehouse.settings().landing_dir / "outbox"
     stats = RetryStats()
     with flagsmith.client(stats) as client:
-        try:
-            mode = client.detect_bulk_mode() if settings.bulk_mode == "auto" else settings.bulk_mode
-        except FlagsmithKeyError as exc:
-            raise dg.Failure(str(exc)) from None
+        with store.write() as con:
+            remembered = remembered_bulk_mode(con, settings.api_url) if settings.bulk_mode == "auto" else None
+        mode: str | None = remembered if settings.bulk_mode == "auto" else settings.bulk_mode
+
+        def route() -> str:
+            """The write route: configured, remembered from an earlier run, or probed now that there is something
+            to send (a run with nothing to send makes no write request) and remembered for the runs after."""
+            nonlocal mode
+            if mode is None:
+                try:
+                    mode = client.detect_bulk_mode()
+                except FlagsmithKeyError as exc:
+                    raise dg.Failure(str(exc)) from None
+                context.log.info(f"Flagsmith write route detected: {mode} (kept in sync.flagsmith_routes)")
+                with store.write() as con:
+                    remember_bulk_mode(con, settings.api_url, mode)
+            return mode
+
         if config.dry_run:
-            # The fold and the plan exactly as below, in one transaction that is read, then rolled back.
-            batch = settings.batch_identities if mode != "identities" else min(settings.batch_identities,
-                                                                                PER_IDENTITY_BATCH)
+            # The fold and the plan exactly as below, in one transaction that is read, then rolled back. No probe:
+            # a dry run makes no write request, so an undetected route is shown as such.
+            shown_mode = mode or "auto (detected by the first real run with something to send)"
             with store.write() as con:
                 keys = _cohort_keys(con, settings)
                 con.execute("BEGIN TRANSACTION")
                 try:
                     fold_acknowledged(con, transaction=False)
-                    sync_id = begin_sync(con, mode, settings.exit_mode)
+                    sync_id = begin_sync(con, mode or "auto", settings.exit_mode)
                     plan = plan_changes(con, sync_id, 0, keys, settings.exit_mode, settings.identifier_property,
                                         transaction=False)
-                    seen = would_send(con, OUTBOX, [f"sync-{sync_id}-r0"], batch)
+                    seen = would_send(con, OUTBOX, [f"sync-{sync_id}-r0"], _batch_size(settings, mode))
                 finally:
                     con.execute("ROLLBACK")
                 checks = outbox_check_results(con, "flagsmith_cohort_traits", OUTBOX)
-            context.log.info(f"dry run ({mode}): would send {seen.items} identities ({plan.set_true} true, "
+            context.log.info(f"dry run ({shown_mode}): would send {seen.items} identities ({plan.set_true} true, "
                              f"{plan.set_false} false, {plan.deleted} deleted); nothing was sent or kept")
             yield dg.AssetObservation(asset_key=context.asset_key, metadata={
-                **seen.metadata(), "bulk_mode": mode, "traits_set_true": plan.set_true,
+                **seen.metadata(), "bulk_mode": shown_mode, "traits_set_true": plan.set_true,
                 "traits_set_false": plan.set_false, "traits_deleted": plan.deleted,
                 "skipped_by_reason": plan.skipped_by_reason})
             yield from checks
@@ -141,12 +165,15 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
         with store.write() as con:
             keys = _cohort_keys(con, settings)
             folded_earlier = fold_acknowledged(con)
-            sync_id = begin_sync(con, mode, settings.exit_mode)
+            sync_id = begin_sync(con, mode or "auto", settings.exit_mode)
             # 2. The changes, computed in DuckDB against the ledger, enqueued one item per identity.
             plan = plan_changes(con, sync_id, 0, keys, settings.exit_mode, settings.identifier_property)
-        context.log.info(f"sync {sync_id} ({mode}): {plan.identities} identities, +{plan.set_true} true, "
+        context.log.info(f"sync {sync_id}: {plan.identities} identities, +{plan.set_true} true, "
                          f"{plan.set_false} false, {plan.deleted} deleted")
-        report = _push(store, client, mode, settings, work_dir, f"sync-{sync_id}-r0", context.log)
+        report = PushReport()
+        if plan.identities:
+            report = _push(store, client, route(), settings, work_dir, f"sync-{sync_id}-r0", context.log,
+                           plan.identities)
         with store.write() as con:
             fold_acknowledged(con)
             sample = verification_sample(con, sync_id, settings.verify_sample)
@@ -160,19 +187,26 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
         requeue = Plan(sync_id, 1)
         requeue_report = PushReport()
         with store.write() as con:
-            mismatches, examples = reconcile_read_back(con, sync_id, read_back, sample)
+            mismatches, non_boolean, examples = reconcile_read_back(con, sync_id, read_back, sample)
             # Identifiers may be e-mail addresses (FLAGSMITH_IDENTIFIER_PROPERTY=$email): logs and metadata get
             # pseudonyms only.
             examples = [{**example, "identifier": pseudonym(example["identifier"])} for example in examples]
             if mismatches:
                 requeue = plan_changes(con, sync_id, 1, keys, settings.exit_mode, settings.identifier_property)
+                record_requeue(con, sync_id, requeue.traits)
         if mismatches:
             context.log.warning(f"{mismatches} traits in the read-back sample differ from what Flagsmith acknowledged "
-                                f"(e.g. {examples[:2]}); re-queued {requeue.traits} trait changes")
-            requeue_report = _push(store, client, mode, settings, work_dir, f"sync-{sync_id}-r1", context.log)
+                                f"({non_boolean} hold a value that is not a boolean; e.g. {examples[:2]}); "
+                                f"re-queued {requeue.traits} trait changes")
+            if requeue.identities:
+                requeue_report = _push(store, client, route(), settings, work_dir, f"sync-{sync_id}-r1", context.log,
+                                       requeue.identities)
+        route_missing = client.missing_bulk_route
         with store.write() as con:
             fold_acknowledged(con)
-            finish_sync(con, sync_id, plan, len(sample), mismatches)
+            if route_missing is not None and settings.bulk_mode == "auto":
+                remember_bulk_mode(con, settings.api_url, None)
+            finish_sync(con, sync_id, plan, len(sample), mismatches, mode, requeue.traits)
             rejects = rejected_by_reason(con, sync_id)
             ledger = ledger_summary(con)
             preview = markdown_table(con, """SELECT trait_key, count(*) FILTER (trait_value) AS "true",
@@ -182,13 +216,17 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
             table = table_metadata(con, "sync.flagsmith_traits")
             checks = outbox_check_results(con, "flagsmith_cohort_traits", OUTBOX)
         requests = client.requests_sent
+    if route_missing is not None:
+        context.log.warning(f"Flagsmith answered 404/405 on the {route_missing} bulk route: this run went identity "
+                            "by identity; the next run that sends detects the route again")
     if rejects:
         context.log.warning(f"Flagsmith refused {sum(rejects.values())} identities: {rejects} "
                             f"(see {OUTBOX} WHERE status = 'rejected')")
     yield dg.MaterializeResult(check_results=checks, metadata={
         **table,
         "sync_id": sync_id,
-        "bulk_mode": mode,
+        # "none": nothing had to be sent, and no route was configured or remembered (so none was probed).
+        "bulk_mode": mode or "none",
         "exit_mode": settings.exit_mode,
         "trait_keys": {str(c): k for c, k in sorted(keys.items())},
         "identities_touched": plan.identities,
@@ -210,6 +248,7 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
         "superseded_pending": plan.superseded,
         "verified_identities": len(sample),
         "verify_mismatches": mismatches,
+        "verify_non_boolean": non_boolean,
         "verify_examples": examples,
         "verify_errors": verify_errors,
         "requeued_trait_writes": requeue.traits,

@@ -19,6 +19,12 @@ HINTS = {
     404: "Check FLAGSMITH_API_URL: it should end in /api/v1 (Edge: https://edge.api.flagsmith.com/api/v1)",
     400: "Flagsmith refused the data",
 }
+# Refusal reasons the client gives itself (grouped as they are in the run's rejects_by_reason: no identifier in them).
+BLANK_IDENTIFIER = "identifier empty or only whitespace: not sent (Flagsmith answers 200 and stores nothing)"
+IDENTIFIER_CHANGED = ("HTTP 200 for a different identifier than the one sent: the traits are not on this identity "
+                      "(not recorded as sent)")
+NOT_ECHOED = ("HTTP 200 from traits/bulk without this identifier in its answer: not stored as sent "
+              "(not recorded as sent)")
 # Bulk routes by flavour: Edge's asynchronous bulk identities (≤ 100 per request, 202) or core's traits/bulk.
 EDGE_BULK_LIMIT = 100
 
@@ -36,6 +42,9 @@ class FlagsmithClient:
         self.policy = policy or RetryPolicy.from_env()
         self.stats = stats or RetryStats()
         self.requests_sent = 0
+        # A bulk route that answered 404/405 in this run (the server changed since it was detected): the rest of
+        # the run goes identity by identity, and the caller forgets the remembered route.
+        self.missing_bulk_route: str | None = None
         self._count_lock = threading.Lock()
         self.http = httpx.Client(
             base_url=settings.api_url + "/",
@@ -95,26 +104,39 @@ class FlagsmithClient:
         """Send identities (each payload `{"identifier", "traits": [...]}`); returns {position: reason} refused.
 
         A bulk request refused with a 4xx is retried identity by identity, so one bad item cannot sink the rest.
+        An identifier that is empty or only whitespace is refused here, unsent: Flagsmith would answer 200 and
+        store nothing. A 200 that does not name the identifier sent (Flagsmith stored the traits elsewhere, or
+        nowhere) is a refusal too, never an acknowledgement.
         """
-        if mode == "edge":
-            body = b'{"data":[' + b",".join(payloads) + b"]}"
-            response = self._request("PUT", "bulk-identities/", f"bulk-identities ({len(payloads)} identities)",
-                                     body, accept_4xx=True)
-        elif mode == "core":
-            response = self._request("PUT", "traits/bulk/", f"traits/bulk ({len(payloads)} identities)",
-                                     _core_bulk_body(payloads), accept_4xx=True)
-        else:
-            return self.send_identities(payloads)
-        if response.status_code >= 400:
-            return self.send_identities(payloads)
-        return {}
-
-    def send_identities(self, payloads: list[bytes]) -> dict[int, str]:
-        refused: dict[int, str] = {}
-        for position, payload in enumerate(payloads):
-            response = self._request("POST", "identities/", "POST identities/", payload, accept_4xx=True)
+        identities = [orjson.loads(payload) for payload in payloads]
+        refused = {position: BLANK_IDENTIFIER for position, identity in enumerate(identities)
+                   if _blank(identity.get("identifier"))}
+        positions = [position for position in range(len(payloads)) if position not in refused]
+        if positions and mode in ("edge", "core") and mode != self.missing_bulk_route:
+            if mode == "edge":
+                body = b'{"data":[' + b",".join(payloads[p] for p in positions) + b"]}"
+                response = self._request("PUT", "bulk-identities/", f"bulk-identities ({len(positions)} identities)",
+                                         body, accept_4xx=True)
+            else:
+                response = self._request("PUT", "traits/bulk/", f"traits/bulk ({len(positions)} identities)",
+                                         _core_bulk_body([identities[p] for p in positions]), accept_4xx=True)
+            if response.status_code in (404, 405):
+                self.missing_bulk_route = mode
+            if response.status_code < 400:
+                if mode == "edge":
+                    return refused  # 202, no body: the read-back checks what was stored
+                echoed = _echoed_identifiers(response.content)
+                if echoed is not None:
+                    refused.update({p: NOT_ECHOED for p in positions if _sets_a_value(identities[p])
+                                    and identities[p]["identifier"] not in echoed})
+                    return refused
+                # An answer that cannot be checked: the per-identity route below can (a trait set is idempotent).
+        for position in positions:
+            response = self._request("POST", "identities/", "POST identities/", payloads[position], accept_4xx=True)
             if response.status_code >= 400:
                 refused[position] = f"HTTP {response.status_code}: {response.text[:300]}"
+            elif _answered_identifier(response.content) != identities[position]["identifier"]:
+                refused[position] = IDENTIFIER_CHANGED
         return refused
 
     def identity_flags(self, identifier: str) -> bytes:
@@ -140,12 +162,38 @@ class FlagsmithClient:
         return {t["trait_key"]: t.get("trait_value") for t in body.get("traits") or []}
 
 
-def _core_bulk_body(payloads: list[bytes]) -> bytes:
+def _blank(identifier: Any) -> bool:
+    # str.strip() without arguments strips every Unicode whitespace, as Flagsmith (Python) trims identifiers.
+    return not isinstance(identifier, str) or not identifier.strip()
+
+
+def _sets_a_value(identity: dict) -> bool:
+    # traits/bulk echoes only the items it wrote: deletes (null) are never in its answer.
+    return any(trait.get("trait_value") is not None for trait in identity["traits"])
+
+
+def _answered_identifier(content: bytes) -> Any:
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    return body.get("identifier") if isinstance(body, dict) else None
+
+
+def _echoed_identifiers(content: bytes) -> set[str] | None:
+    """The identifiers traits/bulk says it wrote (`[{"identity": {"identifier"}, ...}]`); None if not that shape."""
+    try:
+        items = orjson.loads(content)
+        return {str(item["identity"]["identifier"]) for item in items}
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+
+
+def _core_bulk_body(identities: list[dict]) -> bytes:
     # Core's traits/bulk wants one item per trait. A batch is at most a few thousand small objects, and the
     # server needs ~1 ms per item (observed), so reshaping here costs nothing next to the request itself.
     items: list[dict] = []
-    for payload in payloads:
-        identity = orjson.loads(payload)
+    for identity in identities:
         owner = {"identifier": identity["identifier"]}
         items.extend({"identity": owner, **trait} for trait in identity["traits"])
     return orjson.dumps(items)

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS sync.flagsmith_traits (
     cohort_id BIGINT,
     trait_value BOOLEAN,
     sync_id BIGINT NOT NULL,
-    confirmed_at TIMESTAMPTZ NOT NULL
+    confirmed_at TIMESTAMPTZ NOT NULL,
+    drift JSON                       -- a non-boolean value a read-back found in its place: re-written by the next plan
 );
 CREATE TABLE IF NOT EXISTS sync.flagsmith_syncs (
     sync_id BIGINT NOT NULL,
@@ -47,7 +48,18 @@ CREATE TABLE IF NOT EXISTS sync.flagsmith_syncs (
     deleted BIGINT,
     skipped BIGINT,
     verified BIGINT,
-    mismatches BIGINT
+    mismatches BIGINT,
+    requeued BIGINT                  -- trait writes re-queued because the read-back found Flagsmith holding otherwise
+);
+-- Warehouses created before these columns existed get them (a no-op once they are there).
+ALTER TABLE sync.flagsmith_traits ADD COLUMN IF NOT EXISTS drift JSON;
+ALTER TABLE sync.flagsmith_syncs ADD COLUMN IF NOT EXISTS requeued BIGINT;
+-- The write route detected for each Flagsmith API URL (FLAGSMITH_BULK_MODE=auto), so that later runs do not probe
+-- again; forgotten when that route answers 404/405 (the server changed), so the next run that sends detects anew.
+CREATE TABLE IF NOT EXISTS sync.flagsmith_routes (
+    api_url VARCHAR NOT NULL,
+    bulk_mode VARCHAR NOT NULL,
+    detected_at TIMESTAMPTZ NOT NULL
 );
 -- Members that the latest sync could not send (no identifier, identifier too long), replaced each sync.
 CREATE TABLE IF NOT EXISTS sync.flagsmith_skipped (
@@ -89,11 +101,32 @@ def begin_sync(con: duckdb.DuckDBPyConnection, bulk_mode: str, exit_mode: str) -
     return sync_id
 
 
-def finish_sync(con: duckdb.DuckDBPyConnection, sync_id: int, plan: Plan, verified: int, mismatches: int) -> None:
+def remembered_bulk_mode(con: duckdb.DuckDBPyConnection, api_url: str) -> str | None:
+    row = con.execute("SELECT bulk_mode FROM sync.flagsmith_routes WHERE api_url = ? ORDER BY detected_at DESC LIMIT 1",
+                      [api_url]).fetchone()
+    return row[0] if row else None
+
+
+def remember_bulk_mode(con: duckdb.DuckDBPyConnection, api_url: str, bulk_mode: str | None) -> None:
+    """Keep `bulk_mode` as the route of `api_url` (None: forget it, so the next run that sends probes again)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM sync.flagsmith_routes WHERE api_url = ?", [api_url])
+        if bulk_mode is not None:
+            con.execute("INSERT INTO sync.flagsmith_routes VALUES (?, ?, now())", [api_url, bulk_mode])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def finish_sync(con: duckdb.DuckDBPyConnection, sync_id: int, plan: Plan, verified: int, mismatches: int,
+                bulk_mode: str | None, requeued: int) -> None:
     con.execute("""UPDATE sync.flagsmith_syncs SET finished_at = now(), identities = ?, set_true = ?, set_false = ?,
-                   deleted = ?, skipped = ?, verified = ?, mismatches = ? WHERE sync_id = ?""",
+                   deleted = ?, skipped = ?, verified = ?, mismatches = ?, bulk_mode = ?, requeued = ?
+                   WHERE sync_id = ?""",
                 [plan.identities, plan.set_true, plan.set_false, plan.deleted, sum(plan.skipped_by_reason.values()),
-                 verified, mismatches, sync_id])
+                 verified, mismatches, bulk_mode, requeued, sync_id])
 
 
 def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) -> int:
@@ -113,7 +146,8 @@ def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) 
     try:
         con.execute("""DELETE FROM sync.flagsmith_traits l USING fold_items f
                        WHERE l.identifier = f.identifier AND l.trait_key = f.trait_key""")
-        con.execute("""INSERT INTO sync.flagsmith_traits
+        con.execute("""INSERT INTO sync.flagsmith_traits (identifier, trait_key, cohort_id, trait_value, sync_id,
+                                                        confirmed_at)
                        SELECT identifier, trait_key, cohort_id, trait_value, sync_id, sent_at FROM fold_items""")
         con.execute(f"""UPDATE {OUTBOX} SET folded_at = now()
                         WHERE status = 'sent' AND folded_at IS NULL""")
@@ -154,14 +188,17 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
         params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
     reason_missing = literal("empty distinct_id" if identifier_property is None
                              else f"profile has no {identifier_property}")
+    reason_blank = literal(f"{identifier_property or 'distinct_id'} is only whitespace")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_members AS
-        SELECT m.cohort_id, m.distinct_id, k.trait_key,
-               regexp_replace({_identifier_sql(identifier_property)}, $edge_whitespace, '', 'g') AS identifier
-        FROM mixpanel.cohort_members m JOIN fs_keys k USING (cohort_id)""", params)
+        SELECT cohort_id, distinct_id, trait_key, raw_identifier IS NULL OR raw_identifier = '' AS missing,
+               regexp_replace(raw_identifier, $edge_whitespace, '', 'g') AS identifier
+        FROM (SELECT m.cohort_id, m.distinct_id, k.trait_key, {_identifier_sql(identifier_property)} AS raw_identifier
+              FROM mixpanel.cohort_members m JOIN fs_keys k USING (cohort_id))""", params)
     # Flagsmith trims identifiers, answers 200 and stores nothing for an empty one, and 500 above 2000 chars.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_skipped AS
         SELECT cohort_id, distinct_id, identifier,
-               CASE WHEN identifier IS NULL OR identifier = '' THEN {reason_missing}
+               CASE WHEN missing THEN {reason_missing}
+                    WHEN identifier IS NULL OR identifier = '' THEN {reason_blank}
                     ELSE 'identifier longer than {MAX_IDENTIFIER} characters' END AS reason
         FROM fs_members WHERE identifier IS NULL OR identifier = '' OR length(identifier) > {MAX_IDENTIFIER}""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_desired AS
@@ -172,15 +209,16 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_changes AS
         SELECT d.identifier, d.trait_key, d.cohort_id, true AS trait_value
         FROM fs_desired d LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
-        WHERE l.trait_value IS DISTINCT FROM true
+        WHERE l.trait_value IS DISTINCT FROM true OR l.drift IS NOT NULL
         UNION ALL
         SELECT l.identifier, l.trait_key, l.cohort_id,
                CASE WHEN k.trait_key IS NOT NULL THEN {exit_value} ELSE NULL::BOOLEAN END AS trait_value
         FROM sync.flagsmith_traits l
         LEFT JOIN (SELECT DISTINCT trait_key FROM fs_keys) k USING (trait_key)
         ANTI JOIN fs_desired d USING (identifier, trait_key)
-        WHERE l.trait_value IS NOT NULL
-          AND NOT (k.trait_key IS NOT NULL AND {exit_value} IS NOT NULL AND l.trait_value = {exit_value})""")
+        WHERE (l.trait_value IS NOT NULL OR l.drift IS NOT NULL)
+          AND NOT (k.trait_key IS NOT NULL AND {exit_value} IS NOT NULL AND l.trait_value = {exit_value}
+                   AND l.drift IS NULL)""")
     # A change Flagsmith refused (a 4xx) is not sent again every hour: only when the wanted value changes.
     plan.held_back_rejected = con.execute(f"""DELETE FROM fs_changes c USING (
             SELECT DISTINCT t.identifier, t.trait_key, t.trait_value FROM {OUTBOX} o
@@ -235,33 +273,46 @@ def verification_sample(con: duckdb.DuckDBPyConnection, sync_id: int, size: int)
 
 
 def reconcile_read_back(con: duckdb.DuckDBPyConnection, sync_id: int, read_back: list[tuple[str, str, str]],
-                        identifiers: list[str]) -> tuple[int, list[dict]]:
+                        identifiers: list[str]) -> tuple[int, int, list[dict]]:
     """Compare what Flagsmith holds (identifier, trait_key, trait_value as JSON) for `identifiers` with the ledger.
 
-    Only traits mixsync owns are compared: live ledger rows, and deletions made by this sync. Where they
-    differ, the ledger takes what Flagsmith really holds, so the next plan re-queues the change.
-    Returns (mismatches, a few examples).
+    Only traits mixsync owns are compared: live ledger rows, and deletions made by this sync. Where Flagsmith
+    holds another boolean or nothing, the ledger takes what Flagsmith really holds, so the next plan re-queues the
+    change. Where it holds something that is not a boolean (a string, a number), the trait stays owned as it was
+    and its `drift` keeps the value found, so every plan re-writes it until a write is acknowledged.
+    Returns (mismatches, of which non-boolean, a few examples).
     """
     con.execute("CREATE OR REPLACE TEMP TABLE fs_read_back (identifier VARCHAR, trait_key VARCHAR, trait_value JSON)")
     if read_back:
         con.executemany("INSERT INTO fs_read_back VALUES (?, ?, ?)", [list(r) for r in read_back])
     con.execute("""CREATE OR REPLACE TEMP TABLE fs_mismatches AS
-        SELECT l.identifier, l.trait_key, l.trait_value AS ledger_value, r.trait_value AS flagsmith_value,
-               CASE WHEN json_type(r.trait_value) = 'BOOLEAN' THEN r.trait_value::BOOLEAN END AS held
-        FROM sync.flagsmith_traits l LEFT JOIN fs_read_back r USING (identifier, trait_key)
-        WHERE l.identifier IN (SELECT unnest($ids::VARCHAR[]))
-          AND (l.trait_value IS NOT NULL OR l.sync_id = $sync)
-          AND (CASE WHEN json_type(r.trait_value) = 'BOOLEAN' THEN r.trait_value::BOOLEAN END)
-              IS DISTINCT FROM l.trait_value""", {"ids": identifiers, "sync": sync_id})
-    mismatches = con.execute("SELECT count(*) FROM fs_mismatches").fetchone()[0]
+        SELECT identifier, trait_key, ledger_value, flagsmith_value, held,
+               coalesce(json_type(flagsmith_value) NOT IN ('BOOLEAN', 'NULL'), false) AS non_boolean
+        FROM (SELECT l.identifier, l.trait_key, l.trait_value AS ledger_value, r.trait_value AS flagsmith_value,
+                     CASE WHEN json_type(r.trait_value) = 'BOOLEAN' THEN r.trait_value::BOOLEAN END AS held
+              FROM sync.flagsmith_traits l LEFT JOIN fs_read_back r USING (identifier, trait_key)
+              WHERE l.identifier IN (SELECT unnest($ids::VARCHAR[]))
+                AND (l.trait_value IS NOT NULL OR l.sync_id = $sync))
+        WHERE held IS DISTINCT FROM ledger_value OR coalesce(json_type(flagsmith_value) NOT IN ('BOOLEAN', 'NULL'),
+                                                             false)""", {"ids": identifiers, "sync": sync_id})
+    mismatches, non_boolean = con.execute("SELECT count(*), count(*) FILTER (non_boolean) FROM fs_mismatches"
+                                          ).fetchone()
     examples = [dict(zip(("identifier", "trait_key", "ledger", "flagsmith"), row, strict=True)) for row in con.execute(
         "SELECT identifier, trait_key, ledger_value, flagsmith_value::VARCHAR FROM fs_mismatches ORDER BY ALL LIMIT 5"
     ).fetchall()]
     if mismatches:
-        con.execute("""UPDATE sync.flagsmith_traits l SET trait_value = m.held, confirmed_at = now()
+        con.execute("""UPDATE sync.flagsmith_traits l
+                       SET trait_value = CASE WHEN m.non_boolean THEN l.trait_value ELSE m.held END,
+                           drift = CASE WHEN m.non_boolean THEN m.flagsmith_value END, confirmed_at = now()
                        FROM fs_mismatches m WHERE l.identifier = m.identifier AND l.trait_key = m.trait_key""")
     con.execute("DROP TABLE fs_read_back; DROP TABLE fs_mismatches")
-    return mismatches, examples
+    return mismatches, non_boolean, examples
+
+
+def record_requeue(con: duckdb.DuckDBPyConnection, sync_id: int, requeued: int) -> None:
+    """Count the re-queued trait writes on the sync's row as soon as they are queued (a run that fails later
+    still shows them)."""
+    con.execute("UPDATE sync.flagsmith_syncs SET requeued = ? WHERE sync_id = ?", [requeued, sync_id])
 
 
 def ledger_summary(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
