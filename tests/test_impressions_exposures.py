@@ -233,3 +233,20 @@ def test_a_crash_then_a_rerun_leaves_mixpanel_with_each_exposure_once(sandbox, i
     assert (summary["held"], summary["duplicates"]) == (400, 50)
     with warehouse.read() as con:
         assert con.execute(f"SELECT count(*) FROM {EXPOSURES_OUTBOX} WHERE status = 'sent'").fetchone()[0] == 400
+
+
+def test_the_push_logs_batches_sent_and_remaining_with_the_time_left(sandbox, impressions_env, warehouse, instance,
+                                                                    monkeypatch):
+    monkeypatch.setenv("MIXSYNC_PROGRESS_SECONDS", "0")  # a line per batch, so the test sees them all
+    monkeypatch.setenv("MIXSYNC_EXPOSURES_BATCH_SIZE", "100")
+    monkeypatch.setenv("MIXSYNC_EXPOSURES_CONCURRENCY", "1")
+    land(instance, ImpressionGenerator(seed=3).batch(250))
+    result, meta = push(instance)
+    assert meta["sent"] == 250
+    lines = [e.user_message for e in instance.all_logs(result.run_id)
+             if e.user_message.startswith("push of exposures to Mixpanel: ")]
+    assert lines[0].startswith("push of exposures to Mixpanel: 100 of 250 exposures done, 150 remaining "
+                               "(1 batches sent, about 2 to go), about ")
+    assert lines[0].endswith(" left")
+    assert lines[-1] == "push of exposures to Mixpanel: 250 of 250 exposures done, 0 remaining (3 batches sent, about 0 to go)"
+    assert len(lines) == 3

@@ -29,6 +29,7 @@ from mixsync.mixpanel.client import MixpanelClient
 from mixsync.mixpanel.import_client import import_events
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.outbox_health import outbox_check_results, outbox_check_specs
+from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.warehouse import AnyWarehouse, markdown_table
@@ -144,14 +145,16 @@ class ExposuresConfig(DryRunConfig):
 
 
 def push_exposures(store: AnyWarehouse, client: MixpanelClient, settings: ImpressionsSettings, work_dir: Path,
-                   logger=None) -> PushReport:
-    """Send the outbox's pending exposures to /import; each batch's acknowledgement is journaled as it comes."""
+                   logger=None, progress: CountProgress | None = None) -> PushReport:
+    """Send the outbox's pending exposures to /import; each batch's acknowledgement is journaled as it comes, and
+    `progress` (when given) hears of each batch."""
 
     def send(payloads: list[bytes]) -> BatchOutcome:
         result = import_events(client, payloads)
         return BatchOutcome(rejected=result.failed)
 
-    return push(store, EXPOSURES_OUTBOX, send, work_dir, max_items=settings.exposure_batch_size,
+    sender = reporting_sends(send, progress) if progress is not None else send
+    return push(store, EXPOSURES_OUTBOX, sender, work_dir, max_items=settings.exposure_batch_size,
                 max_bytes=MIXPANEL_IMPORT_MAX_BYTES, concurrency=settings.exposure_concurrency, logger=logger)
 
 
@@ -196,9 +199,13 @@ def mixpanel_experiment_exposures(context: dg.AssetExecutionContext, config: Exp
         return
     with store.write() as con:
         enqueued = enqueue_exposures(con, payload_sql, context.run.run_id)
+        (pending,) = con.execute(f"SELECT count(*) FROM {EXPOSURES_OUTBOX} WHERE status = 'pending'").fetchall()[0]
+    # Batches sent and remaining, with the time left, in the run log (throttled by MIXSYNC_PROGRESS_SECONDS).
+    progress = CountProgress(context.log, "push of exposures to Mixpanel", pending, "exposures", batched=True)
     try:
         with mixpanel.client(stats) as client:
-            report = push_exposures(store, client, settings, warehouse.settings().landing_dir / "outbox", context.log)
+            report = push_exposures(store, client, settings, warehouse.settings().landing_dir / "outbox", context.log,
+                                    progress)
     except ServiceError as exc:
         with store.read() as con:
             counts = exposure_counts(con)
