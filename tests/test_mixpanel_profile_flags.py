@@ -32,11 +32,21 @@ def meta(result):
     return {k: v.value for k, v in result.asset_materializations_for_node("mixpanel_profile_flags")[0].metadata.items()}
 
 
+def warehouse_state(warehouse) -> dict[str, list]:
+    """Every row of every flagsmith and sync table, to prove a dry run changed nothing."""
+    with warehouse.read() as con:
+        tables = [f"{s}.{t}" for s, t in con.execute("""SELECT table_schema, table_name FROM information_schema.tables
+                 WHERE table_schema IN ('flagsmith', 'sync') AND table_type = 'BASE TABLE' ORDER BY ALL""").fetchall()]
+        return {t: sorted(map(str, con.execute(f"SELECT * FROM {t}").fetchall())) for t in tables}
+
+
 @pytest.fixture
 def managed(sandbox, env, warehouse):
     """Identities in the cohort-traits ledger (as flagsmith_cohort_traits leaves them) and features in Flagsmith."""
     with warehouse.write() as con:
-        con.executemany("INSERT INTO sync.flagsmith_traits VALUES (?, 'mp_cohort_power_users', 1, true, 1, now())",
+        con.executemany("""INSERT INTO sync.flagsmith_traits (identifier, trait_key, cohort_id, trait_value, sync_id,
+                                                            confirmed_at)
+                           VALUES (?, 'mp_cohort_power_users', 1, true, 1, now())""",
                         [[i] for i in IDENTITIES])
     fs = sandbox.flagsmith
     fs.add_feature("checkout_v2", enabled=True, value=None)
@@ -197,3 +207,49 @@ def test_definitions_schedule_the_push_hourly_in_its_own_pool():
     spec = defs.resolve_assets_def("mixpanel_profile_flags")
     assert spec.group_names_by_key[dg.AssetKey("mixpanel_profile_flags")] == "flagsmith"
     assert spec.op.pool == "mixpanel_profile_flags"
+
+
+def test_a_dry_run_shows_the_updates_and_sends_and_keeps_nothing(sandbox, managed, instance, warehouse):
+    from mixsync.outbox_health import PENDING_AGE_CHECK, REJECTS_CHECK
+
+    run(instance)
+    managed.add_feature("max_items", enabled=True, value=3)  # a change for everyone but vip-1 (overridden)
+    sandbox.mixpanel.recorder.clear()
+    before = warehouse_state(warehouse)
+    dry = dg.materialize([mixpanel_profile_flags], instance=instance, resources=RESOURCES,
+                         run_config={"ops": {"mixpanel_profile_flags": {"config": {"dry_run": True}}}})
+    assert dry.success and dry.asset_materializations_for_node("mixpanel_profile_flags") == []
+    (observation,) = [e.event_specific_data.asset_observation for e in dry.all_events
+                      if e.event_type_value == "ASSET_OBSERVATION"]
+    shown = {k: v.value for k, v in observation.metadata.items()}
+    assert shown["dry_run"] is True and shown["would_send_items"] == len(IDENTITIES) - 1
+    assert shown["properties_set"] == len(IDENTITIES) - 1 and shown["properties_unset"] == 0
+    assert '"flagsmith_max_items":3' in shown["would_send_preview"] and sandbox.mixpanel.token not in str(shown)
+    assert sandbox.mixpanel.recorder.matching("/engage") == []  # nothing sent
+    assert warehouse_state(warehouse) == before  # no ledger, outbox or landed flags changed
+    assert {c.check_name for c in dry.get_asset_check_evaluations()} == {PENDING_AGE_CHECK, REJECTS_CHECK}
+
+    real = run(instance)
+    assert meta(real)["updates_sent"] == shown["would_send_items"]
+    assert len([u for body in engage_bodies(sandbox) for u in body]) == shown["would_send_items"]
+    assert {c.check_name: c.passed for c in real.get_asset_check_evaluations()} == {
+        PENDING_AGE_CHECK: True, REJECTS_CHECK: True}
+
+
+def test_the_outbox_checks_warn_on_old_pending_updates_and_too_many_refusals(sandbox, managed, instance, warehouse):
+    from mixsync.flagsmith.profile_flags_sql import OUTBOX
+    from mixsync.outbox_health import PENDING_AGE_CHECK, REJECTS_CHECK
+
+    sandbox.mixpanel.profiles.refuse["user-003"] = "profile update refused for this distinct_id"
+    result = run(instance)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks[REJECTS_CHECK].passed is False  # 1 of 31 refused: over the 1 % default
+    assert checks[REJECTS_CHECK].severity == dg.AssetCheckSeverity.WARN and checks[PENDING_AGE_CHECK].passed
+    with warehouse.write() as con:  # an update left pending two days ago (a push that never got to it)
+        con.execute(f"""INSERT INTO {OUTBOX} (id, scope, payload, status, enqueued_at)
+                        VALUES ('stale', 'sync-0', '{{}}', 'pending', now() - INTERVAL 2 DAY)""")
+    dry = dg.materialize([mixpanel_profile_flags], instance=instance, resources=RESOURCES,
+                         run_config={"ops": {"mixpanel_profile_flags": {"config": {"dry_run": True}}}})
+    checks = {c.check_name: c for c in dry.get_asset_check_evaluations()}
+    assert checks[PENDING_AGE_CHECK].passed is False
+    assert checks[PENDING_AGE_CHECK].metadata["pending_older_than_limit"].value == 1

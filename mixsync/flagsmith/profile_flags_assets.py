@@ -8,17 +8,21 @@ through an outbox, with the values exactly as Flagsmith typed them.
 import datetime as dt
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 import orjson
 
+from mixsync.dry_run import DryRunConfig, would_send
 from mixsync.flagsmith import profile_flags_sql as sql
 from mixsync.flagsmith.client import FlagsmithClient, FlagsmithKeyError
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.profiles_client import ProfilesClient
+from mixsync.outbox_health import outbox_check_results, outbox_check_specs
+from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
 from mixsync.warehouse import markdown_table
@@ -59,6 +63,17 @@ def read_flags(client: FlagsmithClient, identities: list[str], concurrency: int,
     return errors
 
 
+def _preview(payloads: list[str]) -> str:
+    """The first updates as they would be sent, with the project token masked ($token is a credential)."""
+    shown = []
+    for payload in payloads:
+        update = orjson.loads(payload)
+        if "$token" in update:
+            update["$token"] = "***"
+        shown.append(f"```json\n{orjson.dumps(update).decode()}\n```")
+    return "\n".join(shown) or "(nothing to send)"
+
+
 def _sender(client: ProfilesClient):
     def send(payloads: list[bytes]) -> BatchOutcome:
         try:
@@ -71,6 +86,13 @@ def _sender(client: ProfilesClient):
     return send
 
 
+def _read_into(client: FlagsmithClient, identities: list[str], concurrency: int, answers, log) -> dict[str, str]:
+    try:
+        return read_flags(client, identities, concurrency, answers, log)
+    except FlagsmithKeyError as exc:
+        raise dg.Failure(str(exc)) from None
+
+
 @dg.asset(
     deps=[dg.AssetKey("flagsmith_cohort_traits")],
     pool="mixpanel_profile_flags",
@@ -78,12 +100,16 @@ def _sender(client: ProfilesClient):
     kinds={"flagsmith", "mixpanel", "duckdb"},
     tags={"mixsync/destination": "mixpanel"},
     metadata=table_name(sql.LEDGER),
+    check_specs=outbox_check_specs("mixpanel_profile_flags", sql.OUTBOX),
+    # A dry run materializes nothing: it reports what would be sent as an observation.
+    output_required=False,
     description="Each managed Flagsmith identity's flag states as Mixpanel profile properties "
                 "(FLAGSMITH_PROFILE_PROPERTY_PREFIX + feature name) through /engage $set/$unset; flags land in "
                 "flagsmith.identity_flags, and only changes since sync.mixpanel_profile_flags are sent.",
 )
-def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: FlagsmithResource,
-                           warehouse: WarehouseResource) -> dg.MaterializeResult:
+def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConfig, flagsmith: FlagsmithResource,
+                           warehouse: WarehouseResource
+                           ) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
     try:
         settings = flagsmith.profile_flags_settings()
@@ -95,6 +121,39 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
     flags_dir = warehouse.settings().landing_dir / "flagsmith_flags"
     flags_dir.mkdir(parents=True, exist_ok=True)
     read_stats, push_stats = RetryStats(), RetryStats()
+    if config.dry_run:
+        # The flags are read (reads change nothing), then the fold, the landing and the plan run exactly as below in
+        # one transaction that is read and rolled back: Mixpanel gets nothing, no table changes.
+        with store.read() as con:
+            identities = sql.managed_identities(con)
+        answers = flags_dir / f"dry-run-{context.run.run_id}.ndjson"
+        with flagsmith.client(read_stats) as client:
+            read_errors = _read_into(client, identities, flagsmith_settings.concurrency, answers, context.log)
+        try:
+            with store.write() as con:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    sql.fold_acknowledged(con, transaction=False)
+                    sync_id = sql.begin_sync(con, len(identities))
+                    identities_read = sql.land_flags(con, answers, identities, transaction=False)
+                    plan = sql.plan_changes(con, sync_id, settings.property_prefix, settings.project_token.value,
+                                            transaction=False)
+                    seen = would_send(con, sql.OUTBOX, [f"sync-{sync_id}"], PROFILES_PER_REQUEST)
+                finally:
+                    con.execute("ROLLBACK")
+                checks = outbox_check_results(con, "mixpanel_profile_flags", sql.OUTBOX)
+        finally:
+            os.unlink(answers)
+        context.log.info(f"dry run: would send {seen.items} profile updates ({plan.properties_set} properties set, "
+                         f"{plan.properties_unset} unset) for {plan.profiles} profiles; nothing was sent or kept")
+        # The preview's payloads carry the project token as $token: it is not shown.
+        metadata = {**seen.metadata(), "would_send_preview": dg.MetadataValue.md(_preview(seen.preview))}
+        yield dg.AssetObservation(asset_key=context.asset_key, metadata={
+            **metadata, "identities": len(identities), "identities_read": identities_read,
+            "read_errors": len(read_errors), "profiles_changed": plan.profiles,
+            "properties_set": plan.properties_set, "properties_unset": plan.properties_unset})
+        yield from checks
+        return
     # 1. An interrupted run: apply what Mixpanel acknowledged, so the plan below starts from the truth.
     recovered = recover(store, sql.OUTBOX, work_dir, context.log)
     with store.write() as con:
@@ -103,10 +162,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
         sync_id = sql.begin_sync(con, len(identities))
     answers = flags_dir / f"sync-{sync_id}.ndjson"
     with flagsmith.client(read_stats) as client:
-        try:
-            read_errors = read_flags(client, identities, flagsmith_settings.concurrency, answers, context.log)
-        except FlagsmithKeyError as exc:
-            raise dg.Failure(str(exc)) from None
+        read_errors = _read_into(client, identities, flagsmith_settings.concurrency, answers, context.log)
         flag_requests = client.requests_sent
     if read_errors:
         context.log.warning(f"could not read the flags of {len(read_errors)} identities (kept as they were): "
@@ -119,9 +175,12 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
     context.log.info(f"sync {sync_id}: {identities_read} identities read, {plan.profiles} profiles to update "
                      f"({plan.properties_set} properties set, {plan.properties_unset} unset)")
     # 3. Send. A $set or $unset is idempotent: an update in flight at a crash is simply sent again.
+    progress = CountProgress(context.log, f"push of sync-{sync_id} to Mixpanel profiles", plan.updates, "updates",
+                             batched=True)
     with ProfilesClient(settings.ingestion_url, flagsmith.retry_policy(), push_stats) as profiles:
         try:
-            report = push(store, sql.OUTBOX, _sender(profiles), work_dir, scope=f"sync-{sync_id}",
+            report = push(store, sql.OUTBOX, reporting_sends(_sender(profiles), progress), work_dir,
+                          scope=f"sync-{sync_id}",
                           max_items=PROFILES_PER_REQUEST, max_bytes=MAX_REQUEST_BYTES, concurrency=2,
                           logger=context.log)
         except FatalPushError as exc:
@@ -138,10 +197,11 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, flagsmith: Flagsmi
                                           GROUP BY property ORDER BY property LIMIT 20""")
         flags_rows = con.execute("SELECT count(*) FROM flagsmith.identity_flags").fetchone()[0]
         table = table_metadata(con, sql.LEDGER)
+        checks = outbox_check_results(con, "mixpanel_profile_flags", sql.OUTBOX)
     if rejects:
         context.log.warning(f"Mixpanel refused {sum(rejects.values())} profile updates: {rejects} "
                             f"(see {sql.OUTBOX} WHERE status = 'rejected')")
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(check_results=checks, metadata={
         **table,
         "identity_flags_rows": flags_rows,
         "sync_id": sync_id,

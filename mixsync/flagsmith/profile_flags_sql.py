@@ -6,6 +6,8 @@ ids derived from the sync id and the profile).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,21 @@ class Plan:
     held_back_rejected: int = 0
 
 
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection, own: bool) -> Iterator[None]:
+    """A transaction of its own when `own`; else the statements run in the caller's (a dry run rolls it back)."""
+    if not own:
+        yield
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
 def managed_identities(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Every identity in the cohort-traits ledger: the members (present and past) of the synced cohorts."""
     return [r[0] for r in con.execute(
@@ -92,7 +109,7 @@ def begin_sync(con: duckdb.DuckDBPyConnection, identities: int) -> int:
     return sync_id
 
 
-def land_flags(con: duckdb.DuckDBPyConnection, answers: Path, managed: list[str]) -> int:
+def land_flags(con: duckdb.DuckDBPyConnection, answers: Path, managed: list[str], transaction: bool = True) -> int:
     """Replace flagsmith.identity_flags for every identity read this run (one `{"identity", "read_at", "answer"}`
     line each, the answer as Flagsmith sent it) and drop identities no longer managed. Returns identities read.
 
@@ -107,44 +124,36 @@ def land_flags(con: duckdb.DuckDBPyConnection, answers: Path, managed: list[str]
                CASE WHEN coalesce(json_type(flag, '$.feature_state_value'), 'NULL') <> 'NULL'
                     THEN json_extract(flag, '$.feature_state_value') END AS value, read_at
         FROM (SELECT identity, read_at, unnest(CAST(answer->'$.flags' AS JSON[])) AS flag FROM pf_read)""")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con, transaction):
         con.execute("""DELETE FROM flagsmith.identity_flags
                        WHERE identity IN (SELECT identity FROM pf_read)
                           OR identity NOT IN (SELECT unnest($managed::VARCHAR[]))""", {"managed": managed})
         con.execute("INSERT INTO flagsmith.identity_flags SELECT identity, feature, enabled, value, read_at FROM pf_flags")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     con.execute("DROP TABLE pf_flags")
     return con.execute("SELECT count(*) FROM pf_read").fetchone()[0]
 
 
-def fold_acknowledged(con: duckdb.DuckDBPyConnection) -> int:
-    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction."""
+def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) -> int:
+    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction (the caller's when
+    `transaction` is False: a dry run rolls it back)."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE pf_fold AS
         SELECT i.distinct_id, i.property, i.feature, i.value, i.sync_id, o.sent_at
         FROM {OUTBOX} o JOIN {OUTBOX}_items i ON i.outbox_id = o.id
         WHERE o.status = 'sent' AND o.folded_at IS NULL
         QUALIFY row_number() OVER (PARTITION BY i.distinct_id, i.property ORDER BY i.sync_id DESC, o.sent_at DESC) = 1""")
     folded = con.execute("SELECT count(*) FROM pf_fold").fetchone()[0]
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con, transaction):
         if folded:
             con.execute(f"""DELETE FROM {LEDGER} l USING pf_fold f
                             WHERE l.distinct_id = f.distinct_id AND l.property = f.property""")
             con.execute(f"INSERT INTO {LEDGER} SELECT distinct_id, property, feature, value, sync_id, sent_at FROM pf_fold")
         con.execute(f"UPDATE {OUTBOX} SET folded_at = now() WHERE status IN ('sent', 'rejected') AND folded_at IS NULL")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     con.execute("DROP TABLE pf_fold")
     return folded
 
 
-def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, token: str) -> Plan:
+def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, token: str,
+                 transaction: bool = True) -> Plan:
     """Enqueue the profile updates that bring Mixpanel from the ledger to the flags just read (`pf_read`).
 
     A property's value: the remote-config value exactly as typed (0, "" and false stay themselves) when the flag
@@ -179,8 +188,7 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
                      (row_number() OVER (PARTITION BY distinct_id, value IS NULL ORDER BY property) - 1)
                         // {PROPERTIES_PER_UPDATE} AS part
               FROM pf_changes)""", {"sync": sync_id})
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con, transaction):
         plan.superseded = con.execute(f"UPDATE {OUTBOX} SET status = 'superseded' WHERE status = 'pending'").fetchone()[0]
         plan.updates = enqueue(con, OUTBOX, f"sync-{sync_id}", """
             SELECT outbox_id AS id,
@@ -194,10 +202,6 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
         con.execute(f"""INSERT INTO {OUTBOX}_items
                         SELECT outbox_id, $sync, distinct_id, property, feature, value FROM pf_items""",
                     {"sync": sync_id})
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     plan.profiles, plan.properties_set, plan.properties_unset = con.execute("""
         SELECT count(DISTINCT distinct_id), count(*) FILTER (value IS NOT NULL), count(*) FILTER (value IS NULL)
         FROM pf_changes""").fetchone()
