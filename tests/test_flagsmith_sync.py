@@ -513,3 +513,25 @@ def test_the_push_logs_batches_sent_and_remaining_with_the_time_left(sandbox, en
     assert " left" in lines[0]
     assert lines[-1] == (f"push of sync-1-r0 to Flagsmith (core): {identities:,} of {identities:,} identities done, "
                          f"0 remaining ({len(lines)} batches sent, about 0 to go)")
+
+
+def test_a_warehouse_from_before_drift_and_requeued_gets_both_columns(env):
+    import duckdb
+
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import open_warehouse
+
+    path = env["MIXSYNC_DUCKDB_PATH"]
+    with duckdb.connect(path) as con:  # the tables as an older mixsync created them, with a row each
+        con.execute("CREATE SCHEMA sync")
+        con.execute("""CREATE TABLE sync.flagsmith_traits (identifier VARCHAR NOT NULL, trait_key VARCHAR NOT NULL,
+                       cohort_id BIGINT, trait_value BOOLEAN, sync_id BIGINT NOT NULL, confirmed_at TIMESTAMPTZ NOT NULL)""")
+        con.execute("INSERT INTO sync.flagsmith_traits VALUES ('p1', 'mp_cohort_a', 1, true, 1, now())")
+        con.execute("""CREATE TABLE sync.flagsmith_syncs (sync_id BIGINT NOT NULL, started_at TIMESTAMPTZ NOT NULL,
+                       finished_at TIMESTAMPTZ, bulk_mode VARCHAR, exit_mode VARCHAR, identities BIGINT, set_true BIGINT,
+                       set_false BIGINT, deleted BIGINT, skipped BIGINT, verified BIGINT, mismatches BIGINT)""")
+        con.execute("INSERT INTO sync.flagsmith_syncs (sync_id, started_at) VALUES (1, now())")
+    with open_warehouse(WarehouseSettings.from_env()).write() as con:
+        assert con.execute("SELECT identifier, trait_value, drift FROM sync.flagsmith_traits").fetchall() == [
+            ("p1", True, None)]
+        assert con.execute("SELECT sync_id, requeued FROM sync.flagsmith_syncs").fetchall() == [(1, None)]

@@ -231,6 +231,9 @@ def test_a_dry_run_shows_the_updates_and_sends_and_keeps_nothing(sandbox, manage
 
     real = run(instance)
     assert meta(real)["updates_sent"] == shown["would_send_items"]
+    progress = [e.user_message for e in instance.all_logs(real.run_id) if e.user_message.startswith("push of sync-")]
+    assert progress[-1] == (f"push of sync-2 to Mixpanel profiles: {len(IDENTITIES) - 1} of {len(IDENTITIES) - 1} "
+                            "updates done, 0 remaining (1 batches sent, about 0 to go)")
     assert len([u for body in engage_bodies(sandbox) for u in body]) == shown["would_send_items"]
     assert {c.check_name: c.passed for c in real.get_asset_check_evaluations()} == {
         PENDING_AGE_CHECK: True, REJECTS_CHECK: True}
