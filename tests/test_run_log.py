@@ -58,7 +58,7 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_progress_lines_are_throttled_by_time_not_by_batch():
+def test_progress_lines_are_throttled_by_time_not_by_batch(tmp_path):
     clock, handler = Clock(), Lines()
     logger = logging.getLogger("test.progress")
     logger.addHandler(handler)
@@ -74,14 +74,22 @@ def test_progress_lines_are_throttled_by_time_not_by_batch():
         progress.advance(10)  # the last batch is always reported
         assert handler.lines[-1] == "push: 100 of 100 events done, 0 remaining (10 batches sent, about 0 to go)"
 
+        body = gzip.compress(b'{"event": "a"}\n' * 1000) + gzip.compress(b'{"event": "b"}\n' * 500)
+        file = tmp_path / "body.jsonl.gz"
         download = DownloadProgress(logger, "export", interval=5, clock=clock)
-        download.start(gzipped=True)
-        body = gzip.compress(b'{"event": "a"}\n' * 1000)
-        for chunk in (body[:100], body[100:]):
+        with open(file, "wb") as out:
+            download.start(gzipped=True, body=file)
+            lines_before = len(handler.lines)
+            for chunk in (body[:50], body[50:100]):  # 2 s apart: no line due, nothing counted
+                clock.now += 2
+                out.write(chunk)
+                download.advance(len(chunk), out.flush)
+            assert len(handler.lines) == lines_before and download.counted_bytes == 0
             clock.now += 3
-            download.advance(chunk)
-        assert handler.lines[-1].startswith("export: 0.0 MB, 1,000 lines so far")
-        assert download.bytes == len(body) and download.lines == 1000
+            out.write(body[100:])
+            download.advance(len(body) - 100, out.flush)  # due: every byte received so far is counted
+        assert handler.lines[-1].startswith("export: 0.0 MB, 1,500 lines so far")
+        assert download.bytes == download.counted_bytes == len(body) and download.lines == 1500
     finally:
         logger.removeHandler(handler)
 

@@ -82,7 +82,7 @@ class MixpanelClient:
 
         The body is stored exactly as sent (gzip stays gzip); DuckDB parses it later. The file appears under
         its final name only when the whole body arrived. `progress` hears of every chunk (it logs bytes and
-        lines every few seconds: a 31-day window can take many minutes).
+        lines every few seconds, counting the lines from the file: a 31-day window can take many minutes).
         """
         params: dict[str, str] = {
             "project_id": self.settings.project_id,
@@ -108,7 +108,7 @@ class MixpanelClient:
                 partial = final.with_name(final.name + ".part")
                 written = 0
                 if progress is not None:
-                    progress.start(gzipped)
+                    progress.start(gzipped, partial)
                 try:
                     with open(partial, "wb") as out:
                         # iter_raw: the bytes as sent, still compressed; never decoded by a guessed charset.
@@ -116,7 +116,7 @@ class MixpanelClient:
                             out.write(chunk)
                             written += len(chunk)
                             if progress is not None:
-                                progress.advance(chunk)
+                                progress.advance(len(chunk), out.flush)
                     os.replace(partial, final)
                 except BaseException:
                     partial.unlink(missing_ok=True)
