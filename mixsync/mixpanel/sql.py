@@ -245,15 +245,16 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
             con.execute(f"""INSERT INTO mixpanel.events_rejected
                 SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
                         {"start": window_start, "loaded_at": loaded_at})
-        # Mixpanel's dedupe key; the copy processed last wins. key_hash puts the key in one number so only
-        # keys seen more than once are sorted; a hash collision only sends two keys through the exact
-        # per-key window, where both are kept.
+        # Mixpanel's dedupe key; the copy processed last wins. The key hashed to one number finds the keys seen
+        # more than once, so only their rows are sorted; a hash collision only sends two keys through the exact
+        # per-key window, where both are kept. Two scans of the key columns, not one CTE used twice: DuckDB
+        # materializes such a CTE (every row's key strings), which spilled at 4M events a day (10.6 s and 385 MB
+        # there, against 5.3 s and 331 MB now; 293 → 165 MB at 1M).
         con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
-            WITH keyed AS (SELECT rowid AS row_id, event, distinct_id, time, insert_id, mp_processing_time_ms, day,
-                                  hash(event, distinct_id, time, insert_id) AS key_hash
-                           FROM mixpanel.event_rows WHERE load_id = $load_id),
-                 repeated AS (SELECT key_hash FROM keyed GROUP BY key_hash HAVING count(*) > 1)
-            SELECT row_id, day FROM keyed SEMI JOIN repeated USING (key_hash)
+            WITH repeated AS (SELECT hash(event, distinct_id, time, insert_id) AS key_hash FROM mixpanel.event_rows
+                              WHERE load_id = $load_id GROUP BY key_hash HAVING count(*) > 1)
+            SELECT rowid AS row_id, day FROM mixpanel.event_rows
+            WHERE load_id = $load_id AND hash(event, distinct_id, time, insert_id) IN (SELECT key_hash FROM repeated)
             QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
                                        ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
         con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM export_dropped)")
