@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -46,7 +47,7 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
     try:
         # A connection of its own: lock_down locks its configuration for good.
         with store.read(private=True) as con:
-            lock_down(con)
+            lock_down(con, warehouse_data_directories(store))
             rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
             print_result(con.execute(sql), output_format, rows, full, echo=click.echo)
     except (FileNotFoundError, ConnectionError) as exc:
@@ -63,11 +64,24 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
         raise click.ClickException(f"query failed: {' '.join(str(exc).split())}") from None
 
 
-def lock_down(con) -> None:
-    """No file, network or extension access from here on, and no SET that could turn it back on.
+def warehouse_data_directories(store) -> list[str]:
+    """The folders the warehouse's own data lives in, beyond the open database: a lake's Parquet files."""
+    data_path = getattr(store, "data_path", None)
+    if not data_path:
+        return []
+    if "://" not in data_path:
+        data_path = os.path.abspath(data_path)
+    return [data_path.rstrip("/") + "/"]
+
+
+def lock_down(con, data_directories: list[str] | None = None) -> None:
+    """No file, network or extension access from here on, and no SET that could turn it back on; only the
+    warehouse's own data folders stay readable (a lake's Parquet files).
 
     Applied after the warehouse (and any catalog it attaches) is open, so only the query is constrained.
     """
+    if data_directories:
+        con.execute("SET allowed_directories = $directories", {"directories": data_directories})
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 

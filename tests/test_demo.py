@@ -43,3 +43,24 @@ def test_the_demo_runs_every_flow_on_its_own_instance_and_its_hint_works(tmp_pat
                             timeout=120)
     assert answer.returncode == 0, answer.stdout + answer.stderr
     assert answer.stdout.splitlines()[0].split() == ["event", "events"] and "(5 rows)" in answer.stdout
+
+
+def test_the_demo_runs_on_a_ducklake(tmp_path, lake_env):
+    """The same demo with MIXSYNC_WAREHOUSE=ducklake: every flow, the report, and `mixsync query` on the lake."""
+    workdir = tmp_path / "demo"
+    mixsync = str(Path(sys.executable).with_name("mixsync"))
+    done = subprocess.run(
+        [mixsync, "demo", "--workdir", str(workdir), "--days", "2", "--events-per-day", "300", "--users", "200"],
+        env=_clean_env(DAGSTER_HOME=str(tmp_path), **lake_env), cwd=tmp_path, capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Done. Query it yourself (same MIXSYNC_WAREHOUSE settings)" in done.stdout
+    assert not (workdir / "mixsync.duckdb").exists()
+    with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as demo:
+        runs = demo.get_runs()
+        assert len(runs) >= 5 and all(run.is_success for run in runs)
+    answer = subprocess.run([mixsync, "query", "SELECT count(DISTINCT day) AS days, count(*) > 0 AS loaded "
+                                               "FROM mixpanel.events"],
+                            env=_clean_env(**lake_env), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert answer.stdout.splitlines()[2].split() == ["2", "True"], answer.stdout

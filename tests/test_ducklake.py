@@ -127,12 +127,20 @@ def test_a_transaction_that_loses_a_write_conflict_runs_again_whole(lake_env):
 def test_mixsync_query_reads_a_lake_and_cannot_write(lake_env, monkeypatch):
     with lake_from(lake_env).write() as con:
         con.execute("CREATE TABLE analytics.t AS SELECT 'São Paulo' AS city, 3 AS n")
+        # Enough rows for a Parquet file in the data folder (a few rows stay inlined in the catalog).
+        con.execute("CREATE TABLE analytics.many AS SELECT range AS n FROM range(100000)")
+    assert list(Path(lake_env["MIXSYNC_DUCKLAKE_DATA_PATH"]).rglob("*.parquet"))
     for name, value in lake_env.items():
         monkeypatch.setenv(name, value)
     runner = CliRunner()
     shown = runner.invoke(main, ["query", "SELECT city, n FROM analytics.t"])
     assert shown.exit_code == 0, shown.output
     assert "São Paulo" in shown.output and "(1 rows)" in shown.output
+    # The lake's own Parquet files are readable; any other file is not.
+    counted = runner.invoke(main, ["query", "--format", "csv", "SELECT sum(n) AS n FROM analytics.many"])
+    assert counted.exit_code == 0 and counted.output.split() == ["n", "4999950000"], counted.output
+    outside = runner.invoke(main, ["query", "SELECT * FROM read_csv('/etc/passwd')"])
+    assert outside.exit_code != 0 and "read-only" in outside.output.lower(), outside.output
     refused = runner.invoke(main, ["query", "DROP TABLE analytics.t"])
     assert refused.exit_code != 0 and "read-only" in refused.output.lower()
 
