@@ -181,12 +181,11 @@ def prepare(events: int) -> tuple[Path, Path, dict]:
                         (SELECT id FROM {EVENTS_OUTBOX} ORDER BY id LIMIT {events})""")
         assert con.execute(f"SELECT count(*) FROM {EVENTS_OUTBOX}").fetchone()[0] == events
         snapshot = OUT / "bodies.snapshot"  # the outbox's own snapshot format, so the batches are the same
-        con.execute(f"COPY (SELECT id || chr(31) || payload FROM {EVENTS_OUTBOX} ORDER BY id) TO '{snapshot}' "
+        con.execute(f"COPY (SELECT payload FROM {EVENTS_OUTBOX} ORDER BY id) TO '{snapshot}' "
                     "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '')")
     with open(bodies_path, "wb") as out:
-        for _, payloads in _batches(snapshot, BATCH, 2 << 20):
-            body = b"[" + b",".join(payloads) + b"]"
-            out.write(f"{len(body)} {len(payloads)}\n".encode() + body)
+        for _, count, body in _batches(snapshot, BATCH, 2 << 20, bodies=True):
+            out.write(f"{len(body)} {count}\n".encode() + body)
     snapshot.unlink()
     return duckdb_path, bodies_path, figures
 

@@ -9,14 +9,13 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 from mixsync.settings import parse_int
+from mixsync.warehouse.outbox import BatchOutcome, BodySender, Send
 
 DEFAULT_PROGRESS_SECONDS = 10
 # Bytes of a body read at a time when its lines are counted.
 COUNT_BLOCK_BYTES = 1 << 20
-Outcome = TypeVar("Outcome")
 
 
 def progress_seconds(environ: Mapping[str, str] | None = None) -> float:
@@ -193,10 +192,19 @@ class CountProgress:
         return text + (f"; {note}" if note else "")
 
 
-def reporting_sends(send: Callable[[list[bytes]], Outcome], progress: CountProgress) -> Callable[[list[bytes]], Outcome]:
-    """Wrap an outbox push's `send`: each batch the service answered advances `progress` by its items."""
+def reporting_sends(send: Send, progress: CountProgress) -> Send:
+    """Wrap an outbox push's `send` (a callable taking the payloads, or a BodySender): each batch the service
+    answered advances `progress` by its items."""
+    if isinstance(send, BodySender):
 
-    def send_and_report(payloads: list[bytes]) -> Outcome:
+        def send_body_and_report(body: bytes, count: int) -> BatchOutcome:
+            outcome = send.send(body, count)
+            progress.advance(count)
+            return outcome
+
+        return BodySender(send_body_and_report)
+
+    def send_and_report(payloads: list[bytes]) -> BatchOutcome:
         outcome = send(payloads)
         progress.advance(len(payloads))
         return outcome

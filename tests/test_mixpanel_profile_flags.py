@@ -18,6 +18,7 @@ from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import ProfileFlagsSettings
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
+from mixsync.warehouse.outbox import acknowledged
 
 RESOURCES = {"warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
 IDENTITIES = [f"user-{i:03d}" for i in range(30)] + ["vip-1"]
@@ -153,8 +154,7 @@ def test_a_run_killed_mid_push_resumes_and_nothing_is_lost(sandbox, managed, ins
     try:
         deadline = time.monotonic() + 120
         while True:
-            acked = sum(p.read_text().count("\tsent\n") for p in journal_dir.glob("*.journal")) \
-                if journal_dir.exists() else 0
+            acked = sum(acknowledged(p)[1] for p in journal_dir.glob("*.journal")) if journal_dir.exists() else 0
             if profiles.held >= 1 and acked >= 5:
                 break
             assert child.poll() is None, "the push finished before it could be killed"

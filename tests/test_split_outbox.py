@@ -193,3 +193,48 @@ def test_an_unknown_outcome_holds_its_batch_in_doubt_and_stops_sending_new_batch
     assert sum(s == "pending" for s, _, _ in state.values()) == 220
     again = push(store, TABLE, lambda p: BatchOutcome(), tmp_path / "work", at_most_once=True)
     assert again.considered == 220 and again.in_doubt == 0
+
+
+def test_a_body_sender_gets_each_batch_as_one_json_array_of_the_payloads_within_both_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(outbox, "READ_CHUNK", 97)  # batches straddling many reads
+    store = make_outbox(tmp_path)
+    bodies: list[tuple[bytes, int]] = []
+    report = push(store, TABLE, outbox.BodySender(lambda body, count: (bodies.append((body, count)), BatchOutcome())[1]),
+                  tmp_path / "work", max_items=10, max_bytes=400, concurrency=1, at_most_once=True)
+    arrays = [json.loads(body) for body, _ in bodies]
+    assert [len(a) for a in arrays] == [count for _, count in bodies]
+    sent = [json.dumps(item, ensure_ascii=False, separators=(",", ":")) for array in arrays for item in array]
+    assert sorted(json.loads(s)["n"] for s in sent) == list(range(250))
+    assert all(len(a) <= 10 and (len(body) <= 400 or len(a) == 1) for (body, _), a in zip(bodies, arrays, strict=True))
+    assert (report.sent, report.batches) == (250, len(bodies))
+    assert {s for s, _, _ in rows(store).values()} == {"sent"}
+
+
+def test_a_payload_with_a_newline_fails_the_push_clearly_and_nothing_is_marked_for_it(tmp_path):
+    store = make_outbox(tmp_path, rows=30)
+    with store.write() as con:
+        con.execute(f"UPDATE {TABLE} SET payload = '{{\"n\":' || chr(10) || '7}}' WHERE id = 'id7'")
+    sent: list[bytes] = []
+    with pytest.raises(Exception, match="id7 has a newline in its payload"):
+        push(store, TABLE, lambda p: (sent.extend(p), BatchOutcome())[1], tmp_path / "work", max_items=10)
+    state = rows(store)
+    assert state['{"n":\n7}'][0] == "pending"
+    assert {p for p, (s, _, _) in state.items() if s == "sent"} == {p.decode() for p in sent}
+    assert not list((tmp_path / "work" / "sync_test_outbox").iterdir())
+
+
+def test_a_journal_of_the_previous_format_left_by_a_crash_is_still_applied(tmp_path):
+    store = make_outbox(tmp_path, rows=6)
+    work = tmp_path / "work" / "sync_test_outbox"
+    work.mkdir(parents=True)
+    # One line an id: two settled batches (one item refused) and one in flight at the crash.
+    work.joinpath("20261101T000000-old.journal").write_text(
+        "id0\tinflight\t0\nid1\tinflight\t0\nid0\tsent\nid1\trejected\tbad value\nsent 0 2\n"
+        "id2\tinflight\t1\nid3\tinflight\t1\n")
+    recovered = recover(store, TABLE, tmp_path / "work", at_most_once=True)
+    assert (recovered.recovered_sent, recovered.recovered_rejected, recovered.recovered_in_doubt) == (1, 1, 2)
+    with store.read() as con:
+        state = dict(con.execute(f"SELECT id, status FROM {TABLE}").fetchall())
+    assert state == {"id0": "sent", "id1": "rejected", "id2": "in_doubt", "id3": "in_doubt", "id4": "pending",
+                     "id5": "pending"}
+    assert not list(work.iterdir())

@@ -19,7 +19,7 @@ from mixsync.split.mapping import MappingError
 from mixsync.split.resources import SplitResource
 from mixsync.split.sql import EVENTS_OUTBOX, day_figures, stage_window
 from mixsync.warehouse import markdown_table
-from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
+from mixsync.warehouse.outbox import BatchOutcome, BodySender, FatalPushError, PushReport, push, recover
 
 
 class SplitEventsConfig(DryRunConfig):
@@ -32,14 +32,15 @@ class SplitEventsConfig(DryRunConfig):
 def batch_sender(client: SplitEventsClient):
     """The outbox's send function: one request per batch; a refusal Split will repeat stops the whole push."""
 
-    def send(payloads: list[bytes]) -> BatchOutcome:
+    def send(body: bytes, count: int) -> BatchOutcome:
         try:
-            client.send_payloads(payloads)
+            client.post_events(body, count)
         except ServiceError as exc:
             raise FatalPushError(str(exc)) from exc
         return BatchOutcome()
 
-    return send
+    # The outbox hands over each batch's request body as it lies in the snapshot: no per-event work in Python.
+    return BodySender(send)
 
 
 accept_backfill_policy_beta()

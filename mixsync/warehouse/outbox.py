@@ -1,12 +1,15 @@
 """Outboxes: what must be sent, keyed by a stable id, sent in batches and marked as the service acknowledges.
 
 An outbox is a DuckDB table with the columns of `outbox_ddl`. A push:
-1. applies what an earlier, interrupted push acknowledged (its journal), so nothing is sent twice;
-2. snapshots the pending rows in one short read to a text file, one `id \\x1f payload` line each (payloads are
-   JSON built by DuckDB: never a raw control character), so the DuckDB file is not held while sending;
-3. reads it in large chunks, cuts batches by item and byte limits without decoding payloads, sends them with
-   bounded concurrency; each batch's ids go to a journal as `inflight` before it is sent, and its outcome
-   (sent, rejected, in doubt) is appended (fsynced) when it settles;
+1. applies what an earlier, interrupted push journaled, so nothing is sent twice;
+2. snapshots the pending rows in one read transaction: their ids, in order, to a Parquet file (kept until the
+   journal is applied: it is how a batch's line numbers become ids), then their payloads, in the same order, to
+   a text file, one payload a line (JSON built by DuckDB: never a raw newline). The DuckDB file is held only for
+   that read, and batches are sent from the text file while DuckDB is still writing it;
+3. cuts batches by item and byte limits from the newline positions alone (a batch's request body is one slice of
+   the file with its newlines turned into commas: no per-item Python work), sends them with bounded concurrency;
+   each batch's line range goes to a journal as `inflight` before it is sent, and its outcome (sent, refused
+   items, in doubt) is appended, fsynced, when it settles: a few lines a batch, whatever its size;
 4. applies the journal to the table in one short write at the end (or, after a crash, at the next push).
 
 Two delivery policies, for two kinds of service:
@@ -19,16 +22,18 @@ Two delivery policies, for two kinds of service:
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import datetime as dt
-import itertools
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import AnyWarehouse
@@ -37,7 +42,8 @@ from mixsync.warehouse.sql import path as sql_path
 
 log = logging.getLogger("mixsync.outbox")
 READ_CHUNK = 4 << 20
-UNIT, LINE = b"\x1f", b"\n"
+LINE = b"\n"
+JOURNAL, IDS = ".journal", ".ids.parquet"
 
 
 def outbox_ddl(table: str, extra_columns: str = "") -> str:
@@ -60,6 +66,18 @@ class BatchOutcome:
     """What the service said about one batch: positions (within the batch) it refused, with its reason."""
 
     rejected: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BodySender:
+    """A `send` that takes a batch as its request body, the JSON array of its payloads (`[p1,p2,...]`), and the
+    number of items in it. Building the body is then one copy of the batch's bytes; a plain callable gets the
+    payloads as a list of bytes instead."""
+
+    send: Callable[[bytes, int], BatchOutcome]
+
+
+Send = Callable[[list[bytes]], BatchOutcome] | BodySender
 
 
 @dataclass
@@ -94,62 +112,163 @@ def enqueue(con, table: str, scope: str | None, select_sql: str, params: dict | 
         FROM ({select_sql}) n ANTI JOIN {table} o ON o.id = n.id""", params or []).fetchone()[0]
 
 
-def _batches(snapshot: Path, max_items: int, max_bytes: int) -> Iterator[tuple[list[bytes], list[bytes]]]:
-    """(ids, payloads) of each batch of the snapshot, within both limits (a payload over max_bytes goes alone).
+def _batches(payloads: Path, max_items: int, max_bytes: int, bodies: bool,
+             writer_done: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, int, bytes | list[bytes]]]:
+    """(first line, line count, request body or payloads) of each batch of a file of one payload a line, within
+    both limits (a payload over max_bytes goes alone).
 
-    Only a chunk of the file is held at a time. Lines are split with bytes methods, never decoded: per-row
-    Python work was most of the push's CPU time, which on a small machine the service needs too.
+    The body of lines i..j is "[" + their bytes with the newlines as commas + "]", so its size is known from the
+    newline positions alone, which numpy finds a chunk at a time: no Python work per payload. While
+    `writer_done()` is false the file is still being written (by DuckDB), and its end is waited for, not taken
+    for the end of the snapshot.
     """
-    ids: list[bytes] = []
-    payloads: list[bytes] = []
-    rest = b""
-    with open(snapshot, "rb", buffering=0) as file:
-        while True:
-            data = file.read(READ_CHUNK)
-            end_of_file = not data
-            data = rest + data
-            cut = data.rfind(LINE) + 1
-            data, rest = data[:cut], data[cut:]
-            if end_of_file and rest:
-                raise ValueError(f"{snapshot}: the last line is incomplete")
-            if data:
-                lines = data.count(LINE)
-                fields = data[:-1].replace(LINE, UNIT).split(UNIT)
-                if len(fields) != 2 * lines:
-                    raise ValueError(f"{snapshot}: a line does not hold exactly one id and one payload "
-                                     "(an id or payload with a newline or \\x1f in it)")
-                ids += fields[0::2]
-                payloads += fields[1::2]
-            # ends[k]: bytes of payloads 0..k-1 in a body, a comma each; a body is "[" + ... + "]".
-            ends = list(itertools.accumulate(map((1).__add__, map(len, payloads)), initial=0))
-            start, count = 0, len(payloads)
-            while start < count:
-                stop = min(count, start + max_items)
-                end = max(start + 1, bisect.bisect_right(ends, ends[start] + max_bytes - 1, start + 1, stop + 1) - 1)
-                if end == count and end - start < max_items and not end_of_file:
-                    break  # the next chunk may still fill this batch
-                yield ids[start:end], payloads[start:end]
-                start = end
-            if end_of_file:
-                return
-            del ids[:start], payloads[:start]
+    buffer, offset, first_line, eof = b"", 0, 0, False
+    with open(payloads, "rb", buffering=0) as file:
+        while not eof:
+            pieces: list[bytes] = []
+            while sum(map(len, pieces)) < READ_CHUNK:
+                done = writer_done()  # read after seeing the writer done: then everything it wrote is read
+                data = file.read(READ_CHUNK)
+                if data:
+                    pieces.append(data)
+                elif done:
+                    eof = True
+                    break
+                elif pieces:
+                    break  # DuckDB is behind the sender: send what there is
+                else:
+                    threading.Event().wait(0.002)  # let DuckDB write
+            buffer = b"".join([buffer[offset:], *pieces])
+            offset = 0
+            if eof and buffer and not buffer.endswith(LINE):
+                raise ValueError(f"{payloads}: the last line is incomplete")
+            ends = np.flatnonzero(np.frombuffer(buffer, dtype=np.uint8) == LINE[0])
+            with_commas = buffer.replace(LINE, b",") if bodies else b""
+            count, line = len(ends), 0
+            while line < count:
+                # Lines line..stop-1 fit when the last one ends within max_bytes - 2 (the brackets) of the start.
+                fitting = int(np.searchsorted(ends, offset + max_bytes - 2, side="right"))
+                stop = min(count, line + max_items, max(line + 1, fitting))
+                if stop == count and stop - line < max_items and not eof:
+                    break  # the next lines may still fit in this batch
+                end = int(ends[stop - 1])
+                if bodies:
+                    batch: bytes | list[bytes] = b"".join((b"[", memoryview(with_commas)[offset:end], b"]"))
+                else:
+                    batch = buffer[offset:end].split(LINE)
+                yield first_line, stop - line, batch
+                first_line += stop - line
+                line, offset = stop, end + 1
 
 
 IN_FLIGHT_REASON = "in flight when a push was interrupted or killed: the service may or may not have it"
+JOURNAL_COLUMNS = "{'kind': 'VARCHAR', 'batch': 'BIGINT', 'first': 'BIGINT', 'count': 'BIGINT', " \
+                  "'reason': 'VARCHAR', 'complete': 'VARCHAR'}"
 
 
-def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
-    """Mark the journal's settled ids sent, rejected or in doubt where still pending, then delete the journal.
+def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool,
+           logger: logging.Logger = log) -> tuple[int, int, int, int]:
+    """Apply a journal, of this version (a few lines a batch) or of an earlier one (a line an item)."""
+    ids = journal.with_suffix(IDS)
+    if not journal.exists():
+        ids.unlink(missing_ok=True)
+        return 0, 0, 0, 0
+    with open(journal, "rb") as file:
+        first_line = file.readline()
+    if not first_line:  # killed before its first batch
+        journal.unlink()
+        ids.unlink(missing_ok=True)
+        return 0, 0, 0, 0
+    if not (first_line.startswith(b"inflight\t") and first_line.endswith(b"\t.\n")):
+        return _apply_legacy(warehouse, table, journal, at_most_once)
+    if not ids.exists():
+        # Its ids file is deleted only after the journal, and is fsynced (with its folder) before the journal
+        # is written: this journal was applied already (a copy put back), so there is nothing left to apply.
+        logger.warning(f"{table}: journal {journal.name} has no ids file {ids.name}: it was applied already")
+        journal.unlink()
+        return 0, 0, 0, 0
+    return _apply_batches(warehouse, table, journal, ids, at_most_once)
 
-    Ids journaled `inflight` whose batch never settled become `in_doubt` when `at_most_once`, else stay pending.
+
+def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path,
+                   at_most_once: bool) -> tuple[int, int, int, int]:
+    """Mark the items of the journal's settled batches sent, rejected or in doubt where still pending, then delete
+    the journal and its ids file.
+
+    A batch journaled `inflight` that never settled becomes `in_doubt` when `at_most_once`, else stays pending.
     Returns (sent, rejected, in doubt, in flight unsettled). Idempotent: applying a journal twice changes
     nothing more.
     """
-    if not journal.exists():
-        return 0, 0, 0, 0
+    # Lines are `kind<TAB>batch<TAB>first<TAB>count<TAB>reason<TAB>.`: `inflight` (the batch's first line in the
+    # snapshot and its item count), `rejected` (first = the refused item's position in the batch), then `sent`,
+    # `in_doubt` or `failed` once the batch settled. A line torn by an operating-system crash lacks the final
+    # `.` and is ignored. Ids come from the snapshot's ids file: line n of the payloads is its row n.
+    with warehouse.write() as con:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE outbox_journal AS
+            SELECT kind, batch, first, count, reason FROM read_csv(
+                $journal, delim = '\t', quote = '', escape = '', header = false, auto_detect = false,
+                null_padding = true, ignore_errors = true, columns = {JOURNAL_COLUMNS})
+            WHERE complete = '.'""", {"journal": str(journal)})
+        try:
+            con.execute("""
+                CREATE OR REPLACE TEMP TABLE outbox_batches AS
+                SELECT i.batch, i.first, i.count, coalesce(s.kind, 'unsettled') AS outcome, s.reason
+                FROM (SELECT batch, any_value(first) AS first, any_value(count) AS count FROM outbox_journal
+                      WHERE kind = 'inflight' AND first IS NOT NULL AND count IS NOT NULL GROUP BY batch) i
+                LEFT JOIN (SELECT batch, any_value(kind) AS kind, any_value(reason) AS reason FROM outbox_journal
+                           WHERE kind IN ('sent', 'in_doubt', 'failed') GROUP BY batch) s USING (batch)""")
+            settled, in_doubt, unsettled, rejected = con.execute("""
+                SELECT coalesce(sum(count) FILTER (outcome = 'sent'), 0)::BIGINT,
+                       coalesce(sum(count) FILTER (outcome = 'in_doubt'), 0)::BIGINT,
+                       coalesce(sum(count) FILTER (outcome = 'unsettled'), 0)::BIGINT,
+                       (SELECT count(DISTINCT (r.batch, r.first)) FROM outbox_journal r JOIN outbox_batches b
+                        USING (batch) WHERE r.kind = 'rejected' AND b.outcome = 'sent')
+                FROM outbox_batches""").fetchone()
+            sent = settled - rejected
+            if sent + rejected + in_doubt + (unsettled if at_most_once else 0):
+                outcomes = "('sent', 'in_doubt', 'unsettled')" if at_most_once else "('sent', 'in_doubt')"
+                # Consecutive batches with the same outcome become one range of lines (most pushes: one range),
+                # so lines find their outcome by a range join with a few rows, not a join per line.
+                con.execute(f"""
+                    CREATE OR REPLACE TEMP TABLE outbox_ranges AS
+                    SELECT outcome, reason, min(first) AS lo, max(first + count) AS hi
+                    FROM (SELECT *, sum(starts) OVER (ORDER BY first) AS island
+                          FROM (SELECT *, CASE WHEN lag(first + count) OVER w = first AND lag(outcome) OVER w = outcome
+                                                    AND lag(reason) OVER w IS NOT DISTINCT FROM reason
+                                               THEN 0 ELSE 1 END AS starts
+                                FROM outbox_batches WHERE outcome IN {outcomes} WINDOW w AS (ORDER BY first)))
+                    GROUP BY island, outcome, reason;
+                    CREATE OR REPLACE TEMP TABLE outbox_rejected AS
+                    SELECT b.first + r.first AS line, any_value(r.reason) AS reason
+                    FROM outbox_journal r JOIN outbox_batches b USING (batch)
+                    WHERE r.kind = 'rejected' AND b.outcome = 'sent' GROUP BY ALL""")
+                con.execute(f"""
+                    UPDATE {table} AS o
+                    SET status = a.status, error = a.error, sent_at = $now, attempts = o.attempts + 1
+                    FROM (SELECT i.id,
+                                 CASE WHEN r.reason IS NOT NULL THEN 'rejected'
+                                      WHEN g.outcome = 'unsettled' THEN 'in_doubt' ELSE g.outcome END AS status,
+                                 CASE WHEN r.reason IS NOT NULL THEN r.reason
+                                      WHEN g.outcome = 'unsettled' THEN $in_flight ELSE g.reason END AS error
+                          FROM read_parquet($ids, file_row_number = true) i
+                          JOIN outbox_ranges g ON i.file_row_number >= g.lo AND i.file_row_number < g.hi
+                          LEFT JOIN outbox_rejected r ON r.line = i.file_row_number) a
+                    WHERE o.id = a.id AND o.status = 'pending'""",
+                            {"now": dt.datetime.now(dt.UTC), "ids": str(ids), "in_flight": IN_FLIGHT_REASON})
+        finally:
+            con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_batches; "
+                        "DROP TABLE IF EXISTS outbox_ranges; DROP TABLE IF EXISTS outbox_rejected")
+    journal.unlink()
+    ids.unlink(missing_ok=True)
+    return sent, rejected, in_doubt + (unsettled if at_most_once else 0), unsettled
+
+
+def _apply_legacy(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
+    """Apply a journal in the one-line-per-id format of earlier versions (left by a push that crashed before an
+    upgrade). Same rules and return value as `_apply_batches`."""
     # Lines are `id<TAB>status[<TAB>detail]` (detail: the reason, or an inflight id's batch number); settle markers
-    # `sent n c` / `failed n c` have no tab. A line torn by an operating-system crash has no valid status and
-    # is ignored.
+    # `sent n c` / `failed n c` have no tab.
     with warehouse.write() as con:
         con.execute("""
             CREATE OR REPLACE TEMP TABLE outbox_journal AS
@@ -181,6 +300,20 @@ def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: boo
     return sent, rejected, in_doubt + (unsettled if at_most_once else 0), unsettled
 
 
+def acknowledged(journal: Path) -> tuple[int, int]:
+    """(batches, items) a push's journal records as answered by the service so far: to watch a push from outside
+    (tests that kill one part way)."""
+    counts: dict[str, int] = {}
+    batches = items = 0
+    for line in journal.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) == 6 and fields[5] == "." and fields[0] == "inflight":
+            counts[fields[1]] = int(fields[3])
+        elif len(fields) == 6 and fields[5] == "." and fields[0] == "sent":
+            batches, items = batches + 1, items + counts.get(fields[1], 0)
+    return batches, items
+
+
 def _work_dir(work_dir: Path, table: str) -> Path:
     path = Path(work_dir) / table.replace(".", "_")
     path.mkdir(parents=True, exist_ok=True)
@@ -194,8 +327,8 @@ def recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging
     logger = logger or log
     work_dir = _work_dir(work_dir, table)
     report = PushReport()
-    for journal in sorted(work_dir.glob("*.journal")):
-        sent, rejected, in_doubt, in_flight = _apply(warehouse, table, journal, at_most_once)
+    for journal in sorted(work_dir.glob(f"*{JOURNAL}")):
+        sent, rejected, in_doubt, in_flight = _apply(warehouse, table, journal, at_most_once, logger)
         report.recovered_sent += sent
         report.recovered_rejected += rejected
         report.recovered_in_doubt += in_doubt
@@ -206,104 +339,205 @@ def recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging
         elif in_flight:
             logger.warning(f"{table}: an earlier push was interrupted with {in_flight} items in flight; "
                            "they are sent again (the service dedupes them)")
-    for leftover in work_dir.iterdir():  # snapshots: the journal alone says what went through
+    for leftover in work_dir.iterdir():  # snapshots, ids files of no journal: nothing went out with them
         leftover.unlink()
     return report
 
 
-def push(warehouse: AnyWarehouse, table: str, send: Callable[[list[bytes]], BatchOutcome], work_dir: Path, *,
+class _Journal:
+    """Appends with one unbuffered write each (in the file, safe from a killed process, as soon as it returns);
+    a thread fsyncs what was written, so acknowledgements survive an operating-system crash too without a send
+    waiting on the disk (an fsync took 0.3 to 3 ms a batch on a busy disk). What an OS crash could still lose
+    is the last milliseconds of acknowledgements: those batches then count as in flight, never as unsent."""
+
+    def __init__(self, path: Path):
+        self.descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.written, self.closing = threading.Event(), False
+        self.flusher = threading.Thread(target=self._flush, name=f"journal-{path.name}", daemon=True)
+        self.flusher.start()
+
+    def write(self, text: str) -> None:
+        os.write(self.descriptor, text.encode())
+        self.written.set()
+
+    def _flush(self) -> None:
+        while True:
+            self.written.wait()
+            self.written.clear()
+            closing = self.closing
+            os.fsync(self.descriptor)
+            if closing:
+                return
+
+    def close(self) -> None:
+        self.closing = True
+        self.written.set()
+        self.flusher.join()
+        os.close(self.descriptor)
+
+
+class _Snapshot(threading.Thread):
+    """One read transaction: the pending ids to a Parquet file (fsynced before `ids_ready` is set), then their
+    payloads, in the same order, to a text file that the push reads while it is written."""
+
+    def __init__(self, warehouse: AnyWarehouse, table: str, where: str, params: dict, ids: Path, payloads: Path):
+        super().__init__(name=f"snapshot-{table}", daemon=True)
+        self.warehouse, self.table, self.where, self.params = warehouse, table, where, params
+        self.ids, self.payloads = ids, payloads
+        self.ids_ready, self.done = threading.Event(), threading.Event()
+        self.count: int | None = None
+        self.error: BaseException | None = None
+        self.connection = None
+        self.stopped = False
+
+    def run(self) -> None:
+        try:
+            with self.warehouse.read() as con:
+                self.connection = con
+                con.execute("BEGIN TRANSACTION")
+                # Both statements read the same rows in the same order: one transaction, and no ORDER BY, so
+                # DuckDB keeps the table's order (preserve_insertion_order, on by default, is what guarantees it;
+                # sorting a million payloads on a read connection, which cannot spill, ran out of memory).
+                self.count = con.execute(
+                    f"COPY (SELECT id FROM {self.table} WHERE {self.where}) TO {sql_path(self.ids)} "
+                    "(FORMAT parquet)", self.params).fetchone()[0]
+                for written in (self.ids, self.ids.parent):  # the journal will name its lines: they must
+                    descriptor = os.open(written, os.O_RDONLY)  # outlive an operating-system crash too
+                    try:
+                        os.fsync(descriptor)
+                    finally:
+                        os.close(descriptor)
+                self.ids_ready.set()
+                if self.count:
+                    # A newline inside a payload would split it into two lines: refuse it before it is written.
+                    written = con.execute(
+                        f"""COPY (SELECT CASE WHEN contains(payload, chr(10))
+                                         THEN error('outbox {self.table}: item ' || id || ' has a newline in its '
+                                                    || 'payload (payloads are JSON, one a line)')
+                                         ELSE payload END
+                                  FROM {self.table} WHERE {self.where})
+                            TO {sql_path(self.payloads)} (FORMAT csv, HEADER false, QUOTE '', ESCAPE '')""",
+                        self.params).fetchone()[0]
+                    if written != self.count:
+                        raise RuntimeError(f"outbox {self.table}: the snapshot read {self.count} ids and {written} "
+                                           "payloads")
+                con.execute("COMMIT")
+        except BaseException as exc:
+            if not self.stopped:  # an interruption the push asked for is not the snapshot's failure
+                self.error = exc
+        finally:
+            self.connection = None
+            self.ids_ready.set()
+            self.done.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        connection = self.connection
+        if connection is not None and not self.done.is_set():
+            with contextlib.suppress(Exception):  # already closing: nothing left to stop
+                connection.interrupt()
+        self.join()
+
+
+def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
          scope: str | None = None, max_items: int = 1000, max_bytes: int = 1 << 21, concurrency: int = 4,
          logger: logging.Logger | None = None, scopes: list[str] | None = None,
          at_most_once: bool = False) -> PushReport:
     """Send every pending row of `table` (of one scope, of the `scopes` listed, or all) and mark what the
     service acknowledged.
 
-    `send` gets the payloads of one batch and returns a BatchOutcome; it raises to fail the batch
-    (after its own retries). OutcomeUnknown marks the batch in_doubt and stops sending new batches (a service
-    that answers so is not healthy), without failing the push. A FatalPushError, or any other exception, stops
-    the push: batches already settled stay so, the rest stay pending for the next run (or, with
+    `send` gets the payloads of one batch (a BodySender: its request body) and returns a BatchOutcome; it raises
+    to fail the batch (after its own retries). OutcomeUnknown marks the batch in_doubt and stops sending new
+    batches (a service that answers so is not healthy), without failing the push. A FatalPushError, or any other
+    exception, stops the push: batches already settled stay so, the rest stay pending for the next run (or, with
     `at_most_once`, in_doubt if they were in flight).
     """
     logger = logger or log
     report = recover(warehouse, table, work_dir, logger, at_most_once=at_most_once)
     work_dir = _work_dir(work_dir, table)
     name = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    snapshot, journal_path = work_dir / f"{name}.snapshot", work_dir / f"{name}.journal"
+    journal_path = work_dir / f"{name}{JOURNAL}"
+    payloads_path = work_dir / f"{name}.payloads"
     where, params = "status = 'pending'", dict[str, object]()
     if scope is not None:
         where, params = where + " AND scope = $scope", {"scope": scope}
     elif scopes is not None:
         where, params = where + " AND list_contains($scopes, scope)", {"scopes": list(scopes)}
-    with warehouse.read() as con:
-        # No ORDER BY: any order will do, and sorting a million payloads on a read-only connection (which cannot
-        # spill) ran out of memory. QUOTE '' keeps the JSON as it is.
-        report.considered = con.execute(
-            f"COPY (SELECT id || chr(31) || payload FROM {table} WHERE {where}) TO {sql_path(snapshot)} "
-            "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '')", params).fetchone()[0]
-    if report.considered == 0:
-        snapshot.unlink(missing_ok=True)
+    snapshot = _Snapshot(warehouse, table, where, params, journal_path.with_suffix(IDS), payloads_path)
+    snapshot.start()
+    snapshot.ids_ready.wait()
+    if snapshot.error is not None or not snapshot.count:
+        snapshot.join()
+        for unused in (journal_path.with_suffix(IDS), payloads_path):  # nothing was sent
+            unused.unlink(missing_ok=True)
+        if snapshot.error is not None:
+            raise snapshot.error
         return report
+    report.considered = snapshot.count
+    bodies = isinstance(send, BodySender)
 
-    # Unbuffered appends: each write is in the file (safe from a killed process) as soon as it returns.
-    journal = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    journal = _Journal(journal_path)
     failure: BaseException | None = None
     doubted = False
-    running: dict[Future, tuple[int, list[bytes]]] = {}
+    running: dict[Future, tuple[int, int]] = {}
+    lines_read = 0
 
     def settle(done: set[Future]) -> None:
         nonlocal failure, doubted
         for future in done:
-            number, ids = running.pop(future)
+            number, count = running.pop(future)
             try:
                 rejected = future.result().rejected
             except OutcomeUnknown as exc:
-                reason = " ".join(str(exc).split()).encode()
-                os.write(journal, b"".join(id_ + b"\tin_doubt\t" + reason + LINE for id_ in ids)
-                         + f"sent {number} {len(ids)}\n".encode())
-                os.fsync(journal)
+                journal.write(f"in_doubt\t{number}\t\t\t{' '.join(str(exc).split())}\t.\n")
                 doubted = True
-                report.in_doubt += len(ids)
-                logger.warning(f"{table}: a batch of {len(ids)} items is in doubt ({exc}); it is held, not resent")
+                report.in_doubt += count
+                logger.warning(f"{table}: a batch of {count} items is in doubt ({exc}); it is held, not resent")
                 continue
             except BaseException as exc:
-                os.write(journal, f"failed {number} {len(ids)}\n".encode())
+                journal.write(f"failed\t{number}\t\t\t\t.\n")
                 failure = failure or exc
                 continue
-            if rejected:
-                lines = b"".join(
-                    id_ + (b"\trejected\t" + " ".join(rejected[i].split()).encode() if i in rejected else b"\tsent")
-                    + LINE for i, id_ in enumerate(ids))
-            else:
-                lines = b"\tsent\n".join(ids) + b"\tsent\n"
-            os.write(journal, lines + f"sent {number} {len(ids)}\n".encode())
-            # One fsync a batch, so an acknowledgement survives an operating-system crash too: measured at ~0.3 ms
-            # wall and 0.15 CPU-s per 1000 batches, too little to be worth a group fsync.
-            os.fsync(journal)
+            journal.write("".join(f"rejected\t{number}\t{position}\t\t{' '.join(reason.split())}\t.\n"
+                                  for position, reason in rejected.items()) + f"sent\t{number}\t\t\t\t.\n")
             report.batches += 1
             report.rejected += len(rejected)
-            report.sent += len(ids) - len(rejected)
+            report.sent += count - len(rejected)
+
+    def send_batch(batch: bytes | list[bytes], count: int) -> BatchOutcome:
+        return send.send(batch, count) if isinstance(send, BodySender) else send(batch)
 
     try:
+        while not payloads_path.exists() and not snapshot.done.is_set():
+            snapshot.done.wait(0.002)  # DuckDB creates the payloads file as its COPY starts
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"push-{table}") as pool:
             try:
-                for number, (ids, payloads) in enumerate(_batches(snapshot, max_items, max_bytes)):
+                batches = _batches(payloads_path, max_items, max_bytes, bodies, snapshot.done.is_set)
+                for number, (first, count, batch) in enumerate(batches):
                     while len(running) >= concurrency:
                         settle(wait(running, return_when=FIRST_COMPLETED)[0])
                     if failure is not None or doubted:
                         break
                     # Written before the request (the kernel keeps it if this process is killed): after a crash,
-                    # these ids are what may have reached the service.
-                    os.write(journal, (f"\tinflight\t{number}\n".encode()).join(ids) + f"\tinflight\t{number}\n".encode())
-                    running[pool.submit(send, payloads)] = (number, ids)
+                    # this batch is what may have reached the service.
+                    journal.write(f"inflight\t{number}\t{first}\t{count}\t\t.\n")
+                    running[pool.submit(send_batch, batch, count)] = (number, count)
+                    lines_read = first + count
+                else:
+                    if snapshot.error is None and lines_read != snapshot.count:
+                        raise RuntimeError(f"outbox {table}: the snapshot holds {snapshot.count} items but its "
+                                           f"payloads file {lines_read} lines")
             except BaseException as exc:
                 failure = failure or exc
             while running:
                 settle(wait(running, return_when=FIRST_COMPLETED)[0])
     finally:
-        os.close(journal)
-        snapshot.unlink(missing_ok=True)
+        snapshot.stop()
+        journal.close()
+        payloads_path.unlink(missing_ok=True)
         # Record what went through, even when the push failed part way.
-        _apply(warehouse, table, journal_path, at_most_once)
+        _apply(warehouse, table, journal_path, at_most_once, logger)
+    failure = snapshot.error or failure  # a snapshot that failed is the cause of what followed
     if failure is not None:
         raise failure
     return report
