@@ -203,6 +203,11 @@ def main() -> None:
               f"{peak(small[f'{backend} mixsync']):>19.0f} MB")
     print("ratio = read_json seconds / mixsync seconds, same backend (target >= 0.85); RSS target < 500 MB, flat")
     for backend in backends:
+        # Each round's pair ran back to back: on a shared machine its ratio drifts less than the medians' ratio.
+        paired = [b["seconds"] / m["seconds"]
+                  for b, m in zip(large[f"{backend} read_json"], large[f"{backend} mixsync"], strict=True)]
+        print(f"{backend}: each round's ratio {' '.join(f'{r:.2f}' for r in paired)}; median {statistics.median(paired):.2f}")
+    for backend in backends:
         ours = large[f"{backend} mixsync"]
         medians = {name: statistics.median(r["phases"][name] for r in ours) for name in ours[0]["phases"]}
         print(f"{backend}: mixsync's phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items())
