@@ -38,10 +38,12 @@ import numpy as np
 from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import AnyWarehouse
 from mixsync.warehouse.sql import literal
+from mixsync.warehouse.sql import memory_limit as sql_memory_limit
 from mixsync.warehouse.sql import path as sql_path
 
 log = logging.getLogger("mixsync.outbox")
 READ_CHUNK = 4 << 20
+SNAPSHOT_MEMORY_LIMIT = "128MB"
 LINE = b"\n"
 JOURNAL, IDS = ".journal", ".ids.parquet"
 
@@ -392,8 +394,11 @@ class _Snapshot(threading.Thread):
 
     def run(self) -> None:
         try:
-            with self.warehouse.read() as con:
+            with self.warehouse.read(private=True) as con:  # its own instance: the setting below stays in it
                 self.connection = con
+                # Both copies stream: a small buffer pool keeps DuckDB from caching the table's blocks it read
+                # (the push's peak memory was the snapshot's, at the warehouse's memory limit).
+                con.execute(f"SET memory_limit = {sql_memory_limit(SNAPSHOT_MEMORY_LIMIT)}")
                 con.execute("BEGIN TRANSACTION")
                 # Both statements read the same rows in the same order: one transaction, and no ORDER BY, so
                 # DuckDB keeps the table's order (preserve_insertion_order, on by default, is what guarantees it;
