@@ -32,7 +32,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+import duckdb
 import numpy as np
 
 from mixsync.http import OutcomeUnknown
@@ -389,7 +391,7 @@ class _Snapshot(threading.Thread):
         self.ids_ready, self.done = threading.Event(), threading.Event()
         self.count: int | None = None
         self.error: BaseException | None = None
-        self.connection = None
+        self.connection: duckdb.DuckDBPyConnection | None = None
         self.stopped = False
 
     def run(self) -> None:
@@ -510,7 +512,8 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
             report.sent += count - len(rejected)
 
     def send_batch(batch: bytes | list[bytes], count: int) -> BatchOutcome:
-        return send.send(batch, count) if isinstance(send, BodySender) else send(batch)
+        # `bodies` made each batch a body for a BodySender and a list of payloads otherwise.
+        return send.send(cast(bytes, batch), count) if isinstance(send, BodySender) else send(cast(list, batch))
 
     try:
         while not payloads_path.exists() and not snapshot.done.is_set():
