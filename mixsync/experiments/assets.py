@@ -2,6 +2,7 @@
 
 import base64
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,15 @@ def sample_ratio_result(analysis: Analysis, configured: set[str]) -> dg.AssetChe
     )
 
 
+def _import_statistics_and_chart(chart: bool) -> None:
+    # Kept out of module import (every Dagster process loads the code location), needed only after the analysis:
+    # the sample-ratio test always, the chart when experiments are configured.
+    import scipy.special  # noqa: F401
+
+    if chart:
+        import matplotlib.figure  # noqa: F401
+
+
 @dg.asset(
     deps=[mixpanel_events, split_impressions],
     pool="experiments",
@@ -119,6 +129,9 @@ def experiment_results(context: dg.AssetExecutionContext, warehouse: WarehouseRe
     except (SettingsError, ExperimentsFileError) as exc:
         raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
+    # The statistics' and the chart's libraries (about a second of import) load while DuckDB computes.
+    threading.Thread(target=_import_statistics_and_chart, args=(bool(settings.experiments),),
+                     name="experiments-imports", daemon=True).start()
     try:
         with store.write() as con:
             analysis = analyse(con, settings.experiments)
