@@ -28,6 +28,21 @@ def host(name: str, tmp_path: Path, postgres, base_env: dict) -> dict:
             "DAGSTER_PG_PASSWORD": "unused-with-trust-auth", "DAGSTER_PG_DB": "two_hosts_dagster"}
 
 
+def readme_pools() -> list[str]:
+    """The pools the README's "give every pool its limit" loop names; they must be every pool mixsync uses."""
+    import re
+
+    import mixsync.definitions as definitions
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- pool-limits -->", 1)[1]
+    named = re.search(r"for pool in ([a-z_ ]+); do", block).group(1).split()
+    graph = definitions.defs.resolve_asset_graph()
+    used = {definitions.defs.get_assets_def(key).op.pool for key in graph.get_all_asset_keys()} - {None}
+    assert set(named) == used, f"README pool list {sorted(named)} != the definitions' pools {sorted(used)}"
+    return named
+
+
 def launch(env: dict, asset: str, *partition: str) -> subprocess.Popen:
     return subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "mixsync.definitions", "--select", asset, *partition],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -48,6 +63,9 @@ def test_two_hosts_export_and_push_at_once_and_a_reader_only_sees_whole_days(san
         monkeypatch.setenv(name, a[name])
     with dg.DagsterInstance.from_config(a["DAGSTER_HOME"]) as instance:
         assert instance.get_runs_count() == 0
+        # The README's one-time step: every pool gets its limit before the hosts run (see readme_pools).
+        for pool in readme_pools():
+            instance.event_log_storage.set_concurrency_slots(pool, 1)
     lake = open_warehouse(WarehouseSettings.from_env(lake_env))
     first, second = (d.isoformat() for d in sorted(sandbox.dataset.days)[:2])
 
