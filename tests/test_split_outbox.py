@@ -120,14 +120,20 @@ push(Warehouse(db), table, send, Path(work), max_items=10, max_bytes=1 << 20, co
 """
 
 
-def test_a_killed_push_is_recovered_counting_what_was_in_flight_and_never_resending_what_was_acknowledged(tmp_path):
+def kill_a_push(tmp_path):
+    """An outbox and a child pushing it that dies (os._exit, no clean-up) with batches 4 and 5 in flight; returns
+    the outbox and the ids each of the five batches held."""
     store = make_outbox(tmp_path)
     log = tmp_path / "calls"
     log.mkdir()
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(store.path), TABLE,
                              str(tmp_path / "work"), str(log)], capture_output=True, timeout=120)
     assert killed.returncode == 17, killed.stderr.decode()[-2000:]
-    batch = {n: json.loads(log.joinpath(f"{n}.json").read_text()) for n in range(1, 6)}
+    return store, {n: json.loads(log.joinpath(f"{n}.json").read_text()) for n in range(1, 6)}
+
+
+def test_a_killed_push_is_recovered_counting_what_was_in_flight_and_never_resending_what_was_acknowledged(tmp_path):
+    store, batch = kill_a_push(tmp_path)
     assert {s for s, _, _ in rows(store).values()} == {"pending"}  # nothing was applied before the kill
     journal = next((tmp_path / "work" / "sync_test_outbox").glob("*.journal"))
     kept = tmp_path / "journal.copy"
@@ -154,13 +160,7 @@ def test_a_killed_push_is_recovered_counting_what_was_in_flight_and_never_resend
 
 
 def test_at_most_once_a_killed_push_holds_what_was_in_flight_in_doubt_and_never_sends_it_again(tmp_path):
-    store = make_outbox(tmp_path)
-    log = tmp_path / "calls"
-    log.mkdir()
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH), str(store.path), TABLE,
-                             str(tmp_path / "work"), str(log)], capture_output=True, timeout=120)
-    assert killed.returncode == 17, killed.stderr.decode()[-2000:]
-    batch = {n: json.loads(log.joinpath(f"{n}.json").read_text()) for n in range(1, 6)}
+    store, batch = kill_a_push(tmp_path)
 
     recovered = recover(store, TABLE, tmp_path / "work", at_most_once=True)
     assert (recovered.recovered_sent, recovered.in_flight_at_crash, recovered.recovered_in_doubt) == (29, 20, 20)
