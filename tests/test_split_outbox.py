@@ -238,3 +238,27 @@ def test_a_journal_of_the_previous_format_left_by_a_crash_is_still_applied(tmp_p
     assert state == {"id0": "sent", "id1": "rejected", "id2": "in_doubt", "id3": "in_doubt", "id4": "pending",
                      "id5": "pending"}
     assert not list(work.iterdir())
+
+
+def test_each_batch_is_marked_by_the_ids_of_the_payloads_it_carried_across_many_row_groups(tmp_path):
+    # Enough rows for DuckDB to scan the table in parallel (several row groups of 122,880 rows): the snapshot's
+    # ids and payloads must still come out in the same order, or a batch's outcome lands on other rows.
+    store = make_outbox(tmp_path, rows=300_000)
+    calls: list[list[bytes]] = []
+
+    def send(payloads: list[bytes]) -> BatchOutcome:
+        calls.append(payloads)
+        if len(calls) == 2:
+            return BatchOutcome(rejected={5: "refused"})
+        if len(calls) == 200:
+            raise OutcomeUnknown("ReadTimeout after sending: timed out")
+        return BatchOutcome()
+
+    report = push(store, TABLE, send, tmp_path / "work", max_items=1000, concurrency=1, at_most_once=True)
+    assert (report.sent, report.rejected, report.in_doubt) == (198_999, 1, 1000)
+    state = rows(store)
+    status = {payload.decode(): status for payload, status in zip(
+        [p for batch in calls for p in batch],
+        ["sent"] * 1005 + ["rejected"] + ["sent"] * 197_994 + ["in_doubt"] * 1000, strict=True)}
+    assert {p: s for p, (s, _, _) in state.items() if s != "pending"} == status
+    assert sum(s == "pending" for s, _, _ in state.values()) == 100_000
