@@ -12,7 +12,7 @@ import duckdb
 from mixsync.warehouse.schema import register_ddl
 from mixsync.warehouse.sql import literal
 from mixsync.warehouse.sql import path as sql_path
-from mixsync.warehouse.transactions import next_id, run_transaction
+from mixsync.warehouse.transactions import next_id_query, run_transaction
 
 DDL = """
 -- Every row of every load, tagged with its load. A load writes its rows here in one streaming insert straight
@@ -165,10 +165,13 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
     loaded_at = dt.datetime.now(dt.UTC)
 
     def begin(con) -> int:
-        # One transaction, not three: each is a round of catalog queries on a lake (~15-40 ms each).
-        _clear_unfinished(con)
-        load_id = next_id(con, "mixpanel.event_rows.load_id", "mixpanel.event_loads.load_id",
-                          "mixpanel.event_loads_unfinished.load_id")
+        # One transaction, not three, and one query for what it needs to know: on a lake each statement is a
+        # round of catalog queries (~15-40 ms each). The new id is above every unfinished load's, cleared or not.
+        load_id, unfinished = con.execute(f"""
+            SELECT ({next_id_query("mixpanel.event_rows.load_id", "mixpanel.event_loads.load_id",
+                                   "mixpanel.event_loads_unfinished.load_id")}),
+                   (SELECT list(load_id) FROM mixpanel.event_loads_unfinished)""").fetchone()
+        _clear_loads(con, unfinished or [])
         con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
                     [load_id, window_start, window_end, loaded_at])
         return load_id
@@ -204,9 +207,14 @@ def clear_unfinished_loads(con: duckdb.DuckDBPyConnection) -> None:
 
 def _clear_unfinished(con: duckdb.DuckDBPyConnection) -> None:
     """clear_unfinished_loads inside the caller's transaction."""
-    for (load_id,) in con.execute("SELECT load_id FROM mixpanel.event_loads_unfinished").fetchall():
-        con.execute("DELETE FROM mixpanel.event_rows WHERE load_id = ?", [load_id])
-        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
+    _clear_loads(con, [load_id for (load_id,) in con.execute("SELECT load_id FROM mixpanel.event_loads_unfinished").fetchall()])
+
+
+def _clear_loads(con: duckdb.DuckDBPyConnection, load_ids: list[int]) -> None:
+    """Delete these unfinished loads' rows and their ledger entries (nothing to run when there are none)."""
+    if load_ids:
+        con.execute("DELETE FROM mixpanel.event_rows WHERE list_contains($ids, load_id)", {"ids": load_ids})
+        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE list_contains($ids, load_id)", {"ids": load_ids})
 
 
 def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None, loaded_at: dt.datetime) -> None:
@@ -228,14 +236,25 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
                      WHEN (properties->'time') IS NULL THEN 'missing properties.time'
                      WHEN time IS NULL THEN 'properties.time is not a number'
                      ELSE 'outside the requested window' END"""
+    days = [window_start + dt.timedelta(days=i) for i in range((window_end - window_start).days + 1)]
 
     def switch(con) -> ExportLoad:
-        con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
-        # Counting bad rows reads only the small columns the test needs. Copying them reads `properties` too,
-        # and DuckDB cannot push this OR down to the scan: every row's properties would be read (0.3-0.4 s per
-        # million) to find none on most days, so the copy runs only when there is something to copy.
-        if con.execute(f"SELECT count(*) FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}",
-                       this_load).fetchone()[0]:
+        # What this switch has to do, in one query on the transaction's snapshot: on a lake every statement is
+        # 20-100 ms of catalog queries, and on an ordinary day most of them would change nothing (a new day has
+        # no old rows, ledger entries or rejects; a clean export has no bad rows). Counting the bad rows reads
+        # only the small columns; the good rows' days are counted in the same scan for the ledger.
+        bad_rows, good_per_day, old_rejects, replaced_rows, ledger_days = con.execute(f"""
+            SELECT * FROM
+                (SELECT count(*) FILTER (WHERE {bad}), histogram(day) FILTER (WHERE NOT {bad})
+                 FROM mixpanel.event_rows WHERE load_id = $load_id),
+                (SELECT count(*) FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end),
+                (SELECT count(*) FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id),
+                (SELECT count(*) FROM mixpanel.event_loads WHERE day BETWEEN $start AND $end)""", this_load).fetchone()
+        if old_rejects:
+            con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
+        # Copying bad rows reads `properties` too, and DuckDB cannot push this OR down to the scan: every row's
+        # properties would be read (0.3-0.4 s per million) to find none on most days, so it runs only when counted.
+        if bad_rows:
             con.execute(f"""INSERT INTO mixpanel.events_rejected
                 SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
                        json_object('event', event, 'properties', properties)::VARCHAR, $loaded_at
@@ -249,7 +268,8 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
         # more than once, so only their rows are sorted; a hash collision only sends two keys through the exact
         # per-key window, where both are kept. Two scans of the key columns, not one CTE used twice: DuckDB
         # materializes such a CTE (every row's key strings), which spilled at 4M events a day (10.6 s and 385 MB
-        # there, against 5.3 s and 331 MB now; 293 → 165 MB at 1M).
+        # there, against 5.3 s and 331 MB now; 293 → 165 MB at 1M). The bad rows are gone by now, so the
+        # duplicates are all good rows. A temp table is local to this process, even on a lake.
         con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
             WITH repeated AS (SELECT hash(event, distinct_id, time, insert_id) AS key_hash FROM mixpanel.event_rows
                               WHERE load_id = $load_id GROUP BY key_hash HAVING count(*) > 1)
@@ -257,34 +277,40 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
             WHERE load_id = $load_id AND hash(event, distinct_id, time, insert_id) IN (SELECT key_hash FROM repeated)
             QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
                                        ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
-        con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM export_dropped)")
-        con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id", this_load)
-        con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
-        con.execute("""INSERT INTO mixpanel.event_loads
-            WITH days AS (SELECT unnest(range($start::TIMESTAMP, $end::TIMESTAMP + INTERVAL 1 DAY, INTERVAL 1 DAY))::DATE AS day),
-                 loaded AS (SELECT day, count(*) AS n FROM mixpanel.event_rows WHERE load_id = $load_id GROUP BY day),
-                 dropped AS (SELECT day, count(*) AS n FROM export_dropped GROUP BY day),
-                 rejected AS (SELECT day, count(*) AS n FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end GROUP BY day)
-            SELECT days.day, coalesce(loaded.n, 0), coalesce(rejected.n, 0), coalesce(dropped.n, 0),
-                   $start, $end, $loaded_at, $load_id
-            FROM days LEFT JOIN loaded USING (day) LEFT JOIN dropped USING (day) LEFT JOIN rejected USING (day)""", params)
-        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
-        # Read back inside the transaction (what it is about to commit): on a lake each read after it would be
-        # a transaction of its own, with its own catalog queries.
+        dropped_per_day = dict(con.execute("SELECT day, count(*) FROM temp.export_dropped GROUP BY day").fetchall())
+        if dropped_per_day:
+            con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM temp.export_dropped)")
+        if replaced_rows:
+            con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
+                        this_load)
+        if ledger_days:
+            con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
+        rejected_per_day: dict[dt.date, int] = {}
         result = ExportLoad()
-        result.per_day = dict(con.execute("SELECT day, events FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?",
-                                          window).fetchall())
-        result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
-                                                       WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
-        result.duplicates_dropped = con.execute("""SELECT sum(duplicates_dropped) FROM mixpanel.event_loads
-                                                   WHERE day BETWEEN ? AND ?""", window).fetchone()[0] or 0
+        if bad_rows or invalid_lines_sql:
+            # The window's rejects are this load's alone now (the old ones were deleted above).
+            rejected_per_day = dict(con.execute("""SELECT day, count(*) FROM mixpanel.events_rejected
+                                                   WHERE day BETWEEN ? AND ? GROUP BY day""", window).fetchall())
+            result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
+                                                           WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
+        # The ledger from what is already known: a day's events are its good rows less its dropped duplicates
+        # (a row of this load is either bad, dropped or current), one insert of every day of the window.
+        good_per_day = good_per_day or {}
+        result.per_day = {day: good_per_day.get(day, 0) - dropped_per_day.get(day, 0) for day in days}
+        result.duplicates_dropped = sum(dropped_per_day.values())
+        con.execute("""INSERT INTO mixpanel.event_loads
+            SELECT unnest($days), unnest($events), unnest($rejected), unnest($dropped), $start, $end, $loaded_at, $load_id""",
+                    {**params, "days": days, "events": [result.per_day[day] for day in days],
+                     "rejected": [rejected_per_day.get(day, 0) for day in days],
+                     "dropped": [dropped_per_day.get(day, 0) for day in days]})
+        con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
         return result
 
     # One transaction, retried whole if it loses a DuckLake conflict (a concurrent writer to these tables).
     try:
         result, retries = run_transaction(con, switch)
     finally:
-        con.execute("DROP TABLE IF EXISTS export_dropped")
+        con.execute("DROP TABLE IF EXISTS temp.export_dropped")
     result.conflict_retries = retries
     result.events = sum(result.per_day.values())
     result.rejected = sum(result.rejects_by_reason.values())
