@@ -112,3 +112,30 @@ def test_the_warehouse_imports_no_flow_and_creates_the_tables_flows_register(tmp
     out = subprocess.run([sys.executable, "-c", REGISTRY_PROBE, str(tmp_path / "w.duckdb")], capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["[]", "[]", "True", "True", "False"]
+
+
+SCHEMA_PROBE = """
+import sys
+from mixsync.warehouse import Warehouse
+import mixsync.mixpanel.sql  # registers mixpanel's tables
+store = Warehouse(sys.argv[1])
+with store.write() as con:
+    pass
+with store.write() as con:
+    con.execute("DROP VIEW analytics.events_per_day")  # skipped DDL would not bring it back
+with store.write() as con:
+    second = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'events_per_day'").fetchone()[0]
+mixsync.mixpanel.sql.register_ddl("analytics.events_per_day", mixsync.mixpanel.sql.ANALYTICS_DDL + "-- changed\\n")
+with store.write() as con:
+    third = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'events_per_day'").fetchone()[0]
+    stamps = con.execute("SELECT count(*) FROM sync.warehouse_schema").fetchone()[0]
+print(second, third, stamps)
+"""
+
+
+def test_a_file_runs_its_ddl_again_only_when_it_changed(tmp_path):
+    # Proven by what it leaves: a view dropped behind mixsync's back stays dropped while the DDL is unchanged
+    # (the write connection checked the digest and ran nothing), and comes back once the DDL changes.
+    out = subprocess.run([sys.executable, "-c", SCHEMA_PROBE, str(tmp_path / "w.duckdb")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["0", "1", "2"]
