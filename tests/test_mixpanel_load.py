@@ -114,3 +114,71 @@ def test_a_warehouse_from_before_event_rows_keeps_its_events_and_loads_on(tmp_pa
     with store.read() as con:
         assert con.execute("SELECT table_type FROM information_schema.tables "
                            "WHERE table_schema = 'mixpanel' AND table_name = 'events'").fetchone() == ("VIEW",)
+
+
+@pytest.fixture(params=["duckdb", "ducklake"])
+def any_store(request, tmp_path):
+    if request.param == "duckdb":
+        return Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import open_warehouse
+
+    lake_env = request.getfixturevalue("lake_env")
+    return open_warehouse(WarehouseSettings.from_env({**lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": "30"}))
+
+
+def event_line(event, distinct_id, ms, insert_id=None, processed=NOON_MS, **extra) -> bytes:
+    properties = {"time": ms, "distinct_id": distinct_id, "mp_processing_time_ms": processed, **extra}
+    if insert_id is not None:
+        properties["$insert_id"] = insert_id
+    return orjson.dumps({"event": event, "properties": properties})
+
+
+def test_the_switch_keeps_every_distinct_key_and_the_latest_copy_and_its_figures_match_the_tables(any_store, tmp_path):
+    next_day = DAY + dt.timedelta(days=1)
+    next_noon = NOON_MS + 86_400_000
+    first = [
+        event_line("Viewed", "u1", NOON_MS, "a", copy="first"),
+        event_line("Viewed", "u1", NOON_MS, "a", processed=NOON_MS + 5, copy="latest"),   # Mixpanel's duplicate
+        event_line("Viewed", "u1", NOON_MS, "a", processed=NOON_MS + 1, copy="older"),
+        event_line("Bought", "u1", NOON_MS, "a", copy="other event"),                     # same $insert_id,
+        event_line("Viewed", "u2", NOON_MS, "a", copy="other person"),                    # different keys: kept
+        event_line("Viewed", "u1", NOON_MS + 1, "a", copy="other time"),
+        event_line("Viewed", "u3", NOON_MS, copy="no insert id"),                         # no $insert_id: the
+        event_line("Viewed", "u3", NOON_MS, processed=NOON_MS + 9, copy="no insert id, latest"),  # key still holds
+        event_line("Viewed", "u4", NOON_MS, copy="no insert id, another person"),
+        event_line("Viewed", "u5", next_noon, "b", copy="second day"),
+        orjson.dumps({"properties": {"time": NOON_MS, "distinct_id": "u6", "$insert_id": "c"}}),  # no event
+    ]
+    path = tmp_path / "first.jsonl"
+    path.write_bytes(b"\n".join(first) + b"\n")
+    with any_store.write() as con:
+        result = load_export_file(con, path, DAY, next_day + dt.timedelta(days=1))  # the third day has no events
+    with any_store.read() as con:
+        copies = sorted(r[0] for r in con.execute("SELECT properties->>'copy' FROM mixpanel.events").fetchall())
+        ledger = con.execute("SELECT day, events, rejected, duplicates_dropped FROM mixpanel.event_loads ORDER BY day").fetchall()
+        rejects = con.execute("SELECT day, reason FROM mixpanel.events_rejected").fetchall()
+    assert copies == sorted(["latest", "other event", "other person", "other time", "no insert id, latest",
+                             "no insert id, another person", "second day"])
+    assert ledger == [(DAY, 6, 1, 3), (next_day, 1, 0, 0), (next_day + dt.timedelta(days=1), 0, 0, 0)]
+    assert rejects == [(DAY, "missing event")]
+    assert (result.events, result.rejected, result.duplicates_dropped, result.lines) == (7, 1, 3, 11)
+    assert result.per_day == {DAY: 6, next_day: 1, next_day + dt.timedelta(days=1): 0}
+    assert result.rejects_by_reason == {"missing event": 1}
+
+    # A clean reload of the first day alone: its old rows, ledger entry and rejects go; the second day stays.
+    path = tmp_path / "second.jsonl"
+    path.write_bytes(event_line("Viewed", "u7", NOON_MS, "d", copy="reloaded") + b"\n")
+    with any_store.write() as con:
+        result = load_export_file(con, path, DAY, DAY)
+    with any_store.read() as con:
+        copies = sorted(r[0] for r in con.execute("SELECT properties->>'copy' FROM mixpanel.events").fetchall())
+        ledger = con.execute("SELECT day, events, rejected, duplicates_dropped FROM mixpanel.event_loads ORDER BY day").fetchall()
+        rejects = con.execute("SELECT count(*) FROM mixpanel.events_rejected").fetchone()[0]
+        stored = con.execute("SELECT count(*) FROM mixpanel.event_rows").fetchone()[0]
+        unfinished = con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0]
+    assert copies == ["reloaded", "second day"]
+    assert ledger == [(DAY, 1, 0, 0), (next_day, 1, 0, 0), (next_day + dt.timedelta(days=1), 0, 0, 0)]
+    assert (rejects, stored, unfinished) == (0, 2, 0)
+    assert (result.events, result.rejected, result.duplicates_dropped, result.per_day, result.rejects_by_reason) == (
+        1, 0, 0, {DAY: 1}, {})
