@@ -62,7 +62,10 @@ def test_batches_are_as_full_as_both_limits_allow_and_each_row_is_sent_once(tmp_
     assert push(store, TABLE, lambda p: pytest.fail("nothing is pending"), tmp_path / "work").considered == 0
 
 
-def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the_rest_once(tmp_path):
+@pytest.mark.parametrize("apply_lines", [7, outbox.APPLY_LINES])  # applied in windows across batches, or at once
+def test_a_failed_push_marks_exactly_the_acknowledged_rows_and_a_rerun_sends_the_rest_once(tmp_path, monkeypatch,
+                                                                                            apply_lines):
+    monkeypatch.setattr(outbox, "APPLY_LINES", apply_lines)
     store = make_outbox(tmp_path)
     sent: list[bytes] = []
     calls: list[int] = []
@@ -240,9 +243,10 @@ def test_a_journal_of_the_previous_format_left_by_a_crash_is_still_applied(tmp_p
     assert not list(work.iterdir())
 
 
-def test_each_batch_is_marked_by_the_ids_of_the_payloads_it_carried_across_many_row_groups(tmp_path):
+def test_each_batch_is_marked_by_the_ids_of_the_payloads_it_carried_across_many_row_groups(tmp_path, monkeypatch):
     # Enough rows for DuckDB to scan the table in parallel (several row groups of 122,880 rows): the snapshot's
     # ids and payloads must still come out in the same order, or a batch's outcome lands on other rows.
+    monkeypatch.setattr(outbox, "APPLY_LINES", 70_001)  # windows of the apply that cut batches
     store = make_outbox(tmp_path, rows=300_000)
     calls: list[list[bytes]] = []
 
