@@ -59,13 +59,8 @@ def next_id(con: duckdb.DuckDBPyConnection, *columns: str) -> int:
     Ids by construction rather than a sequence: DuckLake has no sequences, and the writer lock (a file lock or
     a Postgres advisory lock) makes read-then-insert safe across processes and hosts.
     """
-    return con.execute(next_id_query(*columns)).fetchone()[0]
-
-
-def next_id_query(*columns: str) -> str:
-    """The query next_id runs, to fold into a larger statement (on a lake each statement is a catalog round)."""
     parts = []
     for column in columns:
         table, _, name = column.rpartition(".")
         parts.append(f"SELECT max({identifier(name)}) AS m FROM {identifier(table)}")
-    return f"SELECT coalesce(max(m), 0) + 1 FROM ({' UNION ALL '.join(parts)})"
+    return con.execute(f"SELECT coalesce(max(m), 0) + 1 FROM ({' UNION ALL '.join(parts)})").fetchone()[0]
