@@ -147,6 +147,7 @@ def test_the_switch_keeps_every_distinct_key_and_the_latest_copy_and_its_figures
         event_line("Viewed", "u3", NOON_MS, copy="no insert id"),                         # no $insert_id: the
         event_line("Viewed", "u3", NOON_MS, processed=NOON_MS + 9, copy="no insert id, latest"),  # key still holds
         event_line("Viewed", "u4", NOON_MS, copy="no insert id, another person"),
+        event_line("Viewed", "u3", NOON_MS + 2, copy="no insert id, another time"),
         event_line("Viewed", "u5", next_noon, "b", copy="second day"),
         orjson.dumps({"properties": {"time": NOON_MS, "distinct_id": "u6", "$insert_id": "c"}}),  # no event
     ]
@@ -159,11 +160,11 @@ def test_the_switch_keeps_every_distinct_key_and_the_latest_copy_and_its_figures
         ledger = con.execute("SELECT day, events, rejected, duplicates_dropped FROM mixpanel.event_loads ORDER BY day").fetchall()
         rejects = con.execute("SELECT day, reason FROM mixpanel.events_rejected").fetchall()
     assert copies == sorted(["latest", "other event", "other person", "other time", "no insert id, latest",
-                             "no insert id, another person", "second day"])
-    assert ledger == [(DAY, 6, 1, 3), (next_day, 1, 0, 0), (next_day + dt.timedelta(days=1), 0, 0, 0)]
+                             "no insert id, another person", "no insert id, another time", "second day"])
+    assert ledger == [(DAY, 7, 1, 3), (next_day, 1, 0, 0), (next_day + dt.timedelta(days=1), 0, 0, 0)]
     assert rejects == [(DAY, "missing event")]
-    assert (result.events, result.rejected, result.duplicates_dropped, result.lines) == (7, 1, 3, 11)
-    assert result.per_day == {DAY: 6, next_day: 1, next_day + dt.timedelta(days=1): 0}
+    assert (result.events, result.rejected, result.duplicates_dropped, result.lines) == (8, 1, 3, 12)
+    assert result.per_day == {DAY: 7, next_day: 1, next_day + dt.timedelta(days=1): 0}
     assert result.rejects_by_reason == {"missing event": 1}
 
     # A clean reload of the first day alone: its old rows, ledger entry and rejects go; the second day stays.
