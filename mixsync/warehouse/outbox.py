@@ -422,9 +422,10 @@ class _Snapshot(threading.Thread):
                 con.execute("SET threads = 1")
                 con.execute("SET preserve_insertion_order = true")
                 con.execute("BEGIN TRANSACTION")
+                # Uncompressed: ids (hashes, mostly) gain little from compression, and the COPY costs ~40% less.
                 self.count = con.execute(
                     f"COPY (SELECT id FROM {self.table} WHERE {self.where}) TO {sql_path(self.ids)} "
-                    "(FORMAT parquet)", self.params).fetchone()[0]
+                    "(FORMAT parquet, COMPRESSION uncompressed)", self.params).fetchone()[0]
                 for written in (self.ids, self.ids.parent):  # the journal will name its lines: they must
                     descriptor = os.open(written, os.O_RDONLY)  # outlive an operating-system crash too
                     try:
