@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import numpy as np
 import pytest
 from experiments_data import T0, load, write_experiments
@@ -346,3 +347,69 @@ def test_the_schedule_runs_daily_after_the_mixpanel_pull():
     context = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 1, 6, 5, 15, tzinfo=dt.UTC))
     [request] = experiment_results_schedule.evaluate_tick(context).run_requests or []
     assert request.run_key == "experiment-results-2026-01-06"
+
+
+SEVERAL_EVENTS = """experiments:
+  - split: multi
+    environment_id: prod
+    control: off
+    window_days: 2
+    metrics:
+      - {name: purchased, event: Purchase, type: conversion}
+      - {name: views, event: Viewed Page, type: count}
+      - {name: revenue, event: Purchase, type: sum, property: amount}
+      - {name: seconds, event: Viewed Page, type: sum, property: seconds}
+"""
+
+
+def test_metrics_over_several_events_and_windows_not_loaded_to_their_end(warehouse):
+    """Each metric counts only its own event; a user's window is incomplete when it ends after the last loaded day."""
+    load(warehouse, [("prod", "multi", "a1", "on", T0), ("prod", "multi", "a2", "on", T0),
+                     ("prod", "multi", "b1", "off", T0),
+                     ("prod", "multi", "b2", "off", T0 + 13 * H),    # window ends 2026-01-08 01:00
+                     ("prod", "multi", "b3", "off", T0 + 12 * H)])   # window ends 2026-01-08 00:00 exactly
+    experiments = parse_experiments(SEVERAL_EVENTS)
+    with warehouse.write() as con:
+        # No Mixpanel day loaded yet: every window is incomplete, every value 0.
+        [summary] = analyse(con, experiments).summaries
+    assert summary.users_window_incomplete == 5
+    load(warehouse, [], [
+        ("Purchase", "a1", T0 + H, {"amount": 10}),
+        ("Viewed Page", "a1", T0 + 2 * H, {"seconds": 5, "amount": 1000}),    # not a Purchase: no revenue
+        ("Viewed Page", "a1", T0 + 3 * H, {"seconds": "x"}),                   # counts; not a number
+        ("Viewed Page", "a1", T0 + 4 * H, {}),                                 # counts; no seconds
+        ("Viewed Page", "a2", T0 - S, {"seconds": 1}),                         # before exposure
+        ("Viewed Page", "a2", T0 + H, {"seconds": 2}),
+        ("Purchase", "b1", T0 + H, {"amount": 3, "seconds": 1000}),           # not a view: no seconds
+        ("Purchase", "b1", T0 + 2 * D, {"amount": 4}),                         # window end; loads 2026-01-07
+        ("Signed Up", "b2", T0 + 14 * H, {"seconds": 1000}),                   # no metric reads this event
+    ])
+    with warehouse.write() as con:
+        [summary] = analyse(con, experiments).summaries
+        results = {(m, t): (n, mean) for m, t, n, mean in con.execute(
+            "SELECT metric, treatment, users, mean FROM analytics.experiment_results").fetchall()}
+    assert results == {
+        ("purchased", "on"): (2, 0.5), ("purchased", "off"): (3, pytest.approx(1 / 3)),
+        ("views", "on"): (2, 2.0), ("views", "off"): (3, 0.0),
+        ("revenue", "on"): (2, 5.0), ("revenue", "off"): (3, 1.0),
+        ("seconds", "on"): (2, 3.5), ("seconds", "off"): (3, 0.0),
+    }
+    assert summary.non_numeric_values == {"revenue": 0, "seconds": 1}
+    assert summary.missing_values == {"revenue": 0, "seconds": 1}
+    assert summary.users_window_incomplete == 1   # b2; b3's window ends exactly where the loaded days end
+
+
+def test_a_failed_analysis_leaves_the_tables_as_they_were_and_no_temporary_table(warehouse):
+    _known_answer_data(warehouse)
+    experiments = parse_experiments(CHECKOUT)
+    with warehouse.write() as con:
+        analyse(con, experiments)
+        before = [con.execute(f"SELECT * FROM analytics.{t} ORDER BY ALL").fetchall()
+                  for t in ("experiment_exposures", "experiment_results", "experiment_srm")]
+        con.execute("DELETE FROM split.impressions WHERE key = 'c1'")
+        con.execute("DROP VIEW mixpanel.events")              # the metric query fails after the exposures
+        with pytest.raises(duckdb.CatalogException, match="events"):
+            analyse(con, experiments)
+        assert [con.execute(f"SELECT * FROM analytics.{t} ORDER BY ALL").fetchall()
+                for t in ("experiment_exposures", "experiment_results", "experiment_srm")] == before
+        assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone()[0] == 0

@@ -104,7 +104,8 @@ def _compare_experiment(analysis: Analysis, experiment: Experiment, stats: list[
 
 
 def analyse(con: duckdb.DuckDBPyConnection, experiments: tuple[Experiment, ...]) -> Analysis:
-    """Recompute exposures, results and sample ratios into the analytics tables, in one transaction on `con`.
+    """Recompute exposures, results and sample ratios into the analytics tables, in one transaction on `con` (which
+    must not be in one: the analysis reads in its own statements first).
 
     Raises sql.ExperimentDataError (nothing written) when a configured split's environment is ambiguous or absent."""
     analysis = Analysis()
@@ -112,32 +113,44 @@ def analyse(con: duckdb.DuckDBPyConnection, experiments: tuple[Experiment, ...])
     environment_by_split = sql.resolve_environments(experiments, envs)
     analysis.not_started = [e.split for e in experiments if e.split not in envs]
     configured = {e.split: e for e in experiments}
-    con.execute("BEGIN TRANSACTION")
     try:
-        analysis.exposures = sql.write_exposures(con, environment_by_split)
+        # Everything is computed into temporary tables and Python first, and the analytics tables are replaced
+        # in one short transaction at the end. (Mixpanel events and impressions are not written meanwhile: a
+        # DuckDB file has one writer, whose lock this connection holds.)
+        sql.prepare_exposures(con, environment_by_split)
+        analysis.exposures = sql.exposure_counts(con)
         users = sql.users_per_treatment(con)
-        _sample_ratios(analysis, configured, users)
         multiple = {(e.split, e.environment_id): e.users_multiple_treatments for e in analysis.exposures}
+        loaded_until_us = sql.loaded_until_us(con)
+        stats_by_split = {e.split: sql.metric_statistics(con, e, environment_by_split[e.split], loaded_until_us)
+                          for e in experiments if e.split in environment_by_split}
+        # After the metric queries: the sample-ratio test needs scipy, which the asset imports meanwhile.
+        _sample_ratios(analysis, configured, users)
         for experiment in experiments:
             environment_id = environment_by_split.get(experiment.split)
             if environment_id is None:
                 continue
+            stats = stats_by_split[experiment.split]
             summary = ExperimentSummary(experiment, environment_id,
                                         users=users.get((experiment.split, environment_id), {}),
                                         users_multiple_treatments=multiple.get((experiment.split, environment_id), 0),
-                                        srm_p_value=analysis.srm_by_split.get(experiment.split))
-            stats = sql.metric_statistics(con, experiment, environment_id)
+                                        srm_p_value=analysis.srm_by_split.get(experiment.split),
+                                        users_window_incomplete=sum(s.window_incomplete for s in stats))
             for s in stats:
                 for name, n in s.missing_values.items():
                     summary.missing_values[name] = summary.missing_values.get(name, 0) + n
                 for name, n in s.non_numeric_values.items():
                     summary.non_numeric_values[name] = summary.non_numeric_values.get(name, 0) + n
-            summary.users_window_incomplete = sql.incomplete_windows(con, experiment, environment_id)
             _compare_experiment(analysis, experiment, stats, summary)
             analysis.summaries.append(summary)
-        sql.replace_results(con, analysis.results, analysis.srm)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        con.execute("BEGIN TRANSACTION")
+        try:
+            sql.write_exposures(con)
+            sql.replace_results(con, analysis.results, analysis.srm)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        sql.drop_work(con)
     return analysis

@@ -73,6 +73,7 @@ class TreatmentStats:
     variances: dict[str, float | None] = field(default_factory=dict)
     missing_values: dict[str, int] = field(default_factory=dict)       # sum metrics: events without the property
     non_numeric_values: dict[str, int] = field(default_factory=dict)   # sum metrics: events where it is not a number
+    window_incomplete: int = 0                                           # users whose window is not loaded to its end
 
 
 def _insert_columns(con: duckdb.DuckDBPyConnection, table: str, columns: list[list]) -> None:
@@ -125,9 +126,11 @@ def resolve_environments(experiments: tuple[Experiment, ...], envs: dict[str, li
     return chosen
 
 
-def write_exposures(con: duckdb.DuckDBPyConnection, environment_by_split: dict[str, str]) -> list[SplitExposures]:
-    """Replace analytics.experiment_exposures: every split's first exposures (configured splits: in their one
-    environment; others: per environment). Returns the users and excluded users per split and environment."""
+def prepare_exposures(con: duckdb.DuckDBPyConnection, environment_by_split: dict[str, str]) -> None:
+    """Compute every split's first exposures (configured splits: in their one environment; others: per environment)
+    into the temporary table experiment_first_impressions, which the analysis reads and writes next (drop_work drops
+    it): per split, environment and key, the first impression's treatment and time, and whether the key saw one
+    treatment only."""
     con.execute("CREATE OR REPLACE TEMP TABLE experiment_environment (split VARCHAR, environment_id VARCHAR)")
     _insert_columns(con, "experiment_environment", [list(environment_by_split), list(environment_by_split.values())])
     # arg_min picks the first impression's treatment; a key with two treatments at the same instant has
@@ -138,23 +141,37 @@ def write_exposures(con: duckdb.DuckDBPyConnection, environment_by_split: dict[s
         FROM split.impressions i LEFT JOIN experiment_environment c ON c.split = i.split
         WHERE c.environment_id IS NULL OR c.environment_id = i.environment_id
         GROUP BY i.split, i.environment_id, i.key""")
+    con.execute("DROP TABLE experiment_environment")
+
+
+def exposure_counts(con: duckdb.DuckDBPyConnection) -> list[SplitExposures]:
+    """The users and excluded users per split and environment (after prepare_exposures)."""
+    rows = con.execute("""SELECT split, environment_id, count(*) FILTER (WHERE one_treatment),
+                                 count(*) FILTER (WHERE NOT one_treatment)
+                          FROM experiment_first_impressions GROUP BY ALL ORDER BY ALL""").fetchall()
+    return [SplitExposures(*row) for row in rows]
+
+
+def write_exposures(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace analytics.experiment_exposures with the single-treatment first exposures (after prepare_exposures)."""
     con.execute("DELETE FROM analytics.experiment_exposures")
     con.execute("""INSERT INTO analytics.experiment_exposures
                    SELECT split, environment_id, key, treatment, first_exposed_at
                    FROM experiment_first_impressions WHERE one_treatment""")
-    rows = con.execute("""SELECT split, environment_id, count(*) FILTER (WHERE one_treatment),
-                                 count(*) FILTER (WHERE NOT one_treatment)
-                          FROM experiment_first_impressions GROUP BY ALL ORDER BY ALL""").fetchall()
-    con.execute("DROP TABLE experiment_first_impressions; DROP TABLE experiment_environment")
-    return [SplitExposures(*row) for row in rows]
+
+
+def drop_work(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop the temporary tables of one analysis."""
+    con.execute("""DROP TABLE IF EXISTS experiment_environment; DROP TABLE IF EXISTS experiment_first_impressions;
+                   DROP TABLE IF EXISTS experiment_exposed""")
 
 
 def users_per_treatment(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], dict[str, int]]:
-    """(split, environment_id) -> treatment -> users, from analytics.experiment_exposures."""
+    """(split, environment_id) -> treatment -> users (single-treatment keys; after prepare_exposures)."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for split, environment_id, treatment, users in con.execute(
-            """SELECT split, environment_id, treatment, count(*) FROM analytics.experiment_exposures
-               GROUP BY ALL ORDER BY ALL""").fetchall():
+            """SELECT split, environment_id, treatment, count(*) FROM experiment_first_impressions
+               WHERE one_treatment GROUP BY ALL ORDER BY ALL""").fetchall():
         out.setdefault((split, environment_id), {})[treatment] = users
     return out
 
@@ -164,83 +181,116 @@ def json_pointer(name: str) -> str:
     return "/" + name.replace("~", "~0").replace("/", "~1")
 
 
+# Users whose window ends after the last loaded day ($loaded_until_us; NULL when no day is loaded: all of them).
+WINDOW_INCOMPLETE = ("count(*) FILTER (WHERE coalesce(x.first_exposed_us + $window_us > $loaded_until_us, true)) "
+                     "AS window_incomplete")
+
+
+def metric_events(metrics: tuple[Metric, ...]) -> list[str]:
+    """The distinct events an experiment's metrics read, in the order of the $event_j parameters."""
+    return sorted({m.event for m in metrics})
+
+
 def metric_statistics_sql(metrics: tuple[Metric, ...]) -> str:
     """The query of one experiment's per-treatment statistics over the temporary table experiment_exposed (see
-    metric_statistics). Parameters: $window_us, $events, $from, $until, and per metric i: $event_i (and $pointer_i
-    for sums)."""
+    metric_statistics). Parameters: $window_us, $loaded_until_us, $from, $until, $event_j per distinct event
+    (metric_events), and $pointer_i per sum metric i."""
     if not metrics:
-        return "SELECT treatment, count(*) AS users FROM experiment_exposed GROUP BY treatment"
-    matched, numbers, per_user, finals, outer = [], [], [], [], []
+        return f"SELECT treatment, count(*) AS users, {WINDOW_INCOMPLETE} FROM experiment_exposed x GROUP BY treatment"
+    events = metric_events(metrics)
+    single = len(events) == 1          # then every scanned event is the metrics' event: no per-event filter
+    columns, numbers, per_user, finals, outer = [], [], [], [], []
+    if not single:
+        columns += [f"e.event = $event_{j} AS is{j}" for j in range(len(events))]
+    # One count per event, shared by the conversion and count metrics of that event.
+    counted = sorted({events.index(m.event) for m in metrics if m.type != "sum"})
+    per_user += [f"count(*){'' if single else f' FILTER (WHERE is{j})'} AS n{j}" for j in counted]
     for i, metric in enumerate(metrics):
-        matched.append(f"e.event = $event_{i} AS is{i}")
+        j = events.index(metric.event)
         if metric.type == "conversion":
-            per_user.append(f"(count(*) FILTER (WHERE is{i}) > 0)::INTEGER AS m{i}")
+            value = f"(coalesce(h.n{j}, 0) > 0)::INTEGER"
         elif metric.type == "count":
-            per_user.append(f"count(*) FILTER (WHERE is{i}) AS m{i}")
+            value = f"coalesce(h.n{j}, 0)"
         else:
             # The property is read and converted once per matching event, before the join carries the row along.
-            matched.append(f"CASE WHEN e.event = $event_{i} THEN json_extract_string(e.properties, $pointer_{i}) END AS raw{i}")
+            read = f"json_extract_string(e.properties, $pointer_{i})"
+            columns.append(f"{read} AS raw{i}" if single else f"CASE WHEN e.event = $event_{j} THEN {read} END AS raw{i}")
             numbers.append(f"TRY_CAST(raw{i} AS DOUBLE) AS number{i}")
-            per_user.append(f"sum(number{i}) FILTER (WHERE is{i} AND isfinite(number{i})) AS m{i}")
-            per_user.append(f"count(*) FILTER (WHERE is{i} AND raw{i} IS NULL) AS missing{i}")
-            per_user.append(f"count(*) FILTER (WHERE is{i} AND raw{i} IS NOT NULL "
-                            f"AND NOT coalesce(isfinite(number{i}), false)) AS non_numeric{i}")
+            of_event = "" if single else f"is{j} AND "
+            per_user.append(f"sum(number{i}) FILTER (WHERE isfinite(number{i})) AS s{i}")
+            per_user.append(f"count(*) FILTER (WHERE {of_event}raw{i} IS NULL) AS missing{i}")
+            per_user.append(f"count(*) FILTER (WHERE raw{i} IS NOT NULL AND NOT coalesce(isfinite(number{i}), false))"
+                            f" AS non_numeric{i}")
             outer.append(f"coalesce(sum(h.missing{i}), 0) AS missing{i}, coalesce(sum(h.non_numeric{i}), 0) AS non_numeric{i}")
-        finals.append(f"avg(coalesce(h.m{i}, 0)) AS mean{i}, var_samp(coalesce(h.m{i}, 0)) AS variance{i}")
+            value = f"coalesce(h.s{i}, 0)"
+        finals.append(f"avg({value}) AS mean{i}, var_samp({value}) AS variance{i}")
     # The window test is one subtraction of microseconds (the warehouse's time zone is UTC, so a day is 86,400 s):
     # timestamp-plus-interval per joined event, or the window as join conditions, measured twice as slow.
     return f"""
         WITH events AS (
             SELECT *{''.join(', ' + n for n in numbers)}
-            FROM (SELECT e.distinct_id, epoch_us(e.time) AS time_us, {', '.join(matched)}
+            FROM (SELECT e.distinct_id, epoch_us(e.time) AS time_us{''.join(', ' + c for c in columns)}
                   FROM mixpanel.events e
-                  WHERE e.event IN (SELECT unnest($events)) AND e.time >= $from AND e.time < $until)),
+                  WHERE e.event IN ({', '.join(f'$event_{j}' for j in range(len(events)))})
+                    AND e.time >= $from AND e.time < $until)),
         hits AS (
             SELECT x.user_number, {', '.join(per_user)}
             FROM events e JOIN experiment_exposed x ON e.distinct_id = x.key
             WHERE e.time_us - x.first_exposed_us BETWEEN 0 AND $window_us - 1
             GROUP BY x.user_number)
-        SELECT x.treatment, count(*) AS users, {', '.join(finals + outer)}
+        SELECT x.treatment, count(*) AS users, {WINDOW_INCOMPLETE}, {', '.join(finals + outer)}
         FROM experiment_exposed x LEFT JOIN hits h ON h.user_number = x.user_number
         GROUP BY x.treatment"""
 
 
-def metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str
-                      ) -> list[TreatmentStats]:
-    """Each treatment's users and, per metric, the mean and sample variance of the per-user values."""
+def metric_statistics_params(experiment: Experiment, first_exposed_from: dt.datetime, first_exposed_until: dt.datetime,
+                             loaded_until_us: int | None) -> dict[str, object]:
+    """The parameters of metric_statistics_sql for `experiment`, whose users were first exposed in the given range."""
+    params: dict[str, object] = {"window_us": experiment.window_days * 86_400_000_000,
+                                 "loaded_until_us": loaded_until_us}
+    if not experiment.metrics:
+        return params
+    params.update({"from": first_exposed_from,
+                   "until": first_exposed_until + dt.timedelta(days=experiment.window_days)})
+    params.update({f"event_{j}": event for j, event in enumerate(metric_events(experiment.metrics))})
+    for i, metric in enumerate(experiment.metrics):
+        if metric.type == "sum":
+            params[f"pointer_{i}"] = json_pointer(metric.property or "")
+    return params
+
+
+def metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str,
+                      loaded_until_us: int | None) -> list[TreatmentStats]:
+    """Each treatment's users and, per metric, the mean and sample variance of the per-user values; and its users
+    whose window ends after `loaded_until_us` (see loaded_until_us). Reads experiment_first_impressions
+    (prepare_exposures)."""
     # The experiment's exposed users, numbered: the join and the per-user grouping then hash an integer, and the
     # planner sees how many there are (from a CTE it misjudged the sides of the join).
     con.execute("""CREATE OR REPLACE TEMP TABLE experiment_exposed AS
                    SELECT row_number() OVER () AS user_number, key, treatment, epoch_us(first_exposed_at) AS first_exposed_us
-                   FROM analytics.experiment_exposures WHERE split = $split AND environment_id = $environment_id""",
+                   FROM experiment_first_impressions
+                   WHERE split = $split AND environment_id = $environment_id AND one_treatment""",
                 {"split": experiment.split, "environment_id": environment_id})
     try:
-        return _metric_statistics(con, experiment)
+        return _metric_statistics(con, experiment, loaded_until_us)
     finally:
         con.execute("DROP TABLE IF EXISTS experiment_exposed")
 
 
-def _metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment) -> list[TreatmentStats]:
-    bounds = con.execute("SELECT make_timestamptz(min(first_exposed_us)), make_timestamptz(max(first_exposed_us)) "
-                         "FROM experiment_exposed").fetchone()
-    if bounds is None or bounds[0] is None:
+def _metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment, loaded_until_us: int | None
+                       ) -> list[TreatmentStats]:
+    users, first, last = con.execute("""SELECT count(*), make_timestamptz(min(first_exposed_us)),
+                                               make_timestamptz(max(first_exposed_us)) FROM experiment_exposed""").fetchone()
+    if not users:
         return []
-    params: dict[str, object] = {}
-    if experiment.metrics:
-        params.update({"window_us": experiment.window_days * 86_400_000_000,
-                       "events": sorted({m.event for m in experiment.metrics}),
-                       "from": bounds[0], "until": bounds[1] + dt.timedelta(days=experiment.window_days)})
-        for i, metric in enumerate(experiment.metrics):
-            params[f"event_{i}"] = metric.event
-            if metric.type == "sum":
-                params[f"pointer_{i}"] = json_pointer(metric.property or "")
+    params = metric_statistics_params(experiment, first, last, loaded_until_us)
     cursor = con.execute(metric_statistics_sql(experiment.metrics), params)
     columns = [d[0] for d in cursor.description]
     rows = cursor.fetchall()
     out = []
     for row in rows:
         values = dict(zip(columns, row, strict=False))
-        stats = TreatmentStats(values["treatment"], values["users"])
+        stats = TreatmentStats(values["treatment"], values["users"], window_incomplete=values["window_incomplete"])
         for i, metric in enumerate(experiment.metrics):
             stats.means[metric.name] = values[f"mean{i}"]
             stats.variances[metric.name] = values[f"variance{i}"]
@@ -251,14 +301,10 @@ def _metric_statistics(con: duckdb.DuckDBPyConnection, experiment: Experiment) -
     return sorted(out, key=lambda s: s.treatment)
 
 
-def incomplete_windows(con: duckdb.DuckDBPyConnection, experiment: Experiment, environment_id: str) -> int:
-    """Exposed users whose window ends after the last day loaded into mixpanel.events (their values may still grow)."""
-    return con.execute("""SELECT count(*) FROM analytics.experiment_exposures
-                          WHERE split = $split AND environment_id = $environment_id
-                            AND first_exposed_at + to_days($window_days)
-                                > coalesce((SELECT (max(day) + 1)::TIMESTAMPTZ FROM mixpanel.event_loads), '-infinity'::TIMESTAMPTZ)""",
-                       {"split": experiment.split, "environment_id": environment_id,
-                        "window_days": experiment.window_days}).fetchone()[0]
+def loaded_until_us(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The end of the last day loaded into mixpanel.events, in epoch microseconds (a user's window ending later may
+    still gain events); None when no day is loaded. (The warehouse's time zone is UTC: a day ends at midnight UTC.)"""
+    return con.execute("SELECT epoch_us((max(day) + 1)::TIMESTAMPTZ) FROM mixpanel.event_loads").fetchone()[0]
 
 
 def replace_results(con: duckdb.DuckDBPyConnection, results: list[tuple], srm: list[tuple]) -> None:
