@@ -322,7 +322,8 @@ def test_the_demo_data_has_a_real_effect_and_a_null_experiment(warehouse):
          [(i["environmentId"], i["split"], i["key"], i["treatment"], moment(i["time"]))
           for i in seeded.impressions(days, dataset.experiment_users, dataset.seed)],
          [(e.name, e.key, moment(e.time_ms), e.properties)
-          for day in days for e in seeded.events_on(days, dataset.experiment_users, dataset.seed, day)])
+          for e in seeded.events(days, dataset.experiment_users, dataset.seed)
+          if days[0] <= moment(e.time_ms).date() <= days[-1]])
     example = Path(__file__).parent.parent / "mixsync" / "experiments" / "experiments.example.yaml"
     with warehouse.write() as con:
         analysis = analyse(con, parse_experiments(example.read_text(), str(example)))

@@ -8,6 +8,7 @@ Impression keys are Mixpanel distinct_ids, so the warehouse can join the two hal
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,10 +77,16 @@ def _events(shopper: Shopper, seed: int) -> Iterator[SandboxEvent]:
                            {"amount": 50.0})
 
 
+@functools.lru_cache(maxsize=4)
+def events(days: tuple[dt.date, ...], users: int, seed: int) -> tuple[SandboxEvent, ...]:
+    """Every event of the shoppers, on whatever day it happened (kept: the sandbox serves the days one by one)."""
+    return tuple(e for s in shoppers(days, users, seed) for e in _events(s, seed))
+
+
 def events_on(days: tuple[dt.date, ...], users: int, seed: int, day: dt.date) -> list[SandboxEvent]:
     """The shoppers' events that happened on `day` (UTC)."""
     start = _day_ms(day)
-    return [e for s in shoppers(days, users, seed) for e in _events(s, seed) if start <= e.time_ms < start + 86_400_000]
+    return [e for e in events(days, users, seed) if start <= e.time_ms < start + 86_400_000]
 
 
 def impressions(days: tuple[dt.date, ...], users: int, seed: int) -> list[dict]:
