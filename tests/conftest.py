@@ -116,9 +116,19 @@ def repository_python_logs() -> dict:
 
 
 @pytest.fixture
-def instance():
-    with dg.instance_for_test(overrides={"python_logs": repository_python_logs()}) as test_instance:
+def instance(tmp_path):
+    """An in-memory Dagster instance, the kind `dg.materialize` makes for itself, with the repository's log capture.
+
+    Not `instance_for_test`: that creates three SQLite databases and reads Dagster's ~600 migration scripts each
+    time (1-2 s a test, over a hundred tests). Tests that need an instance on disk (the CLI, the daemon, a second
+    process) make one themselves.
+    """
+    test_instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_storage"),
+                                                 settings={"python_logs": repository_python_logs()})
+    try:
         yield test_instance
+    finally:
+        test_instance.dispose()
 
 
 @pytest.fixture

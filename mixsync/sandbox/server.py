@@ -130,7 +130,14 @@ class RunningServer:
     state: Any = field(default=None)
 
     def stop(self) -> None:
+        self.signal_stop()
+        self.join()
+
+    def signal_stop(self) -> None:
+        """Ask the server to exit (it notices within uvicorn's 0.1 s tick); `join` waits for it."""
         self.server.should_exit = True
+
+    def join(self) -> None:
         self.thread.join(timeout=10)
 
 
