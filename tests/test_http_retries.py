@@ -130,3 +130,23 @@ def test_the_split_client_resends_the_same_body_after_a_429():
     assert [r.content for r in script.requests] == [b'[{"eventTypeId":"a"},{"eventTypeId":"b"}]'] * 2
     assert all(r.url == "https://split.test/api/events/bulk" for r in script.requests)
     assert script.requests[0].headers["authorization"] == "Bearer sdk-key-for-tests"
+
+
+def test_every_client_verifies_tls_through_one_shared_context(sandbox, env):
+    """Building a verifying context reads the CA bundle; the clients share one that still checks certificates."""
+    import ssl
+
+    from mixsync.flagsmith.client import FlagsmithClient
+    from mixsync.flagsmith.settings import FlagsmithSettings
+    from mixsync.http import tls_context
+    from mixsync.mixpanel.client import MixpanelClient
+    from mixsync.settings import MixpanelSettings
+
+    context = tls_context()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    clients = [SplitEventsClient(SplitSettings.from_env()), MixpanelClient(MixpanelSettings.from_env()),
+               FlagsmithClient(FlagsmithSettings.from_env())]
+    for client in clients:
+        # httpx's transport keeps the context it was given in its connection pool.
+        assert client.http._transport._pool._ssl_context is context
+        client.http.close()

@@ -9,7 +9,16 @@ import httpx
 import orjson
 
 from mixsync.flagsmith.settings import FlagsmithSettings
-from mixsync.http import RetryPolicy, RetryStats, ServiceError, raise_for_status, timeouts, user_agent, with_retries
+from mixsync.http import (
+    RetryPolicy,
+    RetryStats,
+    ServiceError,
+    raise_for_status,
+    timeouts,
+    tls_context,
+    user_agent,
+    with_retries,
+)
 
 KEY_HINT = ("Check FLAGSMITH_ENVIRONMENT_KEY: it must be the server-side key (ser.…) of the environment that "
             "FLAGSMITH_API_URL serves")
@@ -52,6 +61,7 @@ class FlagsmithClient:
                      "Content-Type": "application/json"},
             timeout=timeouts(read_seconds=120.0),
             transport=transport,
+            verify=tls_context(),
             limits=httpx.Limits(max_connections=max(10, settings.concurrency * 2)),
         )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from mixsync.http import RetryPolicy, RetryStats, raise_for_status, timeouts, user_agent, with_retries
+from mixsync.http import RetryPolicy, RetryStats, raise_for_status, timeouts, tls_context, user_agent, with_retries
 from mixsync.progress import DownloadProgress
 from mixsync.settings import MixpanelSettings
 
@@ -51,6 +51,7 @@ class MixpanelClient:
             # Big export windows may think for minutes before the first byte.
             timeout=timeouts(read_seconds=600.0),
             transport=transport,
+            verify=tls_context(),
         )
 
     def close(self) -> None:

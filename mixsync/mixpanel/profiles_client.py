@@ -7,7 +7,16 @@ import threading
 import httpx
 import orjson
 
-from mixsync.http import RetryPolicy, RetryStats, ServiceError, raise_for_status, timeouts, user_agent, with_retries
+from mixsync.http import (
+    RetryPolicy,
+    RetryStats,
+    ServiceError,
+    raise_for_status,
+    timeouts,
+    tls_context,
+    user_agent,
+    with_retries,
+)
 
 HINTS = {
     400: "Mixpanel refused the profile updates request",
@@ -31,7 +40,8 @@ class ProfilesClient:
         self.requests_sent = 0
         self._count_lock = threading.Lock()
         self.http = httpx.Client(headers={"User-Agent": user_agent(), "Content-Type": "application/json"},
-                                 timeout=timeouts(read_seconds=120.0), transport=transport)
+                                 timeout=timeouts(read_seconds=120.0), transport=transport,
+                                 verify=tls_context())
 
     def close(self) -> None:
         self.http.close()

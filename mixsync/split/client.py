@@ -11,6 +11,7 @@ from mixsync.http import (
     RetryStats,
     raise_for_status,
     timeouts,
+    tls_context,
     user_agent,
     with_retries,
 )
@@ -48,6 +49,7 @@ class SplitEventsClient:
             limits=httpx.Limits(max_connections=settings.concurrency + 2,
                                 max_keepalive_connections=settings.concurrency + 2),
             transport=transport,
+            verify=tls_context(),
         )
 
     def close(self) -> None:
