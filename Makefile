@@ -53,7 +53,7 @@ TEST_TMP_PARENT ?= $(shell test -d /dev/shm -a -w /dev/shm && echo /dev/shm || e
 test: venv
 	@tmp=$$(mktemp -d "$(TEST_TMP_PARENT)/mixsync-test-XXXXXX") && chmod 755 "$$tmp" && \
 	trap 'rm -rf "$$tmp"' EXIT && echo "test files in $$tmp" && \
-	TMPDIR="$$tmp" $(BIN)/python -m pytest -n auto --durations=15
+	TMPDIR="$$tmp" $(BIN)/python -m pytest -n auto --dist worksteal --durations=15
 
 # Lint and type-check; CI runs this before the tests. `ruff check --fix .` repairs most of what ruff reports.
 check: venv
