@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from mixsync import dagster_fixes
 from mixsync.experiments import defs as experiments
 from mixsync.flagsmith import defs as flagsmith
 from mixsync.impressions import defs as impressions
@@ -9,6 +10,8 @@ from mixsync.maintenance import defs as maintenance
 from mixsync.mixpanel import defs as mixpanel
 from mixsync.resources import WarehouseResource
 from mixsync.split import defs as split
+
+dagster_fixes.install()
 
 FLOWS = (mixpanel, split, flagsmith, impressions, experiments, maintenance)
 

@@ -10,6 +10,10 @@ import threading
 
 import dagster as dg
 
+from mixsync import dagster_fixes
+
+dagster_fixes.install()  # as mixsync's own code location does
+
 
 @dg.asset(pool="split_events")
 def held_step() -> dg.MaterializeResult:
@@ -20,4 +24,5 @@ def held_step() -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"pid": os.getpid()})
 
 
-defs = dg.Definitions(assets=[held_step])
+# Steps in the run's process, as in mixsync's definitions (Dagster's multiprocess executor busy-waits on a full pool).
+defs = dg.Definitions(assets=[held_step], executor=dg.in_process_executor)
