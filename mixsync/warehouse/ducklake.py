@@ -31,7 +31,12 @@ _COMPRESSION_CLAUSE = re.compile(r"\s+USING\s+COMPRESSION\s+\w+", re.IGNORECASE)
 
 
 _databases: dict[tuple, duckdb.DuckDBPyConnection] = {}
+_attached: dict[tuple, set[str]] = {}
 _databases_lock = threading.Lock()
+# The lake attached read-write is `lake` (maintenance calls `lake.…` functions); read connections use `lake_ro`,
+# attached READ_ONLY in the same instance, so a read connection cannot write even by mistake.
+_READ_WRITE_ALIAS = "lake"
+_READ_ONLY_ALIAS = "lake_ro"
 # Digests of the DDL this process has already seen applied, per catalog: skips even the check.
 _applied_ddl: dict[str, set[str]] = {}
 
@@ -130,20 +135,26 @@ class DuckLakeWarehouse:
         return f"DuckLake (catalog {self.catalog}, data {self.data_path})"
 
     def _database(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """This process's DuckDB instance with the extensions loaded and the lake attached, made once.
+        """This process's DuckDB instance for this lake, with the extensions loaded once and the lake attached the
+        way asked: read-write as `lake`, read-only as `lake_ro` (both, in a process that writes and reads).
 
-        Loading the two extensions takes about a second and attaching a round trip to Postgres; each connection
-        is a cursor on this instance instead. A cursor starts a transaction on the latest snapshot, so sharing
-        the instance never hides another host's commits.
+        Loading the two extensions takes about half a CPU-second and attaching a round trip to Postgres; each
+        connection is a cursor on this instance instead. A cursor starts a transaction on the latest snapshot, so
+        sharing the instance never hides another host's commits (nor this process's writes from its reads).
         """
-        key = (self.catalog, self.data_path, read_only, self.memory_limit, self.threads)
+        key = (self.catalog, self.data_path, self.memory_limit, self.threads)
+        alias = _READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS
         with _databases_lock:
             database = _databases.get(key)
             if database is None:
-                database = _databases[key] = self._attach(read_only)
+                database = _databases[key] = self._instance()
+                _attached[key] = set()
+            if alias not in _attached[key]:
+                self._attach_lake(database, alias, read_only)
+                _attached[key].add(alias)
             return database
 
-    def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _instance(self) -> duckdb.DuckDBPyConnection:
         from mixsync.warehouse import configure
 
         con = duckdb.connect()
@@ -152,16 +163,28 @@ class DuckLakeWarehouse:
             # An in-memory database spills to this folder beyond the memory limit.
             con.execute(f"SET temp_directory = {literal(str(Path(tempfile.gettempdir()) / 'mixsync-duckdb-spill'))}")
             load_extensions(con)
-            options = [f"DATA_PATH {literal(self.data_path)}"]
-            if read_only:
-                options.append("READ_ONLY")
-            try:
-                con.execute(f"ATTACH {literal('ducklake:postgres:' + self.catalog)} AS lake ({', '.join(options)})")
-            except duckdb.Error as exc:
-                raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
-                                      f"{exc}") from exc
-            if not read_only:
-                con.execute(f"CALL lake.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
+            return con
+        except BaseException:
+            con.close()
+            raise
+
+    def _attach_lake(self, con: duckdb.DuckDBPyConnection, alias: str, read_only: bool) -> None:
+        options = [f"DATA_PATH {literal(self.data_path)}"]
+        if read_only:
+            options.append("READ_ONLY")
+        try:
+            con.execute(f"ATTACH {literal('ducklake:postgres:' + self.catalog)} AS {alias} ({', '.join(options)})")
+        except duckdb.Error as exc:
+            raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
+                                  f"{exc}") from exc
+        if not read_only:
+            con.execute(f"CALL {alias}.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
+
+    def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A DuckDB instance of its own with the lake attached as `lake` (for `read(private=True)`)."""
+        con = self._instance()
+        try:
+            self._attach_lake(con, _READ_WRITE_ALIAS, read_only)
             return con
         except BaseException:
             con.close()
@@ -174,7 +197,7 @@ class DuckLakeWarehouse:
         try:
             configure(con, self.memory_limit, self.threads)
             # The lake is the default catalog: every flow's `schema.table` names resolve in it.
-            con.execute("USE lake")
+            con.execute(f"USE {_READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS}")
             return con
         except BaseException:
             con.close()
