@@ -139,3 +139,22 @@ def test_a_file_runs_its_ddl_again_only_when_it_changed(tmp_path):
     out = subprocess.run([sys.executable, "-c", SCHEMA_PROBE, str(tmp_path / "w.duckdb")], capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["0", "1", "2"]
+
+
+def test_bound_parameters_do_not_search_for_pandas_again(tmp_path, monkeypatch):
+    """DuckDB looks for pandas on every bound parameter; once mixsync knows it is absent, no look searches sys.path."""
+    import importlib.util
+
+    if importlib.util.find_spec("pandas") is not None and sys.modules.get("pandas") is not None:
+        pytest.skip("pandas is installed here: DuckDB finds it in sys.modules at once")
+    searched: list[str] = []
+
+    class Recorder:
+        def find_spec(self, name, path=None, target=None):
+            searched.append(name)
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
+    with Warehouse(tmp_path / "w.duckdb").write() as con:
+        assert con.execute("SELECT len($ids), $name", {"ids": [1, 2, 3], "name": "x"}).fetchone() == (3, "x")
+    assert "pandas" not in searched

@@ -11,7 +11,9 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.util
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMAS", "AnyWarehouse", "DuckLakeWarehouse", "Warehouse", "WarehouseLockTimeout", "ensure_schema",
            "markdown_table", "open_warehouse"]
+
+# DuckDB's Python binding checks every bound parameter for a pandas type by importing pandas, about ten times a
+# statement; without pandas installed (mixsync does not need it) each check is a failed import that searches
+# sys.path again (~65 µs): 0.7 ms of a statement's 1.1 ms, measured. Recording the absence once makes each check
+# instant, and `import pandas` still fails as before (ModuleNotFoundError).
+if importlib.util.find_spec("pandas") is None:
+    sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
 
 def configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
