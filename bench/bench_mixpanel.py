@@ -65,11 +65,13 @@ def child_duckdb_read_json(path: str, db: str, extract: str, lake: dict | None =
         compression = "" if lake else " USING COMPRESSION zstd"
         con.execute(f"""CREATE TABLE events (event VARCHAR, distinct_id VARCHAR, time TIMESTAMPTZ, insert_id VARCHAR,
                                              properties JSON{compression}, day DATE)""")
+        # The fields as text in that one parse (json_extract_string: json_extract would write each out as JSON for
+        # `->>` to parse again), as mixsync pulls them.
         con.execute(f"""INSERT INTO events
-            SELECT event, f[1]->>'$', epoch_ms(TRY_CAST(round(TRY_CAST(f[3]->>'$' AS DOUBLE)) AS BIGINT)), f[2]->>'$',
-                   properties, CAST(epoch_ms(TRY_CAST(round(TRY_CAST(f[3]->>'$' AS DOUBLE)) AS BIGINT)) AS DATE)
+            SELECT event, f[1], epoch_ms(TRY_CAST(round(TRY_CAST(f[3] AS DOUBLE)) AS BIGINT)), f[2],
+                   properties, CAST(epoch_ms(TRY_CAST(round(TRY_CAST(f[3] AS DOUBLE)) AS BIGINT)) AS DATE)
             FROM (SELECT event, properties,
-                         json_extract(properties, ['$.distinct_id', '$."$insert_id"', '$.time']) AS f FROM {source})""")
+                         json_extract_string(properties, ['$.distinct_id', '$."$insert_id"', '$.time']) AS f FROM {source})""")
     elif extract == "auto":
         con.execute(f"CREATE TABLE events AS SELECT * FROM read_json('{path}')")
     else:

@@ -83,9 +83,11 @@ CREATE OR REPLACE MACRO mixpanel.local_to_utc(local_ts, tz) AS (
 """
 
 # `time` arrives in milliseconds (we ask for time_in_ms) as an int or a float; epoch_ms wants an integer.
-_RAW_MS = "TRY_CAST(round(TRY_CAST(fields[3]->>'$' AS DOUBLE)) AS BIGINT)"
+_RAW_MS = "TRY_CAST(round(TRY_CAST(fields[3] AS DOUBLE)) AS BIGINT)"
 # The fields are pulled in one parse of `properties`: one `->>` each would parse it four times (0.3 s per million).
-_FIELDS = """json_extract(properties, ['$.distinct_id', '$."$insert_id"', '$.time', '$.mp_processing_time_ms'])"""
+# json_extract_string gives each field as text directly (the same values as `json_extract(...)[i]->>'$'`, NULL for
+# a missing field or a JSON null): json_extract would write each field out as JSON only for `->>` to parse it again.
+_FIELDS = """json_extract_string(properties, ['$.distinct_id', '$."$insert_id"', '$.time', '$.mp_processing_time_ms'])"""
 
 
 class TruncatedExport(RuntimeError):
@@ -113,10 +115,10 @@ def _select_events(source_sql: str, legacy_timezone: str | None, loaded_at_param
         day = f"CAST(epoch_ms({_RAW_MS}) AS DATE)"
     return f"""
         SELECT event,
-               fields[1]->>'$' AS distinct_id,
+               fields[1] AS distinct_id,
                {instant} AS time,
-               fields[2]->>'$' AS insert_id,
-               TRY_CAST(fields[4]->>'$' AS BIGINT) AS mp_processing_time_ms,
+               fields[2] AS insert_id,
+               TRY_CAST(fields[4] AS BIGINT) AS mp_processing_time_ms,
                properties,
                {day} AS day,
                {loaded_at_param} AS loaded_at
