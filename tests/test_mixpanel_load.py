@@ -79,6 +79,46 @@ def test_a_load_killed_before_its_switch_is_invisible_and_the_next_load_clears_i
         assert con.execute("SELECT events, duplicates_dropped FROM mixpanel.event_loads").fetchall() == [(30, 1)]
 
 
+KILLED_MID_INSERT = """
+import datetime as dt, os, signal, sys
+from pathlib import Path
+from mixsync.warehouse import Warehouse
+from mixsync.mixpanel import sql as mixpanel
+
+insert_rows = mixpanel._insert_rows
+
+def insert_then_die(*args, **kwargs):
+    insert_rows(*args, **kwargs)
+    os.kill(os.getpid(), SIGKILL)  # every row is written, the transaction holding them and the load id is not committed
+
+SIGKILL = signal.SIGKILL
+mixpanel._insert_rows = insert_then_die
+with Warehouse(sys.argv[1]).write() as con:
+    mixpanel.load_export_file(con, Path(sys.argv[2]), dt.date(2026, 3, 2), dt.date(2026, 3, 2))
+"""
+
+
+def test_a_load_killed_inside_its_insert_leaves_neither_rows_nor_an_unfinished_entry(tmp_path):
+    # The load's id, its unfinished entry and its rows are one transaction: killed before its commit, nothing of it
+    # is in the file, and the next load has nothing to clear.
+    store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
+    load(store, export_file(tmp_path / "v1.jsonl", "v1", 50))
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_MID_INSERT), str(store.path),
+                             str(export_file(tmp_path / "v2.jsonl", "v2", 70))], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+
+    assert visible(store) == {"v1": 50}
+    assert stored_rows(store) == 50
+    with store.read() as con:
+        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
+
+    load(store, export_file(tmp_path / "v3.jsonl", "v3", 30))
+    assert visible(store) == {"v3": 30}
+    assert stored_rows(store) == 30
+    with store.read() as con:
+        assert con.execute("SELECT load_id FROM mixpanel.event_loads").fetchall() == [(2,)]
+
+
 def test_a_load_that_fails_in_its_switch_keeps_the_previous_day_and_leaves_no_rows(tmp_path, monkeypatch):
     store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
     load(store, export_file(tmp_path / "v1.jsonl", "v1", 50))

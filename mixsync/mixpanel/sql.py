@@ -167,8 +167,8 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
     loaded_at = dt.datetime.now(dt.UTC)
 
     def begin(con) -> int:
-        # One transaction, not three, and one query for what it needs to know: on a lake each table a statement
-        # reads is a round of catalog queries (~15-100 ms). The new id is above every load's, unfinished or not.
+        # One query for what it needs to know: on a lake each table a statement reads is a round of catalog
+        # queries (~15-100 ms). The new id is above every load's, unfinished or not.
         load_id, unfinished = con.execute("""
             SELECT greatest(coalesce((SELECT max(load_id) FROM mixpanel.event_rows), 0),
                             coalesce((SELECT max(load_id) FROM mixpanel.event_loads), 0),
@@ -181,11 +181,22 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
                     [load_id, window_start, window_end, loaded_at])
         return load_id
 
-    load_id, _ = run_transaction(con, begin)
+    def begin_and_insert(source_sql: str):
+        # The load's id, its row in event_loads_unfinished and its rows in one transaction, not two: on a lake
+        # each commit is a round of catalog queries. Rows and the unfinished entry commit together or not at all,
+        # so a load killed mid-insert leaves nothing behind, and one killed after it leaves its entry for the next
+        # load to clear. Only rows committed before this transaction are deleted in it (unfinished loads'), so
+        # DuckDB still commits the inserted rows by reference.
+        def body(con) -> int:
+            load_id = begin(con)
+            _insert_rows(con, source_sql, load_id, legacy_timezone, loaded_at)
+            return load_id
+        return body
+
     try:
         invalid_lines_sql = None
         try:
-            _insert_rows(con, _fast_source(path), load_id, legacy_timezone, loaded_at)
+            load_id, _ = run_transaction(con, begin_and_insert(_fast_source(path)))
         except duckdb.InvalidInputException as exc:
             if "json" not in str(exc).lower():
                 raise
@@ -196,7 +207,7 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
             parsed = ("SELECT json_extract_string(line, '$.event') AS event, json_extract(line, '$.properties') AS properties "
                       f"FROM ({lines}) WHERE json_valid(line)")
             invalid_lines_sql = f"SELECT line FROM ({lines}) WHERE NOT json_valid(line)"
-            _insert_rows(con, parsed, load_id, legacy_timezone, loaded_at)
+            load_id, _ = run_transaction(con, begin_and_insert(parsed))
         return _make_current(con, load_id, invalid_lines_sql, window_start, window_end, loaded_at)
     except BaseException:
         # Best effort: the next load clears whatever this one could not.
@@ -223,8 +234,8 @@ def _clear_loads(con: duckdb.DuckDBPyConnection, load_ids: list[int]) -> None:
 
 
 def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None, loaded_at: dt.datetime) -> None:
-    # Straight from the file into the table, committed on its own: DuckDB writes a bulk insert to disk as it
-    # goes and commits it by reference. Dropping some of these rows in the same transaction would make the
+    # Straight from the file into the table, committed before the switch (with the load's unfinished entry):
+    # DuckDB writes a bulk insert to disk as it goes and commits it by reference. Dropping some of these rows in the same transaction would make the
     # commit rewrite all of them (measured: +2.6 s per million rows); dropping them once committed costs ~0.
     con.execute(f"INSERT INTO mixpanel.event_rows SELECT *, $load_id FROM ({_select_events(source_sql, legacy_timezone, '$loaded_at')})",
                 {"load_id": load_id, "loaded_at": loaded_at})
@@ -288,6 +299,8 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
         dropped_per_day = dict(con.execute("SELECT day, count(*) FROM temp.export_dropped GROUP BY day").fetchall())
         if dropped_per_day:
             con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM temp.export_dropped)")
+        # Dropped inside the transaction: on a lake every statement outside one is a transaction of its own.
+        con.execute("DROP TABLE temp.export_dropped")
         if replaced_rows:
             con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
                         this_load)
@@ -317,8 +330,10 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
     # One transaction, retried whole if it loses a DuckLake conflict (a concurrent writer to these tables).
     try:
         result, retries = run_transaction(con, switch)
-    finally:
-        con.execute("DROP TABLE IF EXISTS temp.export_dropped")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
+        raise
     result.conflict_retries = retries
     result.events = sum(result.per_day.values())
     result.rejected = sum(result.rejects_by_reason.values())
