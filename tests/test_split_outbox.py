@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -266,3 +268,91 @@ def test_each_batch_is_marked_by_the_ids_of_the_payloads_it_carried_across_many_
         ["sent"] * 1005 + ["rejected"] + ["sent"] * 197_994 + ["in_doubt"] * 1000, strict=True)}
     assert {p: s for p, (s, _, _) in state.items() if s != "pending"} == status
     assert sum(s == "pending" for s, _, _ in state.values()) == 100_000
+
+
+PUSH_TO_SPLIT = """
+import sys
+from pathlib import Path
+import mixsync.warehouse.outbox as outbox
+from mixsync.settings import Secret
+from mixsync.split.assets import batch_sender
+from mixsync.split.client import SplitEventsClient
+from mixsync.split.settings import SplitSettings
+from mixsync.warehouse import Warehouse
+
+db, table, work, url, key = sys.argv[1:6]
+# Small windows, applied while later batches are sent; UPDATE windows that cut batches.
+outbox.OVERLAP_LINES, outbox.APPLY_LINES = 1000, 700
+settings = SplitSettings(sdk_key=Secret(key), events_url=url, traffic_type="user", environment=None, mapping_file=None,
+                         batch_size=100, max_batch_bytes=1 << 20, concurrency=2)
+with SplitEventsClient(settings) as client:
+    outbox.push(Warehouse(db), table, batch_sender(client), Path(work), max_items=100, concurrency=2, at_most_once=True)
+"""
+
+
+def test_a_push_killed_after_it_applied_windows_leaves_every_row_as_split_recorded_it(tmp_path, sandbox):
+    import orjson
+
+    rows_count, answered_batches = 6000, 40
+    store = Warehouse(tmp_path / "w.duckdb")
+    with store.write() as con:
+        con.execute(outbox_ddl(TABLE))
+        enqueue(con, TABLE, None,
+                "SELECT 'id' || range AS id, 'day' AS scope, json_object('eventTypeId', 'checkout', "
+                "'trafficTypeName', 'user', 'key', 'user-' || range, 'timestamp', 1767225600000 + range, "
+                "'value', NULL, 'properties', json_object('n', range))::VARCHAR AS payload FROM range($rows)",
+                {"rows": rows_count})
+    split = sandbox.split
+    split.hold_from_request, split.hold_seconds = answered_batches + 1, 120  # later requests: received, no answer
+    child = subprocess.Popen([sys.executable, "-c", PUSH_TO_SPLIT, str(store.path), TABLE, str(tmp_path / "work"),
+                              sandbox.env()["SPLIT_EVENTS_URL"], split.sdk_key],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Killed once Split holds two batches (the push's concurrency) and the push applied windows of the 40
+        # answered ones to the table itself, while those two were in flight.
+        deadline = time.monotonic() + 120
+        while True:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the push never applied a window while sending"
+            if split.bulk_requests >= answered_batches + 2:
+                with store.read() as con:
+                    applied = con.execute(f"SELECT count(*) FROM {TABLE} WHERE status = 'sent'").fetchone()[0]
+                if applied >= answered_batches * 100 - 1000:
+                    break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        split.hold_from_request = None
+        split.release()
+    assert applied < rows_count  # applied during the push: it never reached the end
+    assert list((tmp_path / "work" / "sync_test_outbox").glob("*.journal"))  # killed before its final apply
+
+    recovered = recover(store, TABLE, tmp_path / "work", at_most_once=True)
+    assert recovered.in_flight_at_crash == recovered.recovered_in_doubt == 200
+    # Requests are numbered as Split accepts them and their events kept in that order: the first 40 were answered.
+    answered = {split.identity(e) for e in split.events[:answered_batches * 100]}
+    held = {split.identity(e) for e in split.events[answered_batches * 100:]}
+    assert len(answered) == answered_batches * 100 and len(held) == 200 and split.duplicates() == 0
+    with store.read() as con:
+        status = {split.identity(orjson.loads(p)): s for p, s in con.execute(f"SELECT payload, status FROM {TABLE}")
+                  .fetchall()}
+    assert {i for i, s in status.items() if s == "sent"} == answered
+    assert {i for i, s in status.items() if s == "in_doubt"} == held
+    assert sum(s == "pending" for s in status.values()) == rows_count - len(answered) - len(held)
+
+    # The next push sends exactly the rows Split never received, once.
+    from mixsync.settings import Secret
+    from mixsync.split.assets import batch_sender
+    from mixsync.split.client import SplitEventsClient
+    from mixsync.split.settings import SplitSettings
+
+    settings = SplitSettings(sdk_key=Secret(split.sdk_key), events_url=sandbox.env()["SPLIT_EVENTS_URL"],
+                             traffic_type="user", environment=None, mapping_file=None, batch_size=100,
+                             max_batch_bytes=1 << 20, concurrency=2)
+    with SplitEventsClient(settings) as client:
+        report = push(store, TABLE, batch_sender(client), tmp_path / "work", max_items=100, at_most_once=True)
+    assert report.sent == rows_count - len(answered) - len(held)
+    assert split.duplicates() == 0 and set(split.received()) == set(status)

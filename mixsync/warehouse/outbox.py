@@ -10,7 +10,9 @@ An outbox is a DuckDB table with the columns of `outbox_ddl`. A push:
    the file with its newlines turned into commas: no per-item Python work), sends them with bounded concurrency;
    each batch's line range goes to a journal as `inflight` before it is sent, and its outcome (sent, refused
    items, in doubt) is appended, fsynced, when it settles: a few lines a batch, whatever its size;
-4. applies the journal to the table in one short write at the end (or, after a crash, at the next push).
+4. applies the journal to the table: while later batches are still being sent, the lines of the batches that
+   settled (in windows of OVERLAP_LINES, each a short write), then what is left in one short write at the end
+   (or, after a crash, all of it again at the next push: applying changes only rows still pending).
 
 Two delivery policies, for two kinds of service:
 - `at_most_once=False` (Mixpanel /import dedupes on $insert_id, a Flagsmith trait set is idempotent): a batch in
@@ -47,6 +49,9 @@ READ_CHUNK = 4 << 20
 # Lines of a journal applied by one UPDATE (and committed): the UPDATE's hash join holds the ids of its lines and
 # DuckDB keeps the changed values until the commit, so this bounds the apply's memory whatever the push's size.
 APPLY_LINES = 500_000
+# Settled lines that make the push apply them while it sends later batches: the apply overlaps the sends instead of
+# running alone after the last one. Each apply scans the outbox once, so windows much smaller cost more CPU.
+OVERLAP_LINES = 250_000
 SNAPSHOT_MEMORY_LIMIT = "128MB"
 LINE = b"\n"
 JOURNAL, IDS = ".journal", ".ids.parquet"
@@ -176,8 +181,9 @@ JOURNAL_COLUMNS = "{'kind': 'VARCHAR', 'batch': 'BIGINT', 'first': 'BIGINT', 'co
 
 
 def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool,
-           logger: logging.Logger = log) -> tuple[int, int, int, int]:
-    """Apply a journal, of this version (a few lines a batch) or of an earlier one (a line an item)."""
+           logger: logging.Logger = log, applied_lines: int = 0) -> tuple[int, int, int, int]:
+    """Apply a journal, of this version (a few lines a batch) or of an earlier one (a line an item).
+    `applied_lines`: the snapshot's lines before it were applied already, during the push (not scanned again)."""
     ids = journal.with_suffix(IDS)
     if not journal.exists():
         ids.unlink(missing_ok=True)
@@ -196,17 +202,22 @@ def _apply(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: boo
         logger.warning(f"{table}: journal {journal.name} has no ids file {ids.name}: it was applied already")
         journal.unlink()
         return 0, 0, 0, 0
-    return _apply_batches(warehouse, table, journal, ids, at_most_once)
+    return _apply_batches(warehouse, table, journal, ids, at_most_once, applied_lines)
 
 
-def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path,
-                   at_most_once: bool) -> tuple[int, int, int, int]:
+def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path, at_most_once: bool,
+                   first_line: int = 0, last_line: int | None = None,
+                   finish: bool = True) -> tuple[int, int, int, int]:
     """Mark the items of the journal's settled batches sent, rejected or in doubt where still pending, then delete
     the journal and its ids file.
 
     A batch journaled `inflight` that never settled becomes `in_doubt` when `at_most_once`, else stays pending.
     Returns (sent, rejected, in doubt, in flight unsettled). Idempotent: applying a journal twice changes
     nothing more.
+
+    Only the snapshot's lines `first_line` to `last_line` (exclusive; None: to the end) are applied. With
+    `finish=False` (a window applied while the push is still sending later batches) only batches that settled
+    are applied, unsettled ones are never taken for in doubt, the journal is kept and nothing is counted.
     """
     # Lines are `kind<TAB>batch<TAB>first<TAB>count<TAB>reason<TAB>.`: `inflight` (the batch's first line in the
     # snapshot and its item count), `rejected` (first = the refused item's position in the batch), then `sent`,
@@ -236,7 +247,8 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                 FROM outbox_batches""").fetchone()
             sent = settled - rejected
             if sent + rejected + in_doubt + (unsettled if at_most_once else 0):
-                outcomes = "('sent', 'in_doubt', 'unsettled')" if at_most_once else "('sent', 'in_doubt')"
+                outcomes = ("('sent', 'in_doubt', 'unsettled')" if at_most_once and finish
+                            else "('sent', 'in_doubt')")
                 # Consecutive batches with the same outcome become one range of lines (most pushes: one range),
                 # so lines find their outcome by a range join with a few rows, not a join per line.
                 con.execute(f"""
@@ -254,10 +266,12 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                     WHERE r.kind = 'rejected' AND b.outcome = 'sent' GROUP BY ALL""")
                 now = dt.datetime.now(dt.UTC)
                 lines = con.execute("SELECT max(hi) FROM outbox_ranges").fetchone()[0] or 0
+                if last_line is not None:
+                    lines = min(lines, last_line)
                 # A window of lines per UPDATE, each committed on its own (peak memory ~30 MB lower at 1M lines
                 # than one UPDATE, for ~0.1 CPU-s more). Safe to stop between two: only rows still pending change,
                 # and the journal is deleted after the last.
-                for first in range(0, lines, APPLY_LINES):
+                for first in range(first_line, lines, APPLY_LINES):
                     con.execute(f"""
                         UPDATE {table} AS o
                         SET status = a.status, error = a.error, sent_at = $now, attempts = o.attempts + 1
@@ -272,10 +286,12 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                               WHERE i.file_row_number >= $first AND i.file_row_number < $last) a
                         WHERE o.id = a.id AND o.status = 'pending'""",
                                 {"now": now, "ids": str(ids), "in_flight": IN_FLIGHT_REASON, "first": first,
-                                 "last": first + APPLY_LINES})
+                                 "last": min(first + APPLY_LINES, lines)})
         finally:
             con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_batches; "
                         "DROP TABLE IF EXISTS outbox_ranges; DROP TABLE IF EXISTS outbox_rejected")
+    if not finish:
+        return 0, 0, 0, 0
     journal.unlink()
     ids.unlink(missing_ok=True)
     return sent, rejected, in_doubt + (unsettled if at_most_once else 0), unsettled
@@ -393,6 +409,56 @@ class _Journal:
         os.close(self.descriptor)
 
 
+class _Applier(threading.Thread):
+    """Applies the journal's lines of settled batches while the push sends later ones, a window of at least
+    OVERLAP_LINES at a time, so that at the end only the last lines remain to apply.
+
+    It applies only lines that the push told it are settled (every batch up to them answered and journaled),
+    and only once the snapshot's read is over (the write waits for no reader of this process). A window it
+    applied is only an early copy of what the final apply would do: a push killed afterwards leaves its journal,
+    whose next application changes nothing on those rows (only pending rows change)."""
+
+    def __init__(self, warehouse: AnyWarehouse, table: str, journal: Path, ids: Path, at_most_once: bool,
+                 snapshot_done: threading.Event, logger: logging.Logger):
+        super().__init__(name=f"apply-{table}", daemon=True)
+        self.warehouse, self.table, self.journal, self.ids = warehouse, table, journal, ids
+        self.at_most_once, self.snapshot_done, self.logger = at_most_once, snapshot_done, logger
+        self.changed = threading.Condition()
+        self.settled = self.applied = 0  # lines: settled by the push, applied to the table
+        self.closing = False
+
+    def settle(self, lines: int) -> None:
+        with self.changed:
+            self.settled = lines
+            self.changed.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.changed:
+                while not self.closing and not (self.snapshot_done.is_set()
+                                                and self.settled - self.applied >= OVERLAP_LINES):
+                    self.changed.wait(0.05)  # the snapshot's end is an Event of its own: look again
+                if self.closing:
+                    return
+                first, last = self.applied, self.settled
+            try:
+                _apply_batches(self.warehouse, self.table, self.journal, self.ids, self.at_most_once,
+                               first, last, finish=False)
+            except Exception as exc:  # the final apply does the rest, and raises if the warehouse stays unwritable
+                self.logger.warning(f"{self.table}: applying acknowledgements while sending failed ({exc}); "
+                                    "they are applied at the end of the push")
+                return
+            self.applied = last
+
+    def close(self) -> int:
+        """Stop after the window being applied (if any); returns the lines applied."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.join()
+        return self.applied
+
+
 class _Snapshot(threading.Thread):
     """One read transaction: the pending ids to a Parquet file (fsynced before `ids_ready` is set), then their
     payloads, in the same order, to a text file that the push reads while it is written."""
@@ -504,32 +570,48 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
     bodies = isinstance(send, BodySender)
 
     journal = _Journal(journal_path)
+    applier = _Applier(warehouse, table, journal_path, journal_path.with_suffix(IDS), at_most_once, snapshot.done,
+                       logger)
+    applier.start()
     failure: BaseException | None = None
     doubted = False
-    running: dict[Future, tuple[int, int]] = {}
+    running: dict[Future, tuple[int, int, int]] = {}
     lines_read = 0
+    # Batches settle out of order; the applier gets the lines of the longest run of settled batches from the first.
+    settled_ends: dict[int, int] = {}
+    next_unsettled = 0
 
     def settle(done: set[Future]) -> None:
-        nonlocal failure, doubted
+        nonlocal next_unsettled
         for future in done:
-            number, count = running.pop(future)
-            try:
-                rejected = future.result().rejected
-            except OutcomeUnknown as exc:
-                journal.write(f"in_doubt\t{number}\t\t\t{' '.join(str(exc).split())}\t.\n")
-                doubted = True
-                report.in_doubt += count
-                logger.warning(f"{table}: a batch of {count} items is in doubt ({exc}); it is held, not resent")
-                continue
-            except BaseException as exc:
-                journal.write(f"failed\t{number}\t\t\t\t.\n")
-                failure = failure or exc
-                continue
-            journal.write("".join(f"rejected\t{number}\t{position}\t\t{' '.join(reason.split())}\t.\n"
-                                  for position, reason in rejected.items()) + f"sent\t{number}\t\t\t\t.\n")
-            report.batches += 1
-            report.rejected += len(rejected)
-            report.sent += count - len(rejected)
+            number, first, count = running.pop(future)
+            journal_outcome(future, number, count)  # written before the applier may read it
+            settled_ends[number] = first + count
+        if next_unsettled in settled_ends:
+            while next_unsettled in settled_ends:
+                settled_lines = settled_ends.pop(next_unsettled)
+                next_unsettled += 1
+            applier.settle(settled_lines)
+
+    def journal_outcome(future: Future, number: int, count: int) -> None:
+        nonlocal failure, doubted
+        try:
+            rejected = future.result().rejected
+        except OutcomeUnknown as exc:
+            journal.write(f"in_doubt\t{number}\t\t\t{' '.join(str(exc).split())}\t.\n")
+            doubted = True
+            report.in_doubt += count
+            logger.warning(f"{table}: a batch of {count} items is in doubt ({exc}); it is held, not resent")
+            return
+        except BaseException as exc:
+            journal.write(f"failed\t{number}\t\t\t\t.\n")
+            failure = failure or exc
+            return
+        journal.write("".join(f"rejected\t{number}\t{position}\t\t{' '.join(reason.split())}\t.\n"
+                              for position, reason in rejected.items()) + f"sent\t{number}\t\t\t\t.\n")
+        report.batches += 1
+        report.rejected += len(rejected)
+        report.sent += count - len(rejected)
 
     def send_batch(batch: bytes | list[bytes], count: int) -> BatchOutcome:
         # `bodies` made each batch a body for a BodySender and a list of payloads otherwise.
@@ -549,7 +631,7 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
                     # Written before the request (the kernel keeps it if this process is killed): after a crash,
                     # this batch is what may have reached the service.
                     journal.write(f"inflight\t{number}\t{first}\t{count}\t\t.\n")
-                    running[pool.submit(send_batch, batch, count)] = (number, count)
+                    running[pool.submit(send_batch, batch, count)] = (number, first, count)
                     lines_read = first + count
                 else:
                     if snapshot.error is None and lines_read != snapshot.count:
@@ -561,10 +643,11 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
                 settle(wait(running, return_when=FIRST_COMPLETED)[0])
     finally:
         snapshot.stop()
+        applied = applier.close()
         journal.close()
         payloads_path.unlink(missing_ok=True)
         # Record what went through, even when the push failed part way.
-        _apply(warehouse, table, journal_path, at_most_once, logger)
+        _apply(warehouse, table, journal_path, at_most_once, logger, applied_lines=applied)
     failure = snapshot.error or failure  # a snapshot that failed is the cause of what followed
     if failure is not None:
         raise failure
