@@ -164,8 +164,6 @@ def _batches(payloads: Path, max_items: int, max_bytes: int, bodies: bool,
                         break  # DuckDB is behind the sender: send what there is
                     else:
                         threading.Event().wait(0.002)  # let DuckDB write
-            if eof and read and buffer[read - 1] != LINE[0]:
-                raise ValueError(f"{payloads}: the last line is incomplete")
             data = np.frombuffer(buffer, dtype=np.uint8, count=read)
             new_ends = np.flatnonzero(np.equal(data[filled:read], LINE[0], out=is_line_end[:read - filled]))
             new_ends += filled
@@ -173,6 +171,9 @@ def _batches(payloads: Path, max_items: int, max_bytes: int, bodies: bool,
                 data[new_ends] = ord(",")
             del data  # no view of the buffer may outlive the chunk: it is moved and may grow
             ends = np.concatenate((ends, new_ends))
+            # (the buffer's newlines may be commas by now: the positions tell where lines end)
+            if eof and read and (not len(ends) or ends[-1] != read - 1):
+                raise ValueError(f"{payloads}: the last line is incomplete")
             count, line, offset = len(ends), 0, 0
             with memoryview(buffer) as view:
                 while line < count:
@@ -535,7 +536,9 @@ class _Snapshot(threading.Thread):
                                            "payloads")
                 con.execute("COMMIT")
         except BaseException as exc:
-            if not self.stopped:  # an interruption the push asked for is not the snapshot's failure
+            # An interruption the push asked for is not the snapshot's failure; any other error is, even when
+            # the push stopped meanwhile (its own error, e.g. the payloads file gone, may be this one's effect).
+            if not (self.stopped and isinstance(exc, duckdb.InterruptException)):
                 self.error = exc
         finally:
             self.connection = None
