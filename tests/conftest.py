@@ -27,6 +27,30 @@ from mixsync.warehouse import AnyWarehouse, open_warehouse
 BACKENDS = ("duckdb", "ducklake")
 _databases = itertools.count(1)
 
+
+def _read_dagster_migration_scripts_once() -> None:
+    """Dagster stamps every new storage with its schema revision (two per in-memory instance, one per test) and
+    checks every SQLite storage it opens against it; alembic reads all of Dagster's migration scripts from disk
+    each time, ~0.1 s an instance over hundreds of instances a run. They cannot change during a session: each
+    worker reads them once. (Test-only: a deployment creates its instance once per process.)"""
+    from alembic.script import ScriptDirectory
+
+    read = ScriptDirectory.from_config.__func__  # type: ignore[attr-defined]
+    scripts: dict[str | None, ScriptDirectory] = {}
+
+    def from_config(cls, config, *args, **kwargs):
+        location = config.get_main_option("script_location")
+        if args or kwargs or location is None:
+            return read(cls, config, *args, **kwargs)
+        if location not in scripts:
+            scripts[location] = read(cls, config)
+        return scripts[location]
+
+    ScriptDirectory.from_config = classmethod(from_config)  # type: ignore[method-assign,assignment]
+
+
+_read_dagster_migration_scripts_once()
+
 FAST_RETRIES = {
     "MIXSYNC_HTTP_BACKOFF_MS": "5",
     "MIXSYNC_HTTP_BACKOFF_MAX_MS": "20",
