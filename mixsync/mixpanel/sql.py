@@ -288,10 +288,16 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
         # go through the exact per-key window, so a hash collision only costs time: different keys are never
         # merged. Two scans, not one CTE used twice: DuckDB materializes such a CTE (every row's key strings),
         # which spilled at 4M events a day. The bad rows are gone by now, so the duplicates are all good rows.
+        # The repeated hashes are found by sorting each day's hashes and comparing neighbours, not by grouping
+        # them: half the CPU of a hash table of a million groups (0.22-0.28 s instead of 0.42-0.52 s at 1M on a
+        # file, under load). Copies share `time`, so they share the day the window is partitioned by.
         # A temp table is local to this process, even on a lake.
         con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
-            WITH repeated AS (SELECT hash(insert_id, time) AS key_hash FROM mixpanel.event_rows
-                              WHERE load_id = $load_id GROUP BY key_hash HAVING count(*) > 1)
+            WITH repeated AS (SELECT key_hash FROM (
+                                  SELECT key_hash, lag(key_hash) OVER (PARTITION BY day ORDER BY key_hash) AS previous
+                                  FROM (SELECT hash(insert_id, time) AS key_hash, day FROM mixpanel.event_rows
+                                        WHERE load_id = $load_id))
+                              WHERE key_hash = previous)
             SELECT rowid AS row_id, day FROM mixpanel.event_rows
             WHERE load_id = $load_id AND hash(insert_id, time) IN (SELECT key_hash FROM repeated)
             QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
