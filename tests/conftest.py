@@ -94,6 +94,25 @@ def lake_env(postgres, tmp_path) -> dict[str, str]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_backends: run this test on a DuckDB file and on a DuckLake")
+    config.addinivalue_line("markers", "slow: tens of seconds (real Dagster processes, the demo); starts first")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests start first, spread over the workers, so the run never ends with one worker alone on a long
+    test. pytest-xdist's worksteal gives worker k the k-th contiguous share of this list to start with (others'
+    leftovers are stolen later): each share begins with its part of the slow tests."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    ordered, remaining = [], len(items)
+    for k in range(workers):
+        share = remaining // (workers - k)  # xdist's own arithmetic for the k-th share
+        remaining -= share
+        head = slow[k::workers]
+        take = max(share - len(head), 0) if k < workers - 1 else len(rest)
+        ordered += head + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered
 
 
 def pytest_generate_tests(metafunc):

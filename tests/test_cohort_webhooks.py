@@ -103,6 +103,7 @@ def meta(result, node="mixpanel_cohort_webhook_members"):
     return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
 
 
+@pytest.mark.slow
 def test_webhooks_and_the_poll_share_one_trait_and_one_ledger(sandbox, receiver, instance, warehouse):
     url, directory = receiver
     query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith

@@ -74,6 +74,7 @@ def kill_mid_step_and_queue_next(home: Path, tmp_path: Path) -> tuple[str, subpr
     return dead_run_id, second
 
 
+@pytest.mark.slow
 def test_mixsync_recover_frees_the_pool_of_a_sigkilled_run(dagster_home, tmp_path):
     dead_run_id, second = kill_mid_step_and_queue_next(dagster_home, tmp_path)
     try:
@@ -96,6 +97,7 @@ def test_mixsync_recover_frees_the_pool_of_a_sigkilled_run(dagster_home, tmp_pat
             second.wait()
 
 
+@pytest.mark.slow
 def test_daemon_run_monitoring_frees_the_pool_of_a_sigkilled_run(dagster_home, tmp_path):
     dead_run_id, second = kill_mid_step_and_queue_next(dagster_home, tmp_path)
     daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-f", str(DEFS)],

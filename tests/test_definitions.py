@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from mixsync.definitions import defs
 
@@ -39,6 +40,7 @@ def test_every_asset_names_its_group_kinds_and_pool():
         "experiments", "mixpanel_profile_flags", "mixpanel_cohort_webhooks", "warehouse_maintenance"}
 
 
+@pytest.mark.slow
 def test_the_code_location_loads_without_any_service_settings(tmp_path):
     """A team with only some credentials (or none) can still load the code location."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXPANEL_", "SPLIT_", "FLAGSMITH_", "MIXSYNC_"))}

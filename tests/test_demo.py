@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -16,6 +17,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_the_demo_runs_every_flow_on_its_own_instance_and_its_hint_works(tmp_path):
     real_home = tmp_path / "real_home"
     real_home.mkdir()
@@ -45,6 +47,7 @@ def test_the_demo_runs_every_flow_on_its_own_instance_and_its_hint_works(tmp_pat
     assert answer.stdout.splitlines()[0].split() == ["event", "events"] and "(5 rows)" in answer.stdout
 
 
+@pytest.mark.slow
 def test_the_demo_runs_on_a_ducklake(tmp_path, lake_env):
     """The same demo with MIXSYNC_WAREHOUSE=ducklake: every flow, the report, and `mixsync query` on the lake."""
     workdir = tmp_path / "demo"

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 CODE = textwrap.dedent('''
     import os
     from pathlib import Path
@@ -24,6 +26,7 @@ CODE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_dagster_commands_load_dotenv_and_its_values_override_the_shell(tmp_path):
     (tmp_path / "probe_defs.py").write_text(CODE)
     (tmp_path / ".env").write_text("MIXSYNC_PRECEDENCE_PROBE=from-dotenv\n")

@@ -181,6 +181,7 @@ def readme_dagster_yaml() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_postgres_instance_materializes_an_asset(postgres, tmp_path):
     postgres.create_database("dagster_instance")
     home = tmp_path / "dagster_home"

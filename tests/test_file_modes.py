@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 # A fresh interpreter with the usual permissive umask: only mixsync itself can make its files private.
 RUN = textwrap.dedent("""
     import os, sys
@@ -21,6 +23,7 @@ RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_flow_leaves_only_private_folders_and_files(sandbox, env, tmp_path):
     day = sandbox.dataset.days[0].isoformat()
     done = subprocess.run([sys.executable, "-c", RUN, day], env=os.environ.copy(), capture_output=True, timeout=600)

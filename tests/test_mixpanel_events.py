@@ -295,6 +295,7 @@ def _cli_env(env: dict, home: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_cli_partition_range_and_concurrent_runs_with_a_reader_open(sandbox, env, warehouse, tmp_path):
     """Two `dagster asset materialize` processes at once, while an ad-hoc read session holds the file."""
     days = sorted(sandbox.dataset.days)

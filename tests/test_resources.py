@@ -49,6 +49,7 @@ def test_fields_are_bound_to_the_variables_that_are_set_and_secrets_stay_names()
     assert "events_url=None" in out and "project_id=None" in out
 
 
+@pytest.mark.slow
 def test_the_first_partition_is_a_fixed_day_without_mixpanel_start_date():
     assert probe_definitions({}).splitlines()[0] == "start 2025-01-01"
     assert probe_definitions({"MIXPANEL_START_DATE": "2024-03-01"}).splitlines()[0] == "start 2024-03-01"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from mixsync.definitions import defs
 from mixsync.mixpanel.assets import mixpanel_events
@@ -140,6 +141,7 @@ def test_mixsync_loggers_reach_the_run_log(sandbox, env, instance):
     assert len(retries) == 1 and retries[0].level == logging.WARNING
 
 
+@pytest.mark.slow
 def test_the_cli_shows_progress_and_mixsyncs_loggers(sandbox, env, tmp_path):
     """`dagster asset materialize` with the repository's dagster.yaml prints the same lines as the UI's run log."""
     home = tmp_path / "dagster_home"

@@ -205,6 +205,7 @@ def check_in_doubt(instance) -> dg.AssetCheckResult:
     return split_events_in_doubt(warehouse=WarehouseResource())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
 def test_batches_in_flight_when_a_push_is_killed_or_interrupted_are_held_in_doubt_never_resent_by_default(
         sandbox, env, warehouse, instance, day, stop):

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from test_ducklake import readme_dagster_yaml
 
 from mixsync.settings import WarehouseSettings
@@ -53,6 +54,7 @@ def finish(*runs: subprocess.Popen) -> None:
     assert [run.returncode for run in runs] == [0] * len(runs), "\n".join(o[-3000:] for o in outputs)
 
 
+@pytest.mark.slow
 def test_two_hosts_export_and_push_at_once_and_a_reader_only_sees_whole_days(sandbox, postgres, lake_env, tmp_path,
                                                                             monkeypatch):
     postgres.create_database("two_hosts_dagster")
