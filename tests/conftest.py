@@ -7,7 +7,9 @@ and stop.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -151,6 +153,7 @@ def warehouse(env) -> AnyWarehouse:
     return open_warehouse(WarehouseSettings(**{**s.__dict__, "lock_timeout_seconds": 60}))
 
 
+@functools.cache  # read once per worker: every test's instance takes it
 def repository_python_logs() -> dict:
     """dagster_home/dagster.yaml's `python_logs` section, so test runs capture mixsync's loggers as real instances do."""
     import yaml
@@ -168,7 +171,7 @@ def instance(tmp_path):
     process) make one themselves.
     """
     test_instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_storage"),
-                                                 settings={"python_logs": repository_python_logs()})
+                                                 settings={"python_logs": copy.deepcopy(repository_python_logs())})
     try:
         yield test_instance
     finally:
