@@ -292,9 +292,19 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                 # than one UPDATE, for ~0.1 CPU-s more). Safe to stop between two: only rows still pending change,
                 # and the journal is deleted after the last.
                 for first in range(first_line, lines, APPLY_LINES):
+                    last = min(first + APPLY_LINES, lines)
+                    # A window of items all sent (most are) leaves `error` as it is: NULL on every pending row
+                    # (enqueue and each re-queue clear it). Three columns written instead of four: ~0.1-0.2 CPU-s
+                    # less per million rows.
+                    only_sent = not con.execute("""
+                        SELECT (SELECT count(*) FROM outbox_ranges WHERE lo < $last AND hi > $first
+                                                                     AND outcome <> 'sent')
+                               + (SELECT count(*) FROM outbox_rejected WHERE line >= $first AND line < $last)""",
+                                                {"first": first, "last": last}).fetchone()[0]
                     con.execute(f"""
                         UPDATE {table} AS o
-                        SET status = a.status, error = a.error, sent_at = $now, attempts = o.attempts + 1
+                        SET status = a.status,{"" if only_sent else " error = a.error,"} sent_at = $now,
+                            attempts = o.attempts + 1
                         FROM (SELECT i.id,
                                      CASE WHEN r.reason IS NOT NULL THEN 'rejected'
                                           WHEN g.outcome = 'unsettled' THEN 'in_doubt' ELSE g.outcome END AS status,
@@ -306,7 +316,7 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                               WHERE i.file_row_number >= $first AND i.file_row_number < $last) a
                         WHERE o.id = a.id AND o.status = 'pending'""",
                                 {"now": now, "ids": str(ids), "in_flight": IN_FLIGHT_REASON, "first": first,
-                                 "last": min(first + APPLY_LINES, lines)})
+                                 "last": last})
         finally:
             con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_batches; "
                         "DROP TABLE IF EXISTS outbox_ranges; DROP TABLE IF EXISTS outbox_rejected")
