@@ -35,6 +35,9 @@ def dagster_home(tmp_path):
     config = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
     config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=1)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    # Create the instance's storage here, where Dagster's migration scripts are already read (conftest), instead of
+    # in the first `dagster` process (1.7 CPU-s there).
+    dg.DagsterInstance.from_config(str(home)).dispose()
     return home
 
 

@@ -147,6 +147,7 @@ def test_the_cli_shows_progress_and_mixsyncs_loggers(sandbox, env, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPOSITORY / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    dg.DagsterInstance.from_config(str(home)).dispose()  # its storage created here (conftest: scripts read once)
     sandbox.mixpanel.faults.add("export", kind="status", status=503)
     day = sandbox.dataset.days[0]
     cli_env = {**os.environ, **env, "DAGSTER_HOME": str(home), "MIXSYNC_PROGRESS_SECONDS": "0"}
