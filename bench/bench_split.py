@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -234,6 +235,8 @@ def main() -> None:
     started = time.perf_counter()
     duckdb_path, bodies_path, figures = prepare(args.events)
     print(f"setup: {json.dumps(figures)}")
+    # The machine is shared: the load around the measurement goes with its figures.
+    print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     for validate in (True, False):
         label = "sandbox (validating every event)" if validate else "counting sink (no validation)"
         server_process, server = start_server(validate)
@@ -259,7 +262,8 @@ def main() -> None:
         cpu = {side: statistics.median(r["cpu_seconds"] for r in rs) * per_million for side, rs in runs.items()}
         print(f"ratio mixsync/plain: {rate['mixsync'] / rate['plain']:.2f}  (target >= {target}); client CPU-s per "
               f"million events: mixsync {cpu['mixsync']:.2f}, plain {cpu['plain']:.2f}; peak RSS target < 400 MB")
-    print(f"\ntotal bench time {time.perf_counter() - started:.0f}s")
+    print("\nload average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(f"total bench time {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":
