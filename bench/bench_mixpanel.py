@@ -166,6 +166,8 @@ def main() -> None:
     from mixsync.sandbox.postgres import PostgresServer
 
     data_dir = OUT / "mixpanel-data"
+    # The machine is shared: the load around the measurement goes with its figures.
+    load_at_start = os.getloadavg()
     results: dict = {}
     databases = iter(range(1, 1_000_000))
     with contextlib.ExitStack() as stack:
@@ -199,6 +201,8 @@ def main() -> None:
     large, small = results["large"]["runs"], results["small"]["runs"]
     print(f"events: {results['large']['events']:,} ({results['large']['gz_mb']} MB gzipped), rounds: {args.rounds}, "
           f"memory limit {os.environ.get('MIXSYNC_DUCKDB_MEMORY_LIMIT', '256MB')}")
+    print("load average at the start: {:.2f} {:.2f} {:.2f}; at the end: {:.2f} {:.2f} {:.2f}".format(
+        *load_at_start, *os.getloadavg()))
     print(f"{'backend':<9} {'read_json s':>11} {'mixsync s':>10} {'ratio':>6} {'read_json RSS':>14} {'mixsync RSS':>12} "
           f"{'mixsync RSS at ' + format(results['small']['events'], ','):>22}")
     for backend in backends:
