@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 import pytest
+from waiting import reap
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -193,9 +194,7 @@ def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, 
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
         flagsmith.release()
     flagsmith.hold_after_requests = None
     assert 0 < len(owned(flagsmith)) < sum(len(m) for m in memberships(query).values())

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 import pytest
+from waiting import reap
 
 from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -163,9 +164,7 @@ def test_a_run_killed_mid_push_resumes_and_nothing_is_lost(sandbox, managed, ins
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        reap(child)
         profiles.release()
     profiles.hold_after_requests = None
     landed = [i for i in IDENTITIES if profiles.profile(i)]

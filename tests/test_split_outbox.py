@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from waiting import reap
 
 import mixsync.warehouse.outbox as outbox
 from mixsync.http import OutcomeUnknown
@@ -323,8 +324,7 @@ def test_a_push_killed_after_it_applied_windows_leaves_every_row_as_split_record
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
-        if child.poll() is None:
-            child.kill()
+        reap(child)
         split.hold_from_request = None
         split.release()
     assert applied < rows_count  # applied during the push: it never reached the end

@@ -1,9 +1,10 @@
-"""What tests share for waiting on real processes and sockets: a poll with a deadline (never a bare sleep) and free
-loopback ports."""
+"""What tests share for waiting on real processes and sockets: a poll with a deadline (never a bare sleep), free
+loopback ports, and stopping a child that may still run."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +21,13 @@ def poll(condition: Callable[[], T], seconds: float, what: str, interval: float 
             return value
         time.sleep(interval)
     raise AssertionError(f"gave up after {seconds}s waiting for {what}")
+
+
+def reap(process: subprocess.Popen) -> None:
+    """SIGKILL `process` if it still runs, and wait for it: a failed test leaves no child (nor its server) behind."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
 
 
 def free_ports(count: int = 1) -> list[int]:
