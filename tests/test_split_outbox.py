@@ -356,3 +356,71 @@ def test_a_push_killed_after_it_applied_windows_leaves_every_row_as_split_record
         report = push(store, TABLE, batch_sender(client), tmp_path / "work", max_items=100, at_most_once=True)
     assert report.sent == rows_count - len(answered) - len(held)
     assert split.duplicates() == 0 and set(split.received()) == set(status)
+
+
+MOVE_ROWS = """
+import sys
+from mixsync.warehouse import Warehouse
+
+db, table = sys.argv[1:3]
+with Warehouse(db).write() as con:  # as a run re-mapping its days does, then a checkpoint that compacts the table
+    con.execute(f"DELETE FROM {table} WHERE scope <> 'day-1'")
+    con.execute("CHECKPOINT")
+"""
+
+
+def test_rows_renumbered_by_another_process_during_a_push_get_the_outcome_of_the_payload_they_carried(
+        tmp_path, monkeypatch):
+    # The apply finds a line's row by the row number the snapshot saw, checked against its id. Here another process
+    # deletes two thirds of the outbox and checkpoints while the push sends, so DuckDB compacts the table and the
+    # pushed rows get other row numbers: every outcome must still land on the row whose payload was sent.
+    monkeypatch.setattr(outbox, "OVERLAP_LINES", 20_000)  # windows applied while sending, after the move
+    monkeypatch.setattr(outbox, "APPLY_LINES", 7_001)  # UPDATE windows that cut batches
+    store = make_outbox(tmp_path, rows=300_000)
+    with store.read() as con:
+        row_numbers = dict(con.execute(f"SELECT id, rowid FROM {TABLE} WHERE scope = 'day-1'").fetchall())
+    calls: list[list[bytes]] = []
+
+    def send(payloads: list[bytes]) -> BatchOutcome:
+        calls.append(payloads)
+        if len(calls) == 1:
+            subprocess.run([sys.executable, "-c", MOVE_ROWS, str(store.path), TABLE], check=True, timeout=300)
+        if len(calls) == 2:
+            return BatchOutcome(rejected={5: "refused"})
+        if len(calls) == 60:
+            raise OutcomeUnknown("ReadTimeout after sending: timed out")
+        return BatchOutcome()
+
+    report = push(store, TABLE, send, tmp_path / "work", scope="day-1", max_items=1000, concurrency=1,
+                  at_most_once=True)
+    assert (report.sent, report.rejected, report.in_doubt) == (58_999, 1, 1000)
+    with store.read() as con:
+        now_numbered = dict(con.execute(f"SELECT id, rowid FROM {TABLE}").fetchall())
+    assert now_numbered.keys() == row_numbers.keys()
+    assert sum(now_numbered[i] != row_numbers[i] for i in row_numbers) > 90_000  # the rows did move: the outcomes below were not found by the old row numbers
+    state = rows(store)
+    expected = dict(zip([p.decode() for batch in calls for p in batch],
+                        ["sent"] * 1005 + ["rejected"] + ["sent"] * 57_994 + ["in_doubt"] * 1000, strict=True))
+    assert {p: s for p, (s, _, _) in state.items() if s != "pending"} == expected
+    assert [e for p, (s, e, _) in state.items() if s == "rejected"] == ["refused"]
+    assert {a for s, _, a in state.values() if s != "pending"} == {1}
+    assert sum(s == "pending" for s, _, _ in state.values()) == 40_000
+
+
+def test_a_journal_whose_ids_file_has_no_row_numbers_is_applied_by_id(tmp_path):
+    # Left by a push of the previous version killed before its apply: its ids file holds ids only.
+    store = make_outbox(tmp_path, rows=6)
+    work = tmp_path / "work" / "sync_test_outbox"
+    work.mkdir(parents=True)
+    with store.read() as con:
+        con.execute(f"COPY (SELECT id FROM {TABLE} ORDER BY id DESC) TO $path (FORMAT parquet)",
+                    {"path": str(work / "20261101T000000-old.ids.parquet")})
+    work.joinpath("20261101T000000-old.journal").write_text(
+        "inflight\t0\t0\t2\t\t.\nrejected\t0\t1\t\tbad value\t.\nsent\t0\t\t\t\t.\ninflight\t1\t2\t2\t\t.\n")
+    recovered = recover(store, TABLE, tmp_path / "work", at_most_once=True)
+    assert (recovered.recovered_sent, recovered.recovered_rejected, recovered.recovered_in_doubt) == (1, 1, 2)
+    with store.read() as con:
+        state = dict(con.execute(f"SELECT id, status FROM {TABLE}").fetchall())
+    assert state == {"id5": "sent", "id4": "rejected", "id3": "in_doubt", "id2": "in_doubt", "id1": "pending",
+                     "id0": "pending"}
+    assert not list(work.iterdir())

@@ -288,35 +288,14 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                 lines = con.execute("SELECT max(hi) FROM outbox_ranges").fetchone()[0] or 0
                 if last_line is not None:
                     lines = min(lines, last_line)
+                # Ids files of earlier versions hold no row numbers: their rows are found by id alone.
+                by_row = con.execute("SELECT count(*) FROM parquet_schema($ids) WHERE name = 'row'",
+                                     {"ids": str(ids)}).fetchone()[0] > 0
                 # A window of lines per UPDATE, each committed on its own (peak memory ~30 MB lower at 1M lines
                 # than one UPDATE, for ~0.1 CPU-s more). Safe to stop between two: only rows still pending change,
                 # and the journal is deleted after the last.
                 for first in range(first_line, lines, APPLY_LINES):
-                    last = min(first + APPLY_LINES, lines)
-                    # A window of items all sent (most are) leaves `error` as it is: NULL on every pending row
-                    # (enqueue and each re-queue clear it). Three columns written instead of four: ~0.1-0.2 CPU-s
-                    # less per million rows.
-                    only_sent = not con.execute("""
-                        SELECT (SELECT count(*) FROM outbox_ranges WHERE lo < $last AND hi > $first
-                                                                     AND outcome <> 'sent')
-                               + (SELECT count(*) FROM outbox_rejected WHERE line >= $first AND line < $last)""",
-                                                {"first": first, "last": last}).fetchone()[0]
-                    con.execute(f"""
-                        UPDATE {table} AS o
-                        SET status = a.status,{"" if only_sent else " error = a.error,"} sent_at = $now,
-                            attempts = o.attempts + 1
-                        FROM (SELECT i.id,
-                                     CASE WHEN r.reason IS NOT NULL THEN 'rejected'
-                                          WHEN g.outcome = 'unsettled' THEN 'in_doubt' ELSE g.outcome END AS status,
-                                     CASE WHEN r.reason IS NOT NULL THEN r.reason
-                                          WHEN g.outcome = 'unsettled' THEN $in_flight ELSE g.reason END AS error
-                              FROM read_parquet($ids, file_row_number = true) i
-                              JOIN outbox_ranges g ON i.file_row_number >= g.lo AND i.file_row_number < g.hi
-                              LEFT JOIN outbox_rejected r ON r.line = i.file_row_number
-                              WHERE i.file_row_number >= $first AND i.file_row_number < $last) a
-                        WHERE o.id = a.id AND o.status = 'pending'""",
-                                {"now": now, "ids": str(ids), "in_flight": IN_FLIGHT_REASON, "first": first,
-                                 "last": last})
+                    _apply_window(con, table, ids, first, min(first + APPLY_LINES, lines), by_row, now)
         finally:
             con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_batches; "
                         "DROP TABLE IF EXISTS outbox_ranges; DROP TABLE IF EXISTS outbox_rejected")
@@ -325,6 +304,72 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
     journal.unlink()
     ids.unlink(missing_ok=True)
     return sent, rejected, in_doubt + (unsettled if at_most_once else 0), unsettled
+
+
+def _apply_window(con: duckdb.DuckDBPyConnection, table: str, ids: Path, first: int, last: int, by_row: bool,
+                  now: dt.datetime) -> None:
+    """Mark the items of the snapshot's lines first..last-1 that belong to settled batches (`outbox_ranges`,
+    `outbox_rejected`), where still pending.
+
+    A row is found first where the snapshot saw it, by its row number (`rowid`), and taken only if its id is the
+    line's: an integer join over the window's part of the table, not a string join over all of it (the UPDATE by
+    id alone cost ~3x the CPU and grew with the table's size, sent rows included). Row numbers can change since
+    the snapshot (a checkpoint compacts a table after deletes); then fewer rows are marked than the window has
+    items, and the window is applied again by id, which changes only the rows still pending: the result is the
+    same as by id alone (ids are unique in an outbox), whatever moved.
+    """
+    window = {"first": first, "last": last}
+    ranges = con.execute("""
+        SELECT outcome, reason, lo, hi FROM outbox_ranges WHERE lo < $last AND hi > $first""", window).fetchall()
+    items = sum(min(hi, last) - max(lo, first) for _, _, lo, hi in ranges)
+    if not items:
+        return
+    refused = con.execute("SELECT count(*) FROM outbox_rejected WHERE line >= $first AND line < $last",
+                          window).fetchone()[0]
+    lines = "read_parquet($ids, file_row_number = true) i"
+    in_window = "i.file_row_number >= $first AND i.file_row_number < $last"
+    if len(ranges) == 1 and not refused:
+        # Most windows lie in one run of batches with one outcome: its status for every line, no join.
+        outcome, reason, lo, hi = ranges[0]
+        status, error = ("in_doubt", IN_FLIGHT_REASON) if outcome == "unsettled" else (outcome, reason)
+        window = {"first": max(lo, first), "last": min(hi, last)}
+        # Items all sent leave `error` as it is: NULL on every pending row (enqueue and each re-queue clear it).
+        # One column fewer to write: ~0.1-0.2 CPU-s less per million rows; the status a constant, not a column
+        # of the join: ~0.2 less.
+        params: dict[str, object] = {**window, "now": now, "ids": str(ids), "status": status}
+        assign = "status = $status,"
+        if status != "sent":
+            params["error"], assign = error, assign + " error = $error,"
+        source = f"SELECT i.* FROM {lines} WHERE {in_window}"
+    else:
+        params = {**window, "now": now, "ids": str(ids), "in_flight": IN_FLIGHT_REASON}
+        assign = "status = a.status, error = a.error,"
+        source = f"""SELECT i.*,
+                            CASE WHEN r.reason IS NOT NULL THEN 'rejected'
+                                 WHEN g.outcome = 'unsettled' THEN 'in_doubt' ELSE g.outcome END AS status,
+                            CASE WHEN r.reason IS NOT NULL THEN r.reason
+                                 WHEN g.outcome = 'unsettled' THEN $in_flight ELSE g.reason END AS error
+                     FROM {lines}
+                     JOIN outbox_ranges g ON i.file_row_number >= g.lo AND i.file_row_number < g.hi
+                     LEFT JOIN outbox_rejected r ON r.line = i.file_row_number
+                     WHERE {in_window}"""
+
+    def update(match: str, bounds: dict | None = None) -> int:
+        return con.execute(f"""
+            UPDATE {table} AS o
+            SET {assign} sent_at = $now, attempts = o.attempts + 1
+            FROM ({source}) a
+            WHERE {match} AND o.status = 'pending'""", {**params, **(bounds or {})}).fetchone()[0]
+
+    if by_row:
+        first_row, last_row = con.execute(f"SELECT min(i.row), max(i.row) FROM {lines} WHERE {in_window}",
+                                          {"ids": str(ids), **window}).fetchone()
+        # The bounds let DuckDB skip the table's other row groups. `IS TRUE` keeps the id comparison out of the
+        # join's hash (an integer join, then one string comparison per matched row).
+        if update("o.rowid = a.row AND (o.id = a.id) IS TRUE AND o.rowid BETWEEN $first_row AND $last_row",
+                  {"first_row": first_row, "last_row": last_row}) == items:
+            return
+    update("o.id = a.id")
 
 
 def _apply_legacy(warehouse: AnyWarehouse, table: str, journal: Path, at_most_once: bool) -> tuple[int, int, int, int]:
@@ -532,7 +577,7 @@ class _Snapshot(threading.Thread):
                     con.execute("BEGIN TRANSACTION")
                     # Uncompressed: ids (hashes, mostly) gain little from compression, and the COPY costs ~40% less.
                     self.count = con.execute(
-                        f"COPY (SELECT id FROM {self.table} WHERE {self.where}) TO {sql_path(self.ids)} "
+                        f"COPY (SELECT rowid AS row, id FROM {self.table} WHERE {self.where}) TO {sql_path(self.ids)} "
                         "(FORMAT parquet, COMPRESSION uncompressed)", self.params).fetchone()[0]
                     for durable in (self.ids, self.ids.parent):  # the journal will name its lines: they must
                         descriptor = os.open(durable, os.O_RDONLY)  # outlive an operating-system crash too
