@@ -2,17 +2,19 @@
 
 An outbox is a DuckDB table with the columns of `outbox_ddl`. A push:
 1. applies what an earlier, interrupted push journaled, so nothing is sent twice;
-2. snapshots the pending rows in one read transaction: their ids, in order, to a Parquet file (kept until the
-   journal is applied: it is how a batch's line numbers become ids), then their payloads, in the same order, to
+2. snapshots the pending rows in one read transaction: their row numbers and ids, in order, to a Parquet file
+   (kept until the journal is applied: it is how a batch's line numbers become rows), then their payloads, in the
+   same order, to
    a text file, one payload a line (JSON built by DuckDB: never a raw newline). The DuckDB file is held only for
    that read, and batches are sent from the text file while DuckDB is still writing it;
 3. cuts batches by item and byte limits from the newline positions alone (a batch's request body is one slice of
    the file with its newlines turned into commas: no per-item Python work), sends them with bounded concurrency;
    each batch's line range goes to a journal as `inflight` before it is sent, and its outcome (sent, refused
    items, in doubt) is appended, fsynced, when it settles: a few lines a batch, whatever its size;
-4. applies the journal to the table: while later batches are still being sent, the lines of the batches that
-   settled (in windows of OVERLAP_LINES, each a short write), then what is left in one short write at the end
-   (or, after a crash, all of it again at the next push: applying changes only rows still pending).
+4. applies the journal to the table: while later batches are still being sent (and will be for a while), the
+   lines of the batches that settled (in windows of OVERLAP_LINES, each a short write), then what is left in one
+   short write at the end (or, after a crash, all of it again at the next push: applying changes only rows still
+   pending).
 
 Two delivery policies, for two kinds of service:
 - `at_most_once=False` (Mixpanel /import dedupes on $insert_id, a Flagsmith trait set is idempotent): a batch in
@@ -29,6 +31,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -52,6 +55,11 @@ APPLY_LINES = 500_000
 # Settled lines that make the push apply them while it sends later batches: the apply overlaps the sends instead of
 # running alone after the last one. Each apply scans the outbox once, so windows much smaller cost more CPU.
 OVERLAP_LINES = 250_000
+# ...but only while the sends still have this long to go. A window applied on its own costs a write of its own
+# (opening the file, its checkpoint): 1M lines in four windows took ~2.1 CPU-s, in one apply ~1.1. That pays when it
+# hides behind sends that wait on the service; against a service as fast as the client, the sends end about when
+# the window would, and it would only take CPU from them: there everything is applied at the end.
+OVERLAP_MIN_SECONDS = 2.0
 SNAPSHOT_MEMORY_LIMIT = "128MB"
 LINE = b"\n"
 JOURNAL, IDS = ".journal", ".ids.parquet"
@@ -486,7 +494,8 @@ class _Journal:
 
 class _Applier(threading.Thread):
     """Applies the journal's lines of settled batches while the push sends later ones, a window of at least
-    OVERLAP_LINES at a time, so that at the end only the last lines remain to apply.
+    OVERLAP_LINES at a time, so that at the end only the last lines remain to apply; only while the sends still
+    have OVERLAP_MIN_SECONDS to go at their pace so far (else the window would not hide behind them).
 
     It applies only lines that the push told it are settled (every batch up to them answered and journaled),
     and only once the snapshot's read is over (the write waits for no reader of this process). A window it
@@ -494,13 +503,19 @@ class _Applier(threading.Thread):
     whose next application changes nothing on those rows (only pending rows change)."""
 
     def __init__(self, warehouse: AnyWarehouse, table: str, journal: Path, ids: Path, at_most_once: bool,
-                 snapshot_done: threading.Event, logger: logging.Logger):
+                 snapshot_done: threading.Event, lines: int, logger: logging.Logger):
         super().__init__(name=f"apply-{table}", daemon=True)
         self.warehouse, self.table, self.journal, self.ids = warehouse, table, journal, ids
-        self.at_most_once, self.snapshot_done, self.logger = at_most_once, snapshot_done, logger
+        self.at_most_once, self.snapshot_done, self.lines, self.logger = at_most_once, snapshot_done, lines, logger
         self.changed = threading.Condition()
         self.settled = self.applied = 0  # lines: settled by the push, applied to the table
         self.closing = False
+        self.started = time.monotonic()
+
+    def sends_left_seconds(self) -> float:
+        """How long the sends of the lines not settled yet should take at the pace so far (a stall slows it)."""
+        elapsed = time.monotonic() - self.started
+        return (self.lines - self.settled) * elapsed / max(self.settled, 1)
 
     def settle(self, lines: int) -> None:
         with self.changed:
@@ -511,8 +526,9 @@ class _Applier(threading.Thread):
         while True:
             with self.changed:
                 while not self.closing and not (self.snapshot_done.is_set()
-                                                and self.settled - self.applied >= OVERLAP_LINES):
-                    self.changed.wait(0.05)  # the snapshot's end is an Event of its own: look again
+                                                and self.settled - self.applied >= OVERLAP_LINES
+                                                and self.sends_left_seconds() >= OVERLAP_MIN_SECONDS):
+                    self.changed.wait(0.05)  # the snapshot's end is an Event of its own, the pace changes: look again
                 if self.closing:
                     return
                 first, last = self.applied, self.settled
@@ -704,7 +720,7 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
 
     journal = _Journal(journal_path)
     applier = _Applier(warehouse, table, journal_path, journal_path.with_suffix(IDS), at_most_once, snapshot.done,
-                       logger)
+                       snapshot.count, logger)
     applier.start()
     failure: BaseException | None = None
     doubted = False
