@@ -57,8 +57,9 @@ OVERLAP_LINES = 250_000
 # ...but only while the sends still have this long to go. A window applied on its own costs a write of its own
 # (opening the file, its checkpoint): 1M lines in four windows took ~2.1 CPU-s, in one apply ~1.1. That pays when it
 # hides behind sends that wait on the service; against a service as fast as the client, the sends end about when
-# the window would, and it would only take CPU from them: there everything is applied at the end.
-OVERLAP_MIN_SECONDS = 2.0
+# the window would, and it would only take CPU from them: there everything is applied at the end. (A window of
+# 250,000 lines takes ~0.3-1 s: three seconds leave it time to end before the sends do.)
+OVERLAP_MIN_SECONDS = 3.0
 SNAPSHOT_MEMORY_LIMIT = "128MB"
 LINE = b"\n"
 JOURNAL, IDS = ".journal", ".ids.parquet"
@@ -510,15 +511,21 @@ class _Applier(threading.Thread):
         self.changed = threading.Condition()
         self.settled = self.applied = 0  # lines: settled by the push, applied to the table
         self.closing = False
-        self.started = time.monotonic()
+        self.first_settled: tuple[float, int] | None = None  # when the first batches settled, and their lines
 
     def sends_left_seconds(self) -> float:
-        """How long the sends of the lines not settled yet should take at the pace so far (a stall slows it)."""
-        elapsed = time.monotonic() - self.started
-        return (self.lines - self.settled) * elapsed / max(self.settled, 1)
+        """How long the sends of the lines not settled yet should take at their pace since the first answer (a
+        stall slows the pace, so a window is applied while the sends wait)."""
+        if self.first_settled is None:
+            return float("inf")
+        since, lines = self.first_settled
+        pace = (self.settled - lines) / max(time.monotonic() - since, 1e-3)
+        return (self.lines - self.settled) / pace if pace else float("inf")
 
     def settle(self, lines: int) -> None:
         with self.changed:
+            if self.first_settled is None:
+                self.first_settled = (time.monotonic(), lines)
             self.settled = lines
             self.changed.notify()
 
