@@ -223,3 +223,39 @@ def test_the_switch_keeps_every_distinct_key_and_the_latest_copy_and_its_figures
     assert (rejects, stored, unfinished) == (0, 2, 0)
     assert (result.events, result.rejected, result.duplicates_dropped, result.per_day, result.rejects_by_reason) == (
         1, 0, 0, {DAY: 1}, {})
+
+
+def test_each_load_takes_an_id_above_every_stored_row_from_the_ledgers_alone(tmp_path):
+    # The id comes from event_loads and event_loads_unfinished only (not a scan of event_rows): that holds because
+    # every stored row belongs to a load in one of them. Here a two-day load is replaced one day at a time and a
+    # load is killed before its switch; each new id is still above every row's, and no row outlives its ledger entry.
+    store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
+    next_day = DAY + dt.timedelta(days=1)
+    two_days = tmp_path / "two.jsonl"
+    two_days.write_bytes(event_line("Viewed", "u1", NOON_MS, "a") + b"\n"
+                         + event_line("Viewed", "u2", NOON_MS + 86_400_000, "b") + b"\n")
+
+    def ids() -> tuple[set[int], set[int]]:
+        with store.read() as con:
+            rows = {r[0] for r in con.execute("SELECT DISTINCT load_id FROM mixpanel.event_rows").fetchall()}
+            ledgers = {r[0] for r in con.execute("SELECT load_id FROM mixpanel.event_loads UNION "
+                                                 "SELECT load_id FROM mixpanel.event_loads_unfinished").fetchall()}
+        return rows, ledgers
+
+    with store.write() as con:
+        load_export_file(con, two_days, DAY, next_day)
+    load(store, export_file(tmp_path / "v1.jsonl", "v1", 5))          # replaces the first day only
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_LOAD), str(store.path),
+                             str(export_file(tmp_path / "v2.jsonl", "v2", 7))], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    rows, ledgers = ids()
+    assert rows == {1, 2, 3} and rows <= ledgers                      # load 1 keeps the second day; 3 is unfinished
+
+    with store.write() as con:
+        load_export_file(con, two_days, next_day, next_day)            # replaces load 1's last day; clears load 3
+    rows, ledgers = ids()
+    assert rows == {2, 4} and rows <= ledgers
+    load(store, export_file(tmp_path / "v3.jsonl", "v3", 3))
+    rows, ledgers = ids()
+    assert rows == {4, 5} and rows <= ledgers
+    assert visible(store) == {"v3": 3, None: 1}

@@ -26,7 +26,6 @@ HINTS = {
     403: "The service account has no access to MIXPANEL_PROJECT_ID; grant it a role in that project",
     404: "Check MIXPANEL_BASE_URL / MIXPANEL_REGION",
 }
-CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,10 @@ class MixpanelClient:
                     progress.start(gzipped, partial)
                 try:
                     with open(partial, "wb") as out:
-                        # iter_raw: the bytes as sent, still compressed; never decoded by a guessed charset.
-                        for chunk in response.iter_raw(CHUNK_BYTES):
+                        # iter_raw: the bytes as sent, still compressed; never decoded by a guessed charset. Each
+                        # piece as the socket read it (64 KiB): asking for 1 MiB chunks made httpx copy every byte
+                        # through a buffer first (~0.05 CPU-s per 63 MB body, measured over loopback).
+                        for chunk in response.iter_raw():
                             out.write(chunk)
                             written += len(chunk)
                             if progress is not None:

@@ -168,10 +168,13 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
 
     def begin(con) -> int:
         # One query for what it needs to know: on a lake each table a statement reads is a round of catalog
-        # queries (~15-100 ms). The new id is above every load's, unfinished or not.
+        # queries (~15-100 ms). The new id is above every load's, unfinished or not, and comes from the two small
+        # ledgers alone: every row of event_rows belongs to a load listed in one of them (or to load 0, the
+        # migrated rows), since a load's unfinished entry commits with or before its rows, and rows leave with
+        # their entries (cleared, or replaced by a later load in the same transaction as its ledger entries).
+        # Reading max(load_id) of event_rows instead read that column's statistics of every data file on a lake.
         load_id, unfinished = con.execute("""
-            SELECT greatest(coalesce((SELECT max(load_id) FROM mixpanel.event_rows), 0),
-                            coalesce((SELECT max(load_id) FROM mixpanel.event_loads), 0),
+            SELECT greatest(coalesce((SELECT max(load_id) FROM mixpanel.event_loads), 0),
                             coalesce(unfinished.max_id, 0)) + 1,
                    unfinished.ids
             FROM (SELECT max(load_id) AS max_id, list(load_id) AS ids FROM mixpanel.event_loads_unfinished) unfinished
