@@ -128,7 +128,7 @@ def child_mixsync(env: dict, db: str, landing: str, lake: dict | None = None) ->
         return run
 
     mixpanel_sql._insert_rows = timed("insert", mixpanel_sql._insert_rows)
-    mixpanel_sql._make_current = timed("switch", mixpanel_sql._make_current)
+    mixpanel_sql._switch = timed("switch", mixpanel_sql._switch)  # in its own transaction on a file, in the insert's on a lake
     started = time.perf_counter()
     with MixpanelClient(settings, RetryPolicy.from_env()) as client:
         client.export_to_file = timed("download", client.export_to_file)

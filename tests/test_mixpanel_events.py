@@ -86,6 +86,8 @@ def test_a_day_lands_deduplicated_with_rejects_and_metadata(sandbox, env, wareho
     assert meta["run/export_requests"] == 1
 
 
+# Both: on a lake the careful path's invalid lines are rejected inside the load's one transaction.
+@pytest.mark.both_backends
 def test_rejects_name_their_reason_and_keep_the_raw_line(sandbox, env, warehouse, instance):
     for day in sandbox.dataset.days:
         materialize_days(instance, day)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
 import textwrap
@@ -259,3 +260,53 @@ def test_each_load_takes_an_id_above_every_stored_row_from_the_ledgers_alone(tmp
     rows, ledgers = ids()
     assert rows == {4, 5} and rows <= ledgers
     assert visible(store) == {"v3": 3, None: 1}
+
+
+KILLED_LAKE_LOAD = """
+import datetime as dt, os, signal, sys
+from pathlib import Path
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import open_warehouse
+from mixsync.mixpanel import sql as mixpanel
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[2] == "in the switch":
+    mixpanel._switch = die             # every row is written, the transaction that holds them is not committed
+else:
+    insert_rows = mixpanel._insert_rows
+    def insert_then_die(*args, **kwargs):
+        insert_rows(*args, **kwargs)
+        die()
+    mixpanel._insert_rows = insert_then_die
+with open_warehouse(WarehouseSettings.from_env()).write() as con:
+    mixpanel.load_export_file(con, Path(sys.argv[1]), dt.date(2026, 3, 2), dt.date(2026, 3, 2))
+"""
+
+
+@pytest.mark.parametrize("killed", ["in the switch", "after the insert"])
+def test_a_lake_load_is_one_transaction_and_leaves_nothing_when_killed(lake_env, tmp_path, killed):
+    # On a lake the rows, the switch and the ledger commit together: a load SIGKILLed before its commit leaves no
+    # rows and no unfinished entry, and the next load (its id from the ledger) has nothing to clear.
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import open_warehouse
+
+    store = open_warehouse(WarehouseSettings.from_env({**lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": "60"}))
+    load(store, export_file(tmp_path / "v1.jsonl", "v1", 50))
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_LAKE_LOAD),
+                            str(export_file(tmp_path / "v2.jsonl", "v2", 70)), killed],
+                           capture_output=True, timeout=180, env={**os.environ, **lake_env})
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+
+    assert visible(store) == {"v1": 50}
+    assert stored_rows(store) == 50
+    with store.read() as con:
+        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
+
+    load(store, export_file(tmp_path / "v3.jsonl", "v3", 30))
+    assert visible(store) == {"v3": 30}
+    assert stored_rows(store) == 30
+    with store.read() as con:
+        assert con.execute("SELECT load_id, events, duplicates_dropped FROM mixpanel.event_loads").fetchall() == [(2, 30, 1)]
+        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0

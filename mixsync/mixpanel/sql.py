@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 
+from mixsync.warehouse.ducklake import is_lake
 from mixsync.warehouse.schema import register_ddl
 from mixsync.warehouse.sql import literal
 from mixsync.warehouse.sql import path as sql_path
@@ -159,19 +160,28 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
                      legacy_timezone: str | None = None) -> ExportLoad:
     """Replace the days window_start..window_end with the export in `path`.
 
-    The file's rows are written in one streaming insert, then become mixpanel.events in one short transaction
-    that drops duplicates and rejects and deletes the rows they replace. Until then, and forever if anything
-    fails, the previous copy of each day is what mixpanel.events shows.
+    The file's rows are written in one streaming insert, then become mixpanel.events in the switch, which drops
+    duplicates and rejects and deletes the rows they replace: in one short transaction after the insert's on a
+    DuckDB file, in the insert's own transaction on a lake. Until then, and forever if anything fails, the
+    previous copy of each day is what mixpanel.events shows.
     Raises TruncatedExport (and changes nothing) when the body ends in `terminated early`.
     """
     loaded_at = dt.datetime.now(dt.UTC)
+    # A DuckDB file commits a bulk insert by reference, unless rows of it are deleted in the same transaction (then
+    # it rewrites all of them: +2.6 s per million rows), so there the switch is a transaction of its own, and the
+    # load is recorded as unfinished in between. A lake writes the inserted rows' Parquet files either way, and
+    # deletes some of them with delete files (measured at 1M rows: the same DELETE, no rewrite): its load is one
+    # transaction, which saves a commit and the unfinished entry's insert and delete (each a round of catalog
+    # queries in Postgres), and a load killed at any point leaves nothing for the next one to clear.
+    one_transaction = is_lake(con)
 
     def begin(con) -> int:
         # One query for what it needs to know: on a lake each table a statement reads is a round of catalog
         # queries (~15-100 ms). The new id is above every load's, unfinished or not, and comes from the two small
         # ledgers alone: every row of event_rows belongs to a load listed in one of them (or to load 0, the
-        # migrated rows), since a load's unfinished entry commits with or before its rows, and rows leave with
-        # their entries (cleared, or replaced by a later load in the same transaction as its ledger entries).
+        # migrated rows), since a load's rows commit with its unfinished entry (on a lake, with its ledger
+        # entries), and rows leave with their entries (cleared, or replaced by a later load in the same transaction
+        # as its ledger entries).
         # Reading max(load_id) of event_rows instead read that column's statistics of every data file on a lake.
         load_id, unfinished = con.execute("""
             SELECT greatest(coalesce((SELECT max(load_id) FROM mixpanel.event_loads), 0),
@@ -180,43 +190,63 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
             FROM (SELECT max(load_id) AS max_id, list(load_id) AS ids FROM mixpanel.event_loads_unfinished) unfinished
             """).fetchone()
         _clear_loads(con, unfinished or [])
-        con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
-                    [load_id, window_start, window_end, loaded_at])
+        if not one_transaction:
+            con.execute("INSERT INTO mixpanel.event_loads_unfinished VALUES (?, ?, ?, ?)",
+                        [load_id, window_start, window_end, loaded_at])
         return load_id
 
-    def begin_and_insert(source_sql: str):
-        # The load's id, its row in event_loads_unfinished and its rows in one transaction, not two: on a lake
-        # each commit is a round of catalog queries. Rows and the unfinished entry commit together or not at all,
-        # so a load killed mid-insert leaves nothing behind, and one killed after it leaves its entry for the next
-        # load to clear. Only rows committed before this transaction are deleted in it (unfinished loads'), so
-        # DuckDB still commits the inserted rows by reference.
-        def body(con) -> int:
+    def load(source_sql: str, invalid_lines_sql: str | None):
+        # The load's id, its row in event_loads_unfinished and its rows in one transaction, not two (each commit
+        # costs). Rows and the unfinished entry commit together or not at all, so a load killed mid-insert leaves
+        # nothing behind, and one killed after it leaves its entry for the next load to clear. Only rows committed
+        # before this transaction are deleted in it (unfinished loads'), so DuckDB still commits the inserted rows
+        # by reference. On a lake the switch follows in the same transaction, and there is no unfinished entry.
+        def body(con) -> int | ExportLoad:
             load_id = begin(con)
-            _insert_rows(con, source_sql, load_id, legacy_timezone, loaded_at)
+            try:
+                _insert_rows(con, source_sql, load_id, legacy_timezone, loaded_at)
+            except duckdb.InvalidInputException as exc:
+                if "json" not in str(exc).lower():
+                    raise
+                raise _UnparsableExport() from exc
+            if one_transaction:
+                return _switch(con, load_id, invalid_lines_sql, window_start, window_end, loaded_at,
+                               unfinished_entry=False)
             return load_id
         return body
 
     try:
         invalid_lines_sql = None
         try:
-            load_id, _ = run_transaction(con, begin_and_insert(_fast_source(path)))
-        except duckdb.InvalidInputException as exc:
-            if "json" not in str(exc).lower():
-                raise
+            outcome, retries = run_transaction(con, load(_fast_source(path), None))
+        except _UnparsableExport as unparsable:
             lines = f"SELECT line FROM ({_line_source(path)}) WHERE line IS NOT NULL AND trim(line) <> ''"
             truncated = con.execute(f"SELECT count(*) FROM ({lines}) WHERE trim(line) = 'terminated early'").fetchone()[0]
             if truncated:
-                raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'") from exc
+                raise TruncatedExport(f"the export for {window_start}..{window_end} ended with 'terminated early'"
+                                      ) from unparsable.__cause__
             parsed = ("SELECT json_extract_string(line, '$.event') AS event, json_extract(line, '$.properties') AS properties "
                       f"FROM ({lines}) WHERE json_valid(line)")
             invalid_lines_sql = f"SELECT line FROM ({lines}) WHERE NOT json_valid(line)"
-            load_id, _ = run_transaction(con, begin_and_insert(parsed))
-        return _make_current(con, load_id, invalid_lines_sql, window_start, window_end, loaded_at)
+            try:
+                outcome, retries = run_transaction(con, load(parsed, invalid_lines_sql))
+            except _UnparsableExport as again:
+                raise again.__cause__ from None
+        if isinstance(outcome, ExportLoad):
+            outcome.conflict_retries = retries
+            return outcome
+        return _make_current(con, outcome, invalid_lines_sql, window_start, window_end, loaded_at)
     except BaseException:
         # Best effort: the next load clears whatever this one could not.
         with contextlib.suppress(duckdb.Error):
+            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
+        with contextlib.suppress(duckdb.Error):
             clear_unfinished_loads(con)
         raise
+
+
+class _UnparsableExport(Exception):
+    """DuckDB's JSON reader stopped on a malformed line: the load is run again on the careful path."""
 
 
 def clear_unfinished_loads(con: duckdb.DuckDBPyConnection) -> None:
@@ -246,6 +276,22 @@ def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None
 
 def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
                   loaded_at: dt.datetime) -> ExportLoad:
+    """The switch in a transaction of its own, after the insert's (a DuckDB file), retried whole on a conflict."""
+    try:
+        result, retries = run_transaction(con, lambda con: _switch(con, load_id, invalid_lines_sql, window_start,
+                                                                   window_end, loaded_at, unfinished_entry=True))
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
+        raise
+    result.conflict_retries = retries
+    return result
+
+
+def _switch(con, load_id: int, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
+            loaded_at: dt.datetime, unfinished_entry: bool) -> ExportLoad:
+    """Make the load's rows current, inside the caller's transaction: drop its rejects and duplicates, delete the
+    rows and ledger entries it replaces, write its ledger entries (and remove its unfinished entry, if it has one)."""
     window = [window_start, window_end]
     this_load = {"load_id": load_id, "start": window_start, "end": window_end}
     params = {**this_load, "loaded_at": loaded_at}
@@ -256,95 +302,84 @@ def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start
                      WHEN time IS NULL THEN 'properties.time is not a number'
                      ELSE 'outside the requested window' END"""
     days = [window_start + dt.timedelta(days=i) for i in range((window_end - window_start).days + 1)]
-
-    def switch(con) -> ExportLoad:
-        # What this switch has to do, in one query on the transaction's snapshot: on a lake every statement is
-        # 20-100 ms of catalog queries, and on an ordinary day most of them would change nothing (a new day has
-        # no old rows, ledger entries or rejects; a clean export has no bad rows). Counting the bad rows reads
-        # only the small columns; the good rows' days are counted in the same scan for the ledger.
-        bad_rows, good_per_day, old_rejects, replaced_rows, ledger_days = con.execute(f"""
-            SELECT * FROM
-                (SELECT count(*) FILTER (WHERE {bad}), histogram(day) FILTER (WHERE NOT {bad})
-                 FROM mixpanel.event_rows WHERE load_id = $load_id),
-                (SELECT count(*) FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end),
-                (SELECT count(*) FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id),
-                (SELECT count(*) FROM mixpanel.event_loads WHERE day BETWEEN $start AND $end)""", this_load).fetchone()
-        if old_rejects:
-            con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
-        # Copying bad rows reads `properties` too, and DuckDB cannot push this OR down to the scan: every row's
-        # properties would be read (0.3-0.4 s per million) to find none on most days, so it runs only when counted.
-        if bad_rows:
-            con.execute(f"""INSERT INTO mixpanel.events_rejected
-                SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
-                       json_object('event', event, 'properties', properties)::VARCHAR, $loaded_at
-                FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}""", params)
-            con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}", this_load)
-        if invalid_lines_sql:
-            con.execute(f"""INSERT INTO mixpanel.events_rejected
-                SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
-                        {"start": window_start, "loaded_at": loaded_at})
-        # Mixpanel's dedupe key is (event, distinct_id, time, $insert_id); the copy processed last wins. Rows can
-        # only share a key if they share its $insert_id and time, so the candidates are the rows whose pair
-        # (hashed) is seen more than once: two columns read, not four, and no strings but the id (0.86 s instead
-        # of 1.07 s at 1M on a lake, 0.48 s instead of 0.65 s on a file, best of 5 under load). The time keeps
-        # events without an $insert_id (old or imported data) from all becoming candidates. Only the candidates
-        # go through the exact per-key window, so a hash collision only costs time: different keys are never
-        # merged. Two scans, not one CTE used twice: DuckDB materializes such a CTE (every row's key strings),
-        # which spilled at 4M events a day. The bad rows are gone by now, so the duplicates are all good rows.
-        # The repeated hashes are found by sorting each day's hashes and comparing neighbours, not by grouping
-        # them in a hash table of a million groups: the whole statement 0.44-0.50 CPU-s instead of 0.52-0.79 at 1M
-        # on a file, 0.54 s instead of 0.80 s on a lake (under load). Copies share `time`, so they share the day
-        # the window is partitioned by.
-        # A temp table is local to this process, even on a lake.
-        con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
-            WITH repeated AS (SELECT key_hash FROM (
-                                  SELECT key_hash, lag(key_hash) OVER (PARTITION BY day ORDER BY key_hash) AS previous
-                                  FROM (SELECT hash(insert_id, time) AS key_hash, day FROM mixpanel.event_rows
-                                        WHERE load_id = $load_id))
-                              WHERE key_hash = previous)
-            SELECT rowid AS row_id, day FROM mixpanel.event_rows
-            WHERE load_id = $load_id AND hash(insert_id, time) IN (SELECT key_hash FROM repeated)
-            QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
-                                       ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
-        dropped_per_day = dict(con.execute("SELECT day, count(*) FROM temp.export_dropped GROUP BY day").fetchall())
-        if dropped_per_day:
-            con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM temp.export_dropped)")
-        # Dropped inside the transaction: on a lake every statement outside one is a transaction of its own.
-        con.execute("DROP TABLE temp.export_dropped")
-        if replaced_rows:
-            con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
-                        this_load)
-        if ledger_days:
-            con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
-        rejected_per_day: dict[dt.date, int] = {}
-        result = ExportLoad()
-        if bad_rows or invalid_lines_sql:
-            # The window's rejects are this load's alone now (the old ones were deleted above).
-            rejected_per_day = dict(con.execute("""SELECT day, count(*) FROM mixpanel.events_rejected
-                                                   WHERE day BETWEEN ? AND ? GROUP BY day""", window).fetchall())
-            result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
-                                                           WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
-        # The ledger from what is already known: a day's events are its good rows less its dropped duplicates
-        # (a row of this load is either bad, dropped or current), one insert of every day of the window.
-        good_per_day = good_per_day or {}
-        result.per_day = {day: good_per_day.get(day, 0) - dropped_per_day.get(day, 0) for day in days}
-        result.duplicates_dropped = sum(dropped_per_day.values())
-        con.execute("""INSERT INTO mixpanel.event_loads
-            SELECT unnest($days), unnest($events), unnest($rejected), unnest($dropped), $start, $end, $loaded_at, $load_id""",
-                    {**params, "days": days, "events": [result.per_day[day] for day in days],
-                     "rejected": [rejected_per_day.get(day, 0) for day in days],
-                     "dropped": [dropped_per_day.get(day, 0) for day in days]})
+    # What this switch has to do, in one query on the transaction's snapshot: on a lake every statement is
+    # 20-100 ms of catalog queries, and on an ordinary day most of them would change nothing (a new day has
+    # no old rows, ledger entries or rejects; a clean export has no bad rows). Counting the bad rows reads
+    # only the small columns; the good rows' days are counted in the same scan for the ledger.
+    bad_rows, good_per_day, old_rejects, replaced_rows, ledger_days = con.execute(f"""
+        SELECT * FROM
+            (SELECT count(*) FILTER (WHERE {bad}), histogram(day) FILTER (WHERE NOT {bad})
+             FROM mixpanel.event_rows WHERE load_id = $load_id),
+            (SELECT count(*) FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end),
+            (SELECT count(*) FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id),
+            (SELECT count(*) FROM mixpanel.event_loads WHERE day BETWEEN $start AND $end)""", this_load).fetchone()
+    if old_rejects:
+        con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
+    # Copying bad rows reads `properties` too, and DuckDB cannot push this OR down to the scan: every row's
+    # properties would be read (0.3-0.4 s per million) to find none on most days, so it runs only when counted.
+    if bad_rows:
+        con.execute(f"""INSERT INTO mixpanel.events_rejected
+            SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
+                   json_object('event', event, 'properties', properties)::VARCHAR, $loaded_at
+            FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}""", params)
+        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}", this_load)
+    if invalid_lines_sql:
+        con.execute(f"""INSERT INTO mixpanel.events_rejected
+            SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
+                    {"start": window_start, "loaded_at": loaded_at})
+    # Mixpanel's dedupe key is (event, distinct_id, time, $insert_id); the copy processed last wins. Rows can
+    # only share a key if they share its $insert_id and time, so the candidates are the rows whose pair
+    # (hashed) is seen more than once: two columns read, not four, and no strings but the id (0.86 s instead
+    # of 1.07 s at 1M on a lake, 0.48 s instead of 0.65 s on a file, best of 5 under load). The time keeps
+    # events without an $insert_id (old or imported data) from all becoming candidates. Only the candidates
+    # go through the exact per-key window, so a hash collision only costs time: different keys are never
+    # merged. Two scans, not one CTE used twice: DuckDB materializes such a CTE (every row's key strings),
+    # which spilled at 4M events a day. The bad rows are gone by now, so the duplicates are all good rows.
+    # The repeated hashes are found by sorting each day's hashes and comparing neighbours, not by grouping
+    # them in a hash table of a million groups: the whole statement 0.44-0.50 CPU-s instead of 0.52-0.79 at 1M
+    # on a file, 0.54 s instead of 0.80 s on a lake (under load). Copies share `time`, so they share the day
+    # the window is partitioned by.
+    # A temp table is local to this process, even on a lake.
+    con.execute("""CREATE OR REPLACE TEMP TABLE export_dropped AS
+        WITH repeated AS (SELECT key_hash FROM (
+                              SELECT key_hash, lag(key_hash) OVER (PARTITION BY day ORDER BY key_hash) AS previous
+                              FROM (SELECT hash(insert_id, time) AS key_hash, day FROM mixpanel.event_rows
+                                    WHERE load_id = $load_id))
+                          WHERE key_hash = previous)
+        SELECT rowid AS row_id, day FROM mixpanel.event_rows
+        WHERE load_id = $load_id AND hash(insert_id, time) IN (SELECT key_hash FROM repeated)
+        QUALIFY row_number() OVER (PARTITION BY event, distinct_id, time, insert_id
+                                   ORDER BY mp_processing_time_ms DESC NULLS LAST) > 1""", {"load_id": load_id})
+    dropped_per_day = dict(con.execute("SELECT day, count(*) FROM temp.export_dropped GROUP BY day").fetchall())
+    if dropped_per_day:
+        con.execute("DELETE FROM mixpanel.event_rows WHERE rowid IN (SELECT row_id FROM temp.export_dropped)")
+    # Dropped inside the transaction: on a lake every statement outside one is a transaction of its own.
+    con.execute("DROP TABLE temp.export_dropped")
+    if replaced_rows:
+        con.execute("DELETE FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end AND load_id <> $load_id",
+                    this_load)
+    if ledger_days:
+        con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
+    rejected_per_day: dict[dt.date, int] = {}
+    result = ExportLoad()
+    if bad_rows or invalid_lines_sql:
+        # The window's rejects are this load's alone now (the old ones were deleted above).
+        rejected_per_day = dict(con.execute("""SELECT day, count(*) FROM mixpanel.events_rejected
+                                               WHERE day BETWEEN ? AND ? GROUP BY day""", window).fetchall())
+        result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
+                                                       WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
+    # The ledger from what is already known: a day's events are its good rows less its dropped duplicates
+    # (a row of this load is either bad, dropped or current), one insert of every day of the window.
+    good_per_day = good_per_day or {}
+    result.per_day = {day: good_per_day.get(day, 0) - dropped_per_day.get(day, 0) for day in days}
+    result.duplicates_dropped = sum(dropped_per_day.values())
+    con.execute("""INSERT INTO mixpanel.event_loads
+        SELECT unnest($days), unnest($events), unnest($rejected), unnest($dropped), $start, $end, $loaded_at, $load_id""",
+                {**params, "days": days, "events": [result.per_day[day] for day in days],
+                 "rejected": [rejected_per_day.get(day, 0) for day in days],
+                 "dropped": [dropped_per_day.get(day, 0) for day in days]})
+    if unfinished_entry:
         con.execute("DELETE FROM mixpanel.event_loads_unfinished WHERE load_id = ?", [load_id])
-        return result
-
-    # One transaction, retried whole if it loses a DuckLake conflict (a concurrent writer to these tables).
-    try:
-        result, retries = run_transaction(con, switch)
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
-        raise
-    result.conflict_retries = retries
     result.events = sum(result.per_day.values())
     result.rejected = sum(result.rejects_by_reason.values())
     result.lines = result.events + result.rejected + result.duplicates_dropped

@@ -41,6 +41,11 @@ _READ_ONLY_ALIAS = "lake_ro"
 _applied_ddl: dict[str, set[str]] = {}
 
 
+def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether `con` writes to a DuckLake (a write connection's default catalog is the lake attached read-write)."""
+    return con.execute("SELECT current_database()").fetchone()[0] == _READ_WRITE_ALIAS
+
+
 class WarehouseLockTimeout(RuntimeError):
     """Another process kept the warehouse longer than the configured lock timeout."""
 
