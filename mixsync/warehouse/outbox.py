@@ -55,7 +55,7 @@ APPLY_LINES = 500_000
 # running alone after the last one. Each apply scans the outbox once, so windows much smaller cost more CPU.
 OVERLAP_LINES = 250_000
 # ...but only while the sends still have this long to go. A window applied on its own costs a write of its own
-# (opening the file, its checkpoint): 1M lines in four windows took ~2.1 CPU-s, in one apply ~1.1. That pays when it
+# (opening the file, its checkpoint): 1M lines in four windows took ~1.9 CPU-s, in one apply ~1.2. That pays when it
 # hides behind sends that wait on the service; against a service as fast as the client, the sends end about when
 # the window would, and it would only take CPU from them: there everything is applied at the end. (A window of
 # 250,000 lines takes ~0.3-1 s: three seconds leave it time to end before the sends do.)
