@@ -134,7 +134,11 @@ def test_splitio_sdk_track_reaches_the_events_api(sandbox):
     api = sandbox.url("split") + "/api"
     factory = get_factory(sandbox.split.sdk_key, sdk_api_base_url=api, events_api_base_url=api,
                           auth_api_base_url=api, telemetry_api_base_url=api,
-                          config={"streamingEnabled": False, "connectionTimeout": 5000, "readTimeout": 5000})
+                          # A destroy() that overtakes the SDK's own start-up (it goes on after block_until_ready)
+                          # skips the final flush, and the queued event waits for the periodic push instead: every
+                          # second here rather than the default ten.
+                          config={"streamingEnabled": False, "connectionTimeout": 5000, "readTimeout": 5000,
+                                  "eventsPushRate": 1})
     try:
         factory.block_until_ready(15)
         client = factory.client()
