@@ -60,6 +60,27 @@ def test_a_writer_waits_for_a_reader_and_readers_share(tmp_path):
         assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 2
 
 
+def test_connections_hold_the_file_only_while_open_and_leave_it_checkpointed(tmp_path):
+    """Connections are cursors on this process's DuckDB instance, which attaches the file while one is open: when
+    the last closes, the write is in the file itself (no WAL left) and another process can open and change it."""
+    path = tmp_path / "w.duckdb"
+    store = Warehouse(path, lock_timeout_seconds=30)
+    open_and_write = ("import duckdb, sys; con = duckdb.connect(sys.argv[1]); "
+                      "con.execute('INSERT INTO sync.probe VALUES (1000)'); con.close()")
+    with store.write() as con:
+        con.execute("CREATE TABLE sync.probe AS SELECT range AS n FROM range(1000)")
+    assert not path.with_name("w.duckdb.wal").exists()
+    done = subprocess.run([sys.executable, "-c", open_and_write, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with store.read() as con:
+        assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1001
+        held = subprocess.run([sys.executable, "-c", open_and_write, str(path)], capture_output=True, text=True,
+                              timeout=60)
+        assert held.returncode != 0 and "lock" in held.stderr.lower(), held.stderr
+    with store.write() as con:
+        assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1001
+
+
 def test_a_lock_held_too_long_fails_with_the_setting_to_raise(tmp_path):
     store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
     impatient = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)

@@ -14,19 +14,25 @@ import hashlib
 import importlib.util
 import os
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import duckdb
 
 from mixsync.warehouse.ducklake import DuckLakeWarehouse, WarehouseLockTimeout
 from mixsync.warehouse.schema import SCHEMAS, registered
 from mixsync.warehouse.sql import memory_limit as memory_limit_sql
+from mixsync.warehouse.sql import path as sql_path
 
 if TYPE_CHECKING:
     from mixsync.settings import WarehouseSettings
+
+T = TypeVar("T")
 
 __all__ = ["SCHEMAS", "AnyWarehouse", "DuckLakeWarehouse", "Warehouse", "WarehouseLockTimeout", "ensure_schema",
            "markdown_table", "open_warehouse"]
@@ -80,10 +86,14 @@ def _file_lock(lock_path: Path, exclusive: bool, timeout_seconds: float) -> Iter
 
 def _open_with_retry(path: Path, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
     """Open the file, waiting out a non-mixsync holder (an ad-hoc `duckdb` session) until the deadline."""
+    return _retry_while_locked(path, deadline, lambda: duckdb.connect(str(path), read_only=read_only))
+
+
+def _retry_while_locked(path: Path, deadline: float, open_file: Callable[[], T]) -> T:
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return open_file()
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
                 raise WarehouseLockTimeout(
@@ -91,6 +101,24 @@ def _open_with_retry(path: Path, read_only: bool, deadline: float) -> duckdb.Duc
                 ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+# Read-write and read-only attachments of a warehouse file in this process's DuckDB instance for it.
+_FILE_ALIASES = {False: "warehouse", True: "warehouse_ro"}
+# Instances kept for files no connection uses right now: a process works on one warehouse (a test worker on many,
+# one after the other), so a few are plenty; the rest are closed.
+_IDLE_FILE_INSTANCES = 2
+
+
+@dataclass
+class _FileInstance:
+    database: duckdb.DuckDBPyConnection
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+
+
+_file_instances: OrderedDict[tuple, _FileInstance] = OrderedDict()
+_file_instances_lock = threading.Lock()
 
 
 class Warehouse:
@@ -125,26 +153,83 @@ class Warehouse:
     def lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".writer.lock")
 
+    def _instance(self) -> _FileInstance:
+        """This process's DuckDB instance for this file. Creating one costs ~20 ms of CPU (DuckDB registers its
+        functions), half of what opening the file took on each connection; attaching the file to a kept instance
+        costs the other half. Keyed by process too: an instance is never shared across a fork."""
+        key = (os.getpid(), str(self.path.resolve()), self.memory_limit, self.threads)
+        with _file_instances_lock:
+            instance = _file_instances.get(key)
+            if instance is None:
+                for other_key, other in list(_file_instances.items()):
+                    idle = sum(1 for kept in _file_instances.values() if not any(kept.users.values()))
+                    if idle < _IDLE_FILE_INSTANCES:
+                        break
+                    if not any(other.users.values()):
+                        del _file_instances[other_key]
+                        with contextlib.suppress(duckdb.Error):
+                            other.database.close()
+                database = duckdb.connect()
+                try:
+                    configure(database, self.memory_limit, self.threads)
+                    # Spill where a connection to the file itself would: beside it, not into memory-backed /tmp.
+                    database.execute(f"SET temp_directory = {sql_path(str(self.path) + '.tmp')}")
+                except BaseException:
+                    database.close()
+                    raise
+                instance = _file_instances[key] = _FileInstance(database)
+            _file_instances.move_to_end(key)
+            return instance
+
+    @contextlib.contextmanager
+    def _connection(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor whose default database is the file, attached while any cursor in this process uses it and
+        detached (checkpointed and closed, so other processes can open it) when the last one is done."""
+        instance = self._instance()
+        alias = _FILE_ALIASES[read_only]
+        with instance.lock:
+            if not instance.users[read_only]:
+                options = " (READ_ONLY)" if read_only else ""
+                _retry_while_locked(self.path, time.monotonic() + self.lock_timeout_seconds,
+                                    lambda: instance.database.execute(f"ATTACH {sql_path(self.path)} AS {alias}{options}"))
+            instance.users[read_only] += 1
+        try:
+            con = instance.database.cursor()
+            try:
+                configure(con, None, None)
+                con.execute(f"USE {alias}")
+                yield con
+            finally:
+                con.close()
+        finally:
+            with instance.lock:
+                instance.users[read_only] -= 1
+                if not instance.users[read_only]:
+                    instance.database.execute(f"DETACH {alias}")
+
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection with the schema in place; close it as soon as the write is done."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.lock_path, exclusive=True, timeout_seconds=self.lock_timeout_seconds):
-            con = _open_with_retry(self.path, False, time.monotonic() + self.lock_timeout_seconds)
-            try:
-                configure(con, self.memory_limit, self.threads)
-                ensure_schema(con)
-                yield con
-            finally:
-                con.close()
+        with _file_lock(self.lock_path, exclusive=True, timeout_seconds=self.lock_timeout_seconds), \
+                self._connection(read_only=False) as con:
+            ensure_schema(con)
+            yield con
 
     @contextlib.contextmanager
     def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection that waits for running writes instead of breaking them (always its own
-        connection, so `private` changes nothing here)."""
+        """A read-only connection that waits for running writes instead of breaking them.
+
+        `private=True` gives a DuckDB instance of its own, closed afterwards, whose settings the caller may change
+        or lock (`mixsync query` and the outbox's snapshot do) without touching this process's shared instance.
+        """
         if not self.path.exists():
             raise FileNotFoundError(f"no warehouse at {self.path}: materialize an asset first (MIXSYNC_DUCKDB_PATH)")
         with _file_lock(self.lock_path, exclusive=False, timeout_seconds=self.lock_timeout_seconds):
+            if not private:
+                with self._connection(read_only=True) as con:
+                    yield con
+                return
             con = _open_with_retry(self.path, True, time.monotonic() + self.lock_timeout_seconds)
             try:
                 configure(con, self.memory_limit, self.threads)
