@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 CODE = textwrap.dedent('''
@@ -34,6 +35,7 @@ def test_dagster_commands_load_dotenv_and_its_values_override_the_shell(tmp_path
     env = {**os.environ, "MIXSYNC_PRECEDENCE_PROBE": "from-shell", "WHERE_TO_WRITE": str(out),
            "DAGSTER_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
+    dg.DagsterInstance.from_config(str(tmp_path / "home")).dispose()  # its storage created here (conftest: scripts read once)
     dagster = str(Path(sys.executable).with_name("dagster"))
     done = subprocess.run([dagster, "asset", "materialize", "-f", "probe_defs.py", "--select", "seen"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
