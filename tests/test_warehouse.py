@@ -81,6 +81,32 @@ def test_connections_hold_the_file_only_while_open_and_leave_it_checkpointed(tmp
         assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1001
 
 
+def test_threads_on_more_warehouse_files_than_instances_kept_each_see_their_own_writes(tmp_path):
+    """Four files used at once from four threads: more instances than the process keeps idle, so instances are
+    closed while others are in use; none in use is closed, and each file holds exactly its own writes."""
+    stores = [Warehouse(tmp_path / f"w{i}.duckdb", lock_timeout_seconds=60) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def work(store: Warehouse) -> None:
+        try:
+            for i in range(15):
+                with store.write() as con:
+                    con.execute("CREATE TABLE IF NOT EXISTS sync.probe (n INTEGER)")
+                    con.execute("INSERT INTO sync.probe VALUES (?)", [i])
+                with store.read() as con:
+                    assert con.execute("SELECT count(*), sum(n) FROM sync.probe").fetchone() == (i + 1, i * (i + 1) // 2)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def test_a_lock_held_too_long_fails_with_the_setting_to_raise(tmp_path):
     store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)
     impatient = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=1)

@@ -114,7 +114,10 @@ _IDLE_FILE_INSTANCES = 2
 class _FileInstance:
     database: duckdb.DuckDBPyConnection
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Connections using each attachment (read-only or not); `claimed` counts them from before they attach, so an
+    # instance another thread is about to use is never closed as idle.
     users: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    claimed: int = 0
 
 
 _file_instances: OrderedDict[tuple, _FileInstance] = OrderedDict()
@@ -162,10 +165,9 @@ class Warehouse:
             instance = _file_instances.get(key)
             if instance is None:
                 for other_key, other in list(_file_instances.items()):
-                    idle = sum(1 for kept in _file_instances.values() if not any(kept.users.values()))
-                    if idle < _IDLE_FILE_INSTANCES:
+                    if sum(1 for kept in _file_instances.values() if not kept.claimed) < _IDLE_FILE_INSTANCES:
                         break
-                    if not any(other.users.values()):
+                    if not other.claimed:
                         del _file_instances[other_key]
                         with contextlib.suppress(duckdb.Error):
                             other.database.close()
@@ -179,6 +181,7 @@ class Warehouse:
                     raise
                 instance = _file_instances[key] = _FileInstance(database)
             _file_instances.move_to_end(key)
+            instance.claimed += 1
             return instance
 
     @contextlib.contextmanager
@@ -187,25 +190,30 @@ class Warehouse:
         detached (checkpointed and closed, so other processes can open it) when the last one is done."""
         instance = self._instance()
         alias = _FILE_ALIASES[read_only]
-        with instance.lock:
-            if not instance.users[read_only]:
-                options = " (READ_ONLY)" if read_only else ""
-                _retry_while_locked(self.path, time.monotonic() + self.lock_timeout_seconds,
-                                    lambda: instance.database.execute(f"ATTACH {sql_path(self.path)} AS {alias}{options}"))
-            instance.users[read_only] += 1
         try:
-            con = instance.database.cursor()
-            try:
-                configure(con, None, None)
-                con.execute(f"USE {alias}")
-                yield con
-            finally:
-                con.close()
-        finally:
             with instance.lock:
-                instance.users[read_only] -= 1
                 if not instance.users[read_only]:
-                    instance.database.execute(f"DETACH {alias}")
+                    options = " (READ_ONLY)" if read_only else ""
+                    _retry_while_locked(
+                        self.path, time.monotonic() + self.lock_timeout_seconds,
+                        lambda: instance.database.execute(f"ATTACH {sql_path(self.path)} AS {alias}{options}"))
+                instance.users[read_only] += 1
+            try:
+                con = instance.database.cursor()
+                try:
+                    configure(con, None, None)
+                    con.execute(f"USE {alias}")
+                    yield con
+                finally:
+                    con.close()
+            finally:
+                with instance.lock:
+                    instance.users[read_only] -= 1
+                    if not instance.users[read_only]:
+                        instance.database.execute(f"DETACH {alias}")
+        finally:
+            with _file_instances_lock:
+                instance.claimed -= 1
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
