@@ -7,6 +7,7 @@ import base64
 
 import dagster as dg
 import httpx
+import loopback
 import pytest
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
@@ -47,7 +48,7 @@ def body(action, cohort_id, name, members, session="s-1", page=1, total=1):
 
 
 def post(url, payload, auth=(USER, PASSWORD)):
-    return httpx.post(url + "/cohorts", json=payload, auth=auth, timeout=10)
+    return loopback.post(url + "/cohorts", json=payload, auth=auth, timeout=10)
 
 
 def test_auth_limits_and_the_answer_mixpanel_expects(receiver):
@@ -64,7 +65,7 @@ def test_auth_limits_and_the_answer_mixpanel_expects(receiver):
     assert post(url, no_pages).status_code == 400
     too_many = post(url, body("add_members", 7, "VIPs", [f"u{i}" for i in range(1001)]))
     assert too_many.status_code == 413 and "1000" in too_many.json()["error"]["message"]
-    too_big = httpx.post(url + "/cohorts", content=b"{" + b" " * 300_000 + b"}", auth=(USER, PASSWORD))
+    too_big = loopback.post(url + "/cohorts", content=b"{" + b" " * 300_000 + b"}", auth=(USER, PASSWORD))
     assert too_big.status_code == 413
     assert not directory.exists() or list(directory.iterdir()) == []  # nothing refused was landed
     ok = post(url, good)
@@ -183,7 +184,7 @@ def test_receive_cohorts_command_serves_on_the_shared_hardened_server(tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if loopback.get(url + "/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass

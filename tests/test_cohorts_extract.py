@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import dagster as dg
-import httpx
+import loopback
 import pytest
 
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -148,13 +148,13 @@ def test_sandbox_engage_is_faithful(sandbox, env):
     auth = (state.username, state.secret)
     url = sandbox.url("mixpanel") + "/api/query/engage"
     params = {"project_id": state.project_id}
-    first = httpx.post(url, params=params, auth=auth, data={"filter_by_cohort": '{"id": 1001}', "page_size": "10"}).json()
+    first = loopback.post(url, params=params, auth=auth, data={"filter_by_cohort": '{"id": 1001}', "page_size": "10"}).json()
     assert first["page"] == 0 and first["total"] == len(state.query.cohorts[1001].members) and len(first["results"]) == 10
-    second = httpx.post(url, params=params, auth=auth, data={"page": "1", "page_size": "10",
+    second = loopback.post(url, params=params, auth=auth, data={"page": "1", "page_size": "10",
                                                              "session_id": first["session_id"]}).json()
     assert "total" not in second and second["page"] == 1 and second["results"] != first["results"]
-    assert httpx.post(url, params=params, auth=auth, data={"page": "1"}).status_code == 400
-    assert httpx.post(url, params=params, auth=("x", "y"), data={"filter_by_cohort": '{"id": 1001}'}).status_code == 401
-    listed = httpx.post(sandbox.url("mixpanel") + "/api/query/cohorts/list", params=params, auth=auth).json()
+    assert loopback.post(url, params=params, auth=auth, data={"page": "1"}).status_code == 400
+    assert loopback.post(url, params=params, auth=("x", "y"), data={"filter_by_cohort": '{"id": 1001}'}).status_code == 401
+    listed = loopback.post(sandbox.url("mixpanel") + "/api/query/cohorts/list", params=params, auth=auth).json()
     assert isinstance(listed, list) and set(listed[0]) == {"id", "name", "description", "count", "is_visible",
                                                             "created", "project_id"}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import httpx
+import loopback
 import pytest
+
+from mixsync.http import tls_context
 
 
 @pytest.fixture
 def api(sandbox):
     state = sandbox.flagsmith
-    with httpx.Client(base_url=sandbox.url("flagsmith") + "/api/v1/",
+    with httpx.Client(verify=tls_context(), base_url=sandbox.url("flagsmith") + "/api/v1/",
                       headers={"X-Environment-Key": state.server_key}) as client:
         yield client, state
 
@@ -21,7 +24,7 @@ def post(client, identifier, traits):
 def test_wrong_or_missing_key_is_403(sandbox):
     url = sandbox.url("flagsmith") + "/api/v1/identities/"
     for headers in ({"X-Environment-Key": "ser.wrong"}, {}):
-        response = httpx.post(url, json={"identifier": "a", "traits": []}, headers=headers)
+        response = loopback.post(url, json={"identifier": "a", "traits": []}, headers=headers)
         assert response.status_code == 403
         assert response.json() == {"detail": "Invalid or missing Environment Key"}
 
@@ -122,14 +125,14 @@ def test_client_key_trait_writes_follow_allow_client_traits(api, sandbox):
     headers = {"X-Environment-Key": state.client_key}
     body = {"identifier": "c", "traits": [{"trait_key": "a", "trait_value": True}]}
     assert state.allow_client_traits is True  # Flagsmith's default: client keys may write traits
-    assert httpx.post(url + "identities/", json=body, headers=headers).status_code == 200
+    assert loopback.post(url + "identities/", json=body, headers=headers).status_code == 200
     assert state.traits("c") == {"a": True}
     state.allow_client_traits = False
     body["traits"][0]["trait_value"] = False
-    assert httpx.post(url + "identities/", json=body, headers=headers).status_code == 200  # dropped silently
+    assert loopback.post(url + "identities/", json=body, headers=headers).status_code == 200  # dropped silently
     assert state.traits("c") == {"a": True}
     bulk = [{"identity": {"identifier": "c"}, "trait_key": "a", "trait_value": None}]
-    assert httpx.put(url + "traits/bulk/", json=bulk, headers=headers).status_code == 400
+    assert loopback.put(url + "traits/bulk/", json=bulk, headers=headers).status_code == 400
     assert state.traits("c") == {"a": True}
 
 
@@ -147,9 +150,9 @@ def test_identity_level_transient_stores_nothing(api):
 
 def test_bulk_identities_wrong_key_on_core_is_404(sandbox):
     url = sandbox.url("flagsmith") + "/api/v1/bulk-identities/"
-    assert httpx.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 404
+    assert loopback.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 404
     sandbox.flagsmith.api = "edge"
-    assert httpx.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 403
+    assert loopback.put(url, json={"data": []}, headers={"X-Environment-Key": "ser.wrong"}).status_code == 403
 
 
 def test_core_bulk_over_long_key_is_500_after_the_deletes(api):

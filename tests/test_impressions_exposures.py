@@ -9,7 +9,7 @@ import sys
 
 import dagster as dg
 import duckdb
-import httpx
+import loopback
 import orjson
 import pytest
 
@@ -102,10 +102,10 @@ def event(n, **props):
 def test_import_emulation_checks_auth_limits_and_dedupes(sandbox, env, client):
     url = f"{sandbox.url('mixpanel')}/import"
     body = b"[" + event(1) + b"]"
-    assert httpx.post(url, params={"strict": "1", "project_id": sandbox.mixpanel.project_id}, content=body,
+    assert loopback.post(url, params={"strict": "1", "project_id": sandbox.mixpanel.project_id}, content=body,
                       auth=("sandbox-service-account", "wrong")).status_code == 401
-    assert httpx.post(url, params={"strict": "1"}, content=body, auth=(sandbox.mixpanel.token, "")).status_code == 200
-    assert httpx.post(url, params={"strict": "1"}, content=body,
+    assert loopback.post(url, params={"strict": "1"}, content=body, auth=(sandbox.mixpanel.token, "")).status_code == 200
+    assert loopback.post(url, params={"strict": "1"}, content=body,
                       auth=(sandbox.mixpanel.username, sandbox.mixpanel.secret)).status_code == 400  # no project_id
     assert import_events(client, [event(1), event(2)]).failed == {}
     held = sandbox.mixpanel.ingest.summary()

@@ -6,6 +6,7 @@ import gzip
 import os
 
 import httpx
+import loopback
 import orjson
 import pytest
 
@@ -49,7 +50,7 @@ def landed(landing):
 def test_gzipped_body_lands_byte_for_byte(receiver, landing):
     batch = ImpressionGenerator(seed=1).batch(120)
     body, headers = encode(batch, gzipped=True)
-    response = httpx.post(receiver.url + "/impressions", content=body, headers=headers)
+    response = loopback.post(receiver.url + "/impressions", content=body, headers=headers)
     assert response.status_code == 200
     [name] = landed(landing)
     assert name.endswith(".json.gz")
@@ -60,7 +61,7 @@ def test_gzipped_body_lands_byte_for_byte(receiver, landing):
 def test_plain_body_lands(receiver, landing):
     batch = ImpressionGenerator(seed=2).batch(30)
     body, headers = encode(batch, gzipped=False)
-    assert httpx.post(receiver.url + "/impressions", content=body, headers=headers).status_code == 200
+    assert loopback.post(receiver.url + "/impressions", content=body, headers=headers).status_code == 200
     [name] = landed(landing)
     assert name.endswith(".json") and not name.endswith(".gz")
     assert orjson.loads((landing / name).read_bytes()) == batch
@@ -68,7 +69,7 @@ def test_plain_body_lands(receiver, landing):
 
 def test_gzip_without_header_is_sniffed(receiver, landing):
     body = gzip.compress(orjson.dumps(ImpressionGenerator(seed=3).batch(5)))
-    assert httpx.post(receiver.url + "/impressions", content=body).status_code == 200
+    assert loopback.post(receiver.url + "/impressions", content=body).status_code == 200
     assert landed(landing)[0].endswith(".json.gz")
 
 
@@ -80,24 +81,24 @@ def test_gzip_without_header_is_sniffed(receiver, landing):
     (gzip.compress(b"[" * 10, mtime=0)[:8], 400, "gzip"),
 ])
 def test_a_body_that_is_not_an_array_of_impressions_is_refused(receiver, landing, body, status, message):
-    response = httpx.post(receiver.url + "/impressions", content=body)
+    response = loopback.post(receiver.url + "/impressions", content=body)
     assert response.status_code == status
     assert message in response.json()["error"]
     assert landed(landing) == []
 
 
 def test_empty_array_is_acknowledged_without_a_file(receiver, landing):
-    assert httpx.post(receiver.url + "/impressions", content=b"[]").status_code == 200
+    assert loopback.post(receiver.url + "/impressions", content=b"[]").status_code == 200
     assert landed(landing) == []
 
 
 def test_token_is_required_when_set(token_receiver, landing):
     body, headers = encode(ImpressionGenerator(seed=4).batch(10))
-    assert httpx.post(token_receiver.url + "/impressions", content=body, headers=headers).status_code == 401
-    assert httpx.post(token_receiver.url + "/impressions/wrong-token-xxxxxxxx", content=body,
+    assert loopback.post(token_receiver.url + "/impressions", content=body, headers=headers).status_code == 401
+    assert loopback.post(token_receiver.url + "/impressions/wrong-token-xxxxxxxx", content=body,
                       headers=headers).status_code == 404
     assert landed(landing) == []
-    assert httpx.post(token_receiver.url + f"/impressions/{TOKEN}", content=body, headers=headers).status_code == 200
+    assert loopback.post(token_receiver.url + f"/impressions/{TOKEN}", content=body, headers=headers).status_code == 200
     assert len(landed(landing)) == 1
 
 
@@ -111,11 +112,11 @@ def test_bodies_over_the_limit_are_refused(landing):
     try:
         big = orjson.dumps(ImpressionGenerator(seed=5).batch(50))
         assert len(big) > 2048
-        assert httpx.post(running.url + "/impressions", content=big).status_code == 413
+        assert loopback.post(running.url + "/impressions", content=big).status_code == 413
         # Small on the wire, big once decompressed: the limit applies to both.
         bomb = gzip.compress(b"[" + b" " * 100_000 + b"]")
         assert len(bomb) < 2048
-        assert httpx.post(running.url + "/impressions", content=bomb,
+        assert loopback.post(running.url + "/impressions", content=bomb,
                           headers={"Content-Encoding": "gzip"}).status_code == 413
     finally:
         running.stop()
@@ -128,8 +129,8 @@ def test_a_body_that_fails_to_persist_gets_no_200(tmp_path):
     running = start(blocker / "impressions")
     try:
         body, headers = encode(ImpressionGenerator(seed=6).batch(10))
-        response = httpx.post(running.url + "/impressions", content=body, headers=headers)
-        health = httpx.get(running.url + "/health").json()
+        response = loopback.post(running.url + "/impressions", content=body, headers=headers)
+        health = loopback.get(running.url + "/health").json()
     finally:
         running.stop()
     assert response.status_code == 503
@@ -168,14 +169,14 @@ def test_receive_impressions_command_serves_the_webhook(tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if loopback.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "the receiver did not start"
             time.sleep(0.05)
         body, headers = encode(ImpressionGenerator(seed=8).batch(10))
-        assert httpx.post(f"http://127.0.0.1:{port}/impressions/{TOKEN}", content=body, headers=headers).status_code == 200
+        assert loopback.post(f"http://127.0.0.1:{port}/impressions/{TOKEN}", content=body, headers=headers).status_code == 200
     finally:
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()

@@ -6,10 +6,12 @@ import httpx
 import orjson
 import pytest
 
+from mixsync.http import tls_context
+
 
 @pytest.fixture
 def engage(sandbox):
-    with httpx.Client(base_url=sandbox.url("mixpanel"), timeout=10) as client:
+    with httpx.Client(verify=tls_context(), base_url=sandbox.url("mixpanel"), timeout=10) as client:
         yield client, sandbox.mixpanel
 
 

@@ -13,6 +13,8 @@ from flagsmith import Flagsmith
 from mixpanel import Consumer, Mixpanel, ServiceAccountCredentials
 from waiting import poll
 
+from mixsync.http import tls_context
+
 
 @pytest.fixture
 def mp(sandbox):
@@ -76,7 +78,7 @@ def test_airbyte_style_json_body_reads_cohort_members(sandbox):
     cohort = next(c for c in state.query.cohorts.values() if len(c.members) > 5)
     url = sandbox.url("mixpanel") + "/api/2.0/engage"
     seen: list[str] = []
-    with httpx.Client(auth=(state.username, state.secret), timeout=10) as client:
+    with httpx.Client(verify=tls_context(), auth=(state.username, state.secret), timeout=10) as client:
         params = {"project_id": state.project_id, "page_size": 5}
         body = {"filter_by_cohort": f'{{"id":{cohort.id}}}'}
         first = client.post(url, params=params, json=body)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import loopback
 import orjson
 import pytest
 from waiting import free_ports, poll
@@ -39,7 +40,7 @@ class Receiver:
     def ready(self) -> bool:
         assert self.process.poll() is None, self.log.read_text()
         try:
-            return httpx.get(self.url + "/health", timeout=5).status_code == 200
+            return loopback.get(self.url + "/health", timeout=5).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -95,7 +96,7 @@ def test_thirty_one_byte_clients_are_cut_off_and_do_not_block_a_real_sender(rece
     clients = slow_clients(receiver.port, 30)
     try:
         body = orjson.dumps(ImpressionGenerator(seed=3).batch(50))
-        response = httpx.post(receiver.url + "/impressions", content=body, timeout=30)
+        response = loopback.post(receiver.url + "/impressions", content=body, timeout=30)
         assert response.status_code == 200 and len(receiver.landed()) == 1
         answers = poll(lambda: (lambda got: got if all(a is not None for a in got) else None)(
             [closed_by_server(sock) for _, sock in clients]), 120, "the server to close every slow connection")
@@ -141,7 +142,7 @@ def test_sigterm_ends_the_receiver_with_slow_clients_connected(tmp_path):
 
 
 def test_health_shows_counts_and_no_paths(receiver):
-    health = httpx.get(receiver.url + "/health").json()
+    health = loopback.get(receiver.url + "/health").json()
     assert health["status"] == "ok" and set(health) == {"status", "bodies_written", "impressions", "bodies_refused",
                                                         "bodies_failed"}
     assert str(receiver.landing) not in str(health)
@@ -150,7 +151,7 @@ def test_health_shows_counts_and_no_paths(receiver):
 def test_two_gzip_members_are_refused(receiver):
     good = gzip.compress(orjson.dumps(ImpressionGenerator(seed=4).batch(5)))
     for trailer in (gzip.compress(b"x" * 100_000), b"\x00" * 10):
-        response = httpx.post(receiver.url + "/impressions", content=good + trailer,
+        response = loopback.post(receiver.url + "/impressions", content=good + trailer,
                               headers={"Content-Encoding": "gzip"})
         assert response.status_code == 400 and "after its first member" in response.json()["error"]
     assert receiver.landed() == []
@@ -167,7 +168,7 @@ def test_two_gzip_members_are_refused(receiver):
 def test_an_impression_the_loader_could_not_use_refuses_the_body(receiver, field, value, message):
     batch = ImpressionGenerator(seed=5).batch(10)
     batch[7][field] = value
-    response = httpx.post(receiver.url + "/impressions", content=orjson.dumps(batch))
+    response = loopback.post(receiver.url + "/impressions", content=orjson.dumps(batch))
     assert response.status_code == 400 and f"element 7: {message}" in response.json()["error"]
     assert receiver.landed() == []
 
