@@ -72,6 +72,28 @@ with open_warehouse(WarehouseSettings.from_env()).write() as con:
 """
 
 
+def test_one_process_on_two_lakes_one_after_the_other_and_at_once_sees_each_lakes_own_rows(postgres, tmp_path):
+    """A process keeps one DuckDB instance for its lakes: moving to another lake detaches the last, and a lake used
+    while another has an open connection gets an instance of its own. Each connection sees only its lake."""
+    lakes = [lake_from({"MIXSYNC_DUCKLAKE_CATALOG": postgres.create_database(f"two_lakes_{os.getpid()}_{n}"),
+                        "MIXSYNC_WAREHOUSE": "ducklake", "MIXSYNC_DUCKLAKE_DATA_PATH": str(tmp_path / f"lake{n}")})
+             for n in (1, 2)]
+    for n, lake in enumerate(lakes, start=1):
+        with lake.write() as con:
+            con.execute("CREATE TABLE sync.probe AS SELECT range AS n FROM range(?)", [n * 10])
+    for n, lake in enumerate(lakes, start=1):  # one after the other, reading and writing
+        with lake.read() as con:
+            assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == n * 10
+        with lake.write() as con:
+            con.execute("INSERT INTO sync.probe VALUES (-1)")
+    with lakes[0].read() as first, lakes[1].write() as second:  # at once
+        second.execute("INSERT INTO sync.probe VALUES (-2)")
+        assert first.execute("SELECT count(*), min(n) FROM sync.probe").fetchone() == (11, -1)
+        assert second.execute("SELECT count(*), min(n) FROM sync.probe").fetchone() == (22, -2)
+    with lakes[0].read() as con:
+        assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 11
+
+
 def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_dies(lake_env):
     lake = lake_from(lake_env, lock_timeout_seconds=1)
     with lake.write():

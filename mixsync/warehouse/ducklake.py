@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -30,8 +32,17 @@ WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixsync warehouse writer").dig
 _COMPRESSION_CLAUSE = re.compile(r"\s+USING\s+COMPRESSION\s+\w+", re.IGNORECASE)
 
 
-_databases: dict[tuple, duckdb.DuckDBPyConnection] = {}
-_attached: dict[tuple, set[str]] = {}
+@dataclass
+class _LakeInstance:
+    """A DuckDB instance with the extensions loaded and (at most) one lake attached, and its open connections."""
+
+    database: duckdb.DuckDBPyConnection
+    lake: tuple[str, str] | None = None
+    attached: set[str] = field(default_factory=set)
+    users: int = 0
+
+
+_databases: dict[tuple, _LakeInstance] = {}
 _databases_lock = threading.Lock()
 # The lake attached read-write is `lake` (maintenance calls `lake.…` functions); read connections use `lake_ro`,
 # attached READ_ONLY in the same instance, so a read connection cannot write even by mistake.
@@ -139,25 +150,41 @@ class DuckLakeWarehouse:
     def description(self) -> str:
         return f"DuckLake (catalog {self.catalog}, data {self.data_path})"
 
-    def _database(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """This process's DuckDB instance for this lake, with the extensions loaded once and the lake attached the
-        way asked: read-write as `lake`, read-only as `lake_ro` (both, in a process that writes and reads).
+    def _database(self, read_only: bool) -> _LakeInstance:
+        """This process's DuckDB instance with the extensions loaded once, this lake attached the way asked:
+        read-write as `lake`, read-only as `lake_ro` (both, in a process that writes and reads). The caller holds
+        one of the instance's `users` until it calls `_release`.
 
         Loading the two extensions takes about half a CPU-second and attaching a round trip to Postgres; each
         connection is a cursor on this instance instead. A cursor starts a transaction on the latest snapshot, so
-        sharing the instance never hides another host's commits (nor this process's writes from its reads).
+        sharing the instance never hides another host's commits (nor this process's writes from its reads). A
+        process that moves to another lake (a test, one lake after the other) detaches the last one when no
+        connection uses it and keeps the instance; one that uses two lakes at once gets an instance per lake.
         """
-        key = (self.catalog, self.data_path, self.memory_limit, self.threads)
+        lake = (self.catalog, self.data_path)
         alias = _READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS
         with _databases_lock:
-            database = _databases.get(key)
-            if database is None:
-                database = _databases[key] = self._instance()
-                _attached[key] = set()
-            if alias not in _attached[key]:
-                self._attach_lake(database, alias, read_only)
-                _attached[key].add(alias)
-            return database
+            key: tuple = (os.getpid(), self.memory_limit, self.threads)
+            instance = _databases.get(key)
+            if instance is not None and instance.lake not in (None, lake) and instance.users:
+                key = (*key, lake)
+                instance = _databases.get(key)
+            if instance is None:
+                instance = _databases[key] = _LakeInstance(self._instance())
+            if instance.lake != lake:
+                for attached in sorted(instance.attached):
+                    instance.database.execute(f"DETACH {attached}")
+                instance.lake, instance.attached = lake, set()
+            if alias not in instance.attached:
+                self._attach_lake(instance.database, alias, read_only)
+                instance.attached.add(alias)
+            instance.users += 1
+            return instance
+
+    @staticmethod
+    def _release(instance: _LakeInstance) -> None:
+        with _databases_lock:
+            instance.users -= 1
 
     def _instance(self) -> duckdb.DuckDBPyConnection:
         from mixsync.warehouse import configure
@@ -195,31 +222,31 @@ class DuckLakeWarehouse:
             con.close()
             raise
 
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    @contextlib.contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         from mixsync.warehouse import configure
 
-        con = self._database(read_only).cursor()
+        instance = self._database(read_only)
         try:
-            configure(con, self.memory_limit, self.threads)
-            # The lake is the default catalog: every flow's `schema.table` names resolve in it.
-            con.execute(f"USE {_READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS}")
-            return con
-        except BaseException:
-            con.close()
-            raise
+            con = instance.database.cursor()
+            try:
+                configure(con, self.memory_limit, self.threads)
+                # The lake is the default catalog: every flow's `schema.table` names resolve in it.
+                con.execute(f"USE {_READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS}")
+                yield con
+            finally:
+                con.close()
+        finally:
+            self._release(instance)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection with the schema in place, under the cross-host writer lock."""
         from mixsync.warehouse import ensure_schema
 
-        with advisory_lock(self.catalog, self.lock_timeout_seconds):
-            con = self._connect(read_only=False)
-            try:
-                ensure_schema(con, adapt=self.adapt_ddl, applied=_applied_ddl.setdefault(self.catalog, set()))
-                yield con
-            finally:
-                con.close()
+        with advisory_lock(self.catalog, self.lock_timeout_seconds), self._connect(read_only=False) as con:
+            ensure_schema(con, adapt=self.adapt_ddl, applied=_applied_ddl.setdefault(self.catalog, set()))
+            yield con
 
     @contextlib.contextmanager
     def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -239,11 +266,8 @@ class DuckLakeWarehouse:
             finally:
                 database.close()
             return
-        con = self._connect(read_only=True)
-        try:
+        with self._connect(read_only=True) as con:
             yield con
-        finally:
-            con.close()
 
     @staticmethod
     def adapt_ddl(ddl: str) -> str:
