@@ -99,6 +99,19 @@ with Warehouse(sys.argv[1]).write() as con:
 """
 
 
+def the_killed_load_left_nothing_and_the_next_one_loads(store, tmp_path) -> None:
+    """After v1 (50 events) loaded and a load of v2 was killed: v1 is what is visible and stored, no unfinished
+    entry is left, and the next load (v3, 30 events) replaces v1 as usual."""
+    assert visible(store) == {"v1": 50}
+    assert stored_rows(store) == 50
+    with store.read() as con:
+        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
+
+    load(store, export_file(tmp_path / "v3.jsonl", "v3", 30))
+    assert visible(store) == {"v3": 30}
+    assert stored_rows(store) == 30
+
+
 def test_a_load_killed_inside_its_insert_leaves_neither_rows_nor_an_unfinished_entry(tmp_path):
     # The load's id, its unfinished entry and its rows are one transaction: killed before its commit, nothing of it
     # is in the file, and the next load has nothing to clear.
@@ -108,14 +121,7 @@ def test_a_load_killed_inside_its_insert_leaves_neither_rows_nor_an_unfinished_e
                              str(export_file(tmp_path / "v2.jsonl", "v2", 70))], capture_output=True, timeout=120)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
 
-    assert visible(store) == {"v1": 50}
-    assert stored_rows(store) == 50
-    with store.read() as con:
-        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
-
-    load(store, export_file(tmp_path / "v3.jsonl", "v3", 30))
-    assert visible(store) == {"v3": 30}
-    assert stored_rows(store) == 30
+    the_killed_load_left_nothing_and_the_next_one_loads(store, tmp_path)
     with store.read() as con:
         assert con.execute("SELECT load_id FROM mixpanel.event_loads").fetchall() == [(2,)]
 
@@ -299,14 +305,7 @@ def test_a_lake_load_is_one_transaction_and_leaves_nothing_when_killed(lake_env,
                            capture_output=True, timeout=180, env={**os.environ, **lake_env})
     assert child.returncode == -9, child.stderr.decode()[-2000:]
 
-    assert visible(store) == {"v1": 50}
-    assert stored_rows(store) == 50
-    with store.read() as con:
-        assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
-
-    load(store, export_file(tmp_path / "v3.jsonl", "v3", 30))
-    assert visible(store) == {"v3": 30}
-    assert stored_rows(store) == 30
+    the_killed_load_left_nothing_and_the_next_one_loads(store, tmp_path)
     with store.read() as con:
         assert con.execute("SELECT load_id, events, duplicates_dropped FROM mixpanel.event_loads").fetchall() == [(2, 30, 1)]
         assert con.execute("SELECT count(*) FROM mixpanel.event_loads_unfinished").fetchone()[0] == 0
