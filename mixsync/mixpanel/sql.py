@@ -276,14 +276,10 @@ def _insert_rows(con, source_sql: str, load_id: int, legacy_timezone: str | None
 
 def _make_current(con, load_id: int, invalid_lines_sql: str | None, window_start: dt.date, window_end: dt.date,
                   loaded_at: dt.datetime) -> ExportLoad:
-    """The switch in a transaction of its own, after the insert's (a DuckDB file), retried whole on a conflict."""
-    try:
-        result, retries = run_transaction(con, lambda con: _switch(con, load_id, invalid_lines_sql, window_start,
-                                                                   window_end, loaded_at, unfinished_entry=True))
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
-        raise
+    """The switch in a transaction of its own, after the insert's (a DuckDB file), retried whole on a conflict.
+    (Its temp table is dropped by `load_export_file` if it fails.)"""
+    result, retries = run_transaction(con, lambda con: _switch(con, load_id, invalid_lines_sql, window_start,
+                                                               window_end, loaded_at, unfinished_entry=True))
     result.conflict_retries = retries
     return result
 

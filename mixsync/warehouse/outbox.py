@@ -322,10 +322,10 @@ def _apply_window(con: duckdb.DuckDBPyConnection, table: str, ids: Path, first: 
     A row is found first where the snapshot saw it, by its row number (`rowid`), and taken only if its id is the
     line's: an integer join over the window's part of the table, not a string join over the whole table (for a
     million rows ~0.55 CPU-s instead of ~0.85, measured alone; with the constants below, the UPDATE and its commit
-    ~1.0 instead of ~1.6). Row numbers can change since
-    the snapshot (a checkpoint compacts a table after deletes); then fewer rows are marked than the window has
-    items, and the window is applied again by id, which changes only the rows still pending: the result is the
-    same as by id alone (ids are unique in an outbox), whatever moved.
+    ~1.0 instead of ~1.6). Row numbers can change since the snapshot (a checkpoint compacts a table after
+    deletes); then fewer rows are marked than the window has items, and the window is applied again by id, which
+    changes only the rows still pending: the result is the same as by id alone (ids are unique in an outbox),
+    whatever moved.
     """
     window = {"first": first, "last": last}
     ranges = con.execute("""
