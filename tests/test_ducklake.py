@@ -71,6 +71,16 @@ with open_warehouse(WarehouseSettings.from_env()).write() as con:
     time.sleep(600)
 """
 
+PREPARES_A_LAKE = """
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import open_warehouse
+lake = open_warehouse(WarehouseSettings.from_env())
+lake.prepare()
+with lake.read() as con:  # a cursor on the same instance: what it has attached
+    print(*sorted(name for (name,) in con.execute(
+        "SELECT database_name FROM duckdb_databases() WHERE database_name LIKE 'lake%'").fetchall()))
+"""
+
 
 def test_one_process_on_two_lakes_one_after_the_other_and_at_once_sees_each_lakes_own_rows(postgres, tmp_path):
     """A process keeps one DuckDB instance for its lakes: moving to another lake detaches the last, and a lake used
@@ -107,6 +117,12 @@ def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_di
         # Reads never wait for a writer.
         with lake.read() as con:
             assert con.execute("SELECT count(*) FROM mixpanel.event_loads").fetchone()[0] == 0
+        # Making a lake ready for writing (what a load does while its download streams in) takes no lock: in a
+        # new process it loads the extensions and attaches the lake read-write while another process writes.
+        prepared = subprocess.run([sys.executable, "-c", PREPARES_A_LAKE], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, **lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": "1"})
+        assert prepared.returncode == 0, prepared.stderr
+        assert prepared.stdout.split() == ["lake", "lake_ro"]
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
         patient = lake_from(lake_env, lock_timeout_seconds=60)

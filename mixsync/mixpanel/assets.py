@@ -1,10 +1,12 @@
 """Mixpanel raw export → mixpanel.events, a day per partition, wide windows per request."""
 
 
+import contextlib
 import datetime as dt
 import errno
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -50,7 +52,16 @@ def load_export_window(client: MixpanelClient, warehouse: AnyWarehouse, settings
     legacy_tz = settings.project_timezone if settings.legacy_local_time else None
     for attempt in range(1, TRUNCATION_ATTEMPTS + 1):
         progress = DownloadProgress(log, f"export {start}..{end}")
-        download = client.export_to_file(start, end, landing, progress=progress)
+        # The warehouse is made ready while the body streams in (on a lake, DuckDB's extensions loaded and the
+        # catalog attached: about a second in a new step process), without its writer lock: the download never
+        # holds the warehouse.
+        preparing = threading.Thread(target=_prepare_quietly, args=(warehouse,), name="mixsync-warehouse-prepare",
+                                     daemon=True)
+        preparing.start()
+        try:
+            download = client.export_to_file(start, end, landing, progress=progress)
+        finally:
+            preparing.join()
         try:
             # Only the parse and the write hold the warehouse; the download above did not.
             with warehouse.write() as con:
@@ -71,6 +82,12 @@ def load_export_window(client: MixpanelClient, warehouse: AnyWarehouse, settings
         return first + second, first_bytes + second_bytes
     raise dg.Failure(f"Mixpanel's export for {start} ended with 'terminated early' {TRUNCATION_ATTEMPTS} times; "
                      "the previous copy of the day is kept. Run again later.")
+
+
+def _prepare_quietly(warehouse: AnyWarehouse) -> None:
+    # A warehouse that cannot be opened fails in `warehouse.write()` right after, with its own clear error.
+    with contextlib.suppress(Exception):
+        warehouse.prepare()
 
 
 accept_backfill_policy_beta()

@@ -215,6 +215,13 @@ class Warehouse:
             with _file_instances_lock:
                 instance.claimed -= 1
 
+    def prepare(self) -> None:
+        """What opening a write connection costs before its lock: this process's DuckDB instance for the file
+        (attaching the file itself needs the writer lock). The next `write()` finds it ready."""
+        instance = self._instance()
+        with _file_instances_lock:
+            instance.claimed -= 1
+
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection with the schema in place; close it as soon as the write is done."""
