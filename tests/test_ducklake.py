@@ -104,6 +104,36 @@ def test_one_process_on_two_lakes_one_after_the_other_and_at_once_sees_each_lake
         assert con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 11
 
 
+def test_reads_with_settings_of_their_own_share_a_kept_instance_and_never_change_the_shared_ones(lake_env):
+    """The outbox's snapshot reads with one thread and insertion order kept, settings of a whole DuckDB instance:
+    it gets an instance of its own, kept for the next such read (a new one loads the extensions again), while
+    the warehouse's connections keep theirs, even opened during the snapshot's read."""
+    from mixsync.warehouse import ducklake
+    from mixsync.warehouse.outbox import SNAPSHOT_SETTINGS
+
+    lake = lake_from(lake_env)
+    with lake.write() as con:
+        con.execute("CREATE TABLE sync.probe AS SELECT range AS n FROM range(1000)")
+
+    def settings(con) -> tuple:
+        return con.execute("SELECT current_setting('threads'), current_setting('preserve_insertion_order'), "
+                           "current_setting('TimeZone')").fetchone()
+
+    instances = []
+    for _ in range(2):
+        with lake.read(settings=SNAPSHOT_SETTINGS) as snapshot:
+            assert settings(snapshot) == (1, True, "UTC")
+            with lake.write() as con:  # the shared instance, configured on each connection, meanwhile
+                con.execute("INSERT INTO sync.probe VALUES (-1)")
+                assert settings(con) == (2, False, "UTC")
+            assert settings(snapshot) == (1, True, "UTC")
+            assert snapshot.execute("SELECT count(*) FROM sync.probe").fetchone()[0] > 1000  # the lake's latest rows
+            instances.append({id(kept.database) for kept in ducklake._databases.values()})
+    assert instances[0] == instances[1]  # the second read found the first one's instance kept
+    with lake.read() as con:
+        assert settings(con) == (2, False, "UTC") and con.execute("SELECT count(*) FROM sync.probe").fetchone()[0] == 1002
+
+
 def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_dies(lake_env):
     lake = lake_from(lake_env, lock_timeout_seconds=1)
     with lake.write():

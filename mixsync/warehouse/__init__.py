@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -26,6 +26,7 @@ import duckdb
 
 from mixsync.warehouse.ducklake import DuckLakeWarehouse, WarehouseLockTimeout
 from mixsync.warehouse.schema import SCHEMAS, registered
+from mixsync.warehouse.sql import literal as sql_literal
 from mixsync.warehouse.sql import memory_limit as memory_limit_sql
 from mixsync.warehouse.sql import path as sql_path
 
@@ -45,9 +46,14 @@ if importlib.util.find_spec("pandas") is None:
     sys.modules.setdefault("pandas", None)  # type: ignore[arg-type]
 
 
-def configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
+def configure_session(con: duckdb.DuckDBPyConnection) -> None:
+    """The settings each connection (cursor) needs of its own; the rest of `configure`'s belong to the instance."""
     # Instants are stored as TIMESTAMPTZ; rendering them in UTC keeps every query and test unambiguous.
     con.execute("SET TimeZone = 'UTC'")
+
+
+def configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
+    configure_session(con)
     if memory_limit:
         con.execute(f"SET memory_limit = {memory_limit_sql(memory_limit)}")
     if threads:
@@ -56,6 +62,18 @@ def configure(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads:
     con.execute("SET preserve_insertion_order = false")
     # DuckDB draws a progress bar on the terminal for queries over 2 s; in a Dagster step it is log noise.
     con.execute("SET enable_progress_bar = false")
+
+
+ReadSettings = Mapping[str, "str | int | bool"]
+
+
+def apply_settings(con: duckdb.DuckDBPyConnection, settings: ReadSettings) -> None:
+    """DuckDB's instance-wide settings by name (mixsync's own constants), a memory limit validated as one."""
+    for name, value in settings.items():
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a DuckDB setting name")
+        rendered = memory_limit_sql(str(value), "memory_limit") if name == "memory_limit" else sql_literal(value)
+        con.execute(f"SET {name} = {rendered}")
 
 
 @contextlib.contextmanager
@@ -232,22 +250,25 @@ class Warehouse:
             yield con
 
     @contextlib.contextmanager
-    def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def read(self, private: bool = False, settings: ReadSettings | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection that waits for running writes instead of breaking them.
 
         `private=True` gives a DuckDB instance of its own, closed afterwards, whose settings the caller may change
-        or lock (`mixsync query` and the outbox's snapshot do) without touching this process's shared instance.
+        or lock (`mixsync query` does) without touching this process's shared instance. `settings` (instance-wide
+        DuckDB settings, such as the outbox snapshot's single thread) gives an instance that only reads with
+        exactly these; on a file, a private one (opening it costs ~35 ms).
         """
         if not self.path.exists():
             raise FileNotFoundError(f"no warehouse at {self.path}: materialize an asset first (MIXSYNC_DUCKDB_PATH)")
         with _file_lock(self.lock_path, exclusive=False, timeout_seconds=self.lock_timeout_seconds):
-            if not private:
+            if not private and not settings:
                 with self._connection(read_only=True) as con:
                     yield con
                 return
             con = _open_with_retry(self.path, True, time.monotonic() + self.lock_timeout_seconds)
             try:
                 configure(con, self.memory_limit, self.threads)
+                apply_settings(con, settings or {})
                 yield con
             finally:
                 con.close()

@@ -18,10 +18,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from mixsync.warehouse.sql import literal
+
+if TYPE_CHECKING:
+    from mixsync.warehouse import ReadSettings
 
 # Parquet row groups of 20,000 rows: DuckDB's default (122,880) ran out of memory at a 256 MB limit while
 # loading a 500,000-event day; 20,000 loads fine and faster (docs: notes/ducklake-and-postgres.md).
@@ -150,7 +154,7 @@ class DuckLakeWarehouse:
     def description(self) -> str:
         return f"DuckLake (catalog {self.catalog}, data {self.data_path})"
 
-    def _database(self, read_only: bool) -> _LakeInstance:
+    def _database(self, read_only: bool, settings: ReadSettings | None = None) -> _LakeInstance:
         """This process's DuckDB instance with the extensions loaded once, this lake attached the way asked:
         read-write as `lake`, read-only as `lake_ro` (both, in a process that writes and reads). The caller holds
         one of the instance's `users` until it calls `_release`.
@@ -160,17 +164,18 @@ class DuckLakeWarehouse:
         sharing the instance never hides another host's commits (nor this process's writes from its reads). A
         process that moves to another lake (a test, one lake after the other) detaches the last one when no
         connection uses it and keeps the instance; one that uses two lakes at once gets an instance per lake.
+        Reads with `settings` of their own (instance-wide ones) get an instance kept for exactly those.
         """
         lake = (self.catalog, self.data_path)
         alias = _READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS
         with _databases_lock:
-            key: tuple = (os.getpid(), self.memory_limit, self.threads)
+            key: tuple = (os.getpid(), self.memory_limit, self.threads, tuple(sorted((settings or {}).items())))
             instance = _databases.get(key)
             if instance is not None and instance.lake not in (None, lake) and instance.users:
                 key = (*key, lake)
                 instance = _databases.get(key)
             if instance is None:
-                instance = _databases[key] = _LakeInstance(self._instance())
+                instance = _databases[key] = _LakeInstance(self._instance(settings))
             if instance.lake != lake:
                 for attached in sorted(instance.attached):
                     instance.database.execute(f"DETACH {attached}")
@@ -186,8 +191,8 @@ class DuckLakeWarehouse:
         with _databases_lock:
             instance.users -= 1
 
-    def _instance(self) -> duckdb.DuckDBPyConnection:
-        from mixsync.warehouse import configure
+    def _instance(self, settings: ReadSettings | None = None) -> duckdb.DuckDBPyConnection:
+        from mixsync.warehouse import apply_settings, configure
 
         con = duckdb.connect()
         try:
@@ -195,6 +200,7 @@ class DuckLakeWarehouse:
             # An in-memory database spills to this folder beyond the memory limit.
             con.execute(f"SET temp_directory = {literal(str(Path(tempfile.gettempdir()) / 'mixsync-duckdb-spill'))}")
             load_extensions(con)
+            apply_settings(con, settings or {})
             return con
         except BaseException:
             con.close()
@@ -223,14 +229,19 @@ class DuckLakeWarehouse:
             raise
 
     @contextlib.contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        from mixsync.warehouse import configure
+    def _connect(self, read_only: bool, settings: ReadSettings | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        from mixsync.warehouse import configure, configure_session
 
-        instance = self._database(read_only)
+        instance = self._database(read_only, settings)
         try:
             con = instance.database.cursor()
             try:
-                configure(con, self.memory_limit, self.threads)
+                if settings:
+                    # The instance has its settings since its creation; setting the shared defaults again here
+                    # would change them under another cursor's running read.
+                    configure_session(con)
+                else:
+                    configure(con, self.memory_limit, self.threads)
                 # The lake is the default catalog: every flow's `schema.table` names resolve in it.
                 con.execute(f"USE {_READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS}")
                 yield con
@@ -255,24 +266,27 @@ class DuckLakeWarehouse:
             yield con
 
     @contextlib.contextmanager
-    def read(self, private: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def read(self, private: bool = False, settings: ReadSettings | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection on the latest snapshot; it never waits for writers nor sees half a write.
 
         `private=True` gives a DuckDB instance of its own, closed afterwards, whose settings the caller may lock
-        (`mixsync query` does) without touching this process's shared instance.
+        (`mixsync query` does) without touching this process's shared instance. `settings` (instance-wide DuckDB
+        settings, such as the outbox snapshot's single thread) gives a cursor on an instance kept for reads with
+        exactly these: a new instance costs half a CPU-second of loading the extensions (checking their signatures).
         """
         if private:
-            from mixsync.warehouse import configure
+            from mixsync.warehouse import apply_settings, configure
 
             database = self._attach(read_only=True)
             try:
                 configure(database, self.memory_limit, self.threads)
+                apply_settings(database, settings or {})
                 database.execute("USE lake")
                 yield database
             finally:
                 database.close()
             return
-        with self._connect(read_only=True) as con:
+        with self._connect(read_only=True, settings=settings) as con:
             yield con
 
     @staticmethod

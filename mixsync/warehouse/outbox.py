@@ -43,7 +43,6 @@ import duckdb
 from mixsync.http import OutcomeUnknown
 from mixsync.warehouse import AnyWarehouse
 from mixsync.warehouse.sql import literal
-from mixsync.warehouse.sql import memory_limit as sql_memory_limit
 from mixsync.warehouse.sql import path as sql_path
 
 log = logging.getLogger("mixsync.outbox")
@@ -60,7 +59,19 @@ OVERLAP_LINES = 250_000
 # the window would, and it would only take CPU from them: there everything is applied at the end. (A window of
 # 250,000 lines takes ~0.3-1 s: three seconds leave it time to end before the sends do.)
 OVERLAP_MIN_SECONDS = 3.0
-SNAPSHOT_MEMORY_LIMIT = "128MB"
+SNAPSHOT_SETTINGS: dict[str, str | int | bool] = {
+    # Both copies stream: a small buffer pool keeps DuckDB from caching the table's blocks it read (the push's peak
+    # memory was the snapshot's, at the warehouse's memory limit).
+    "memory_limit": "128MB",
+    # Both statements must read the same rows in the same order: one transaction, no ORDER BY (sorting a million
+    # payloads on a read connection, which cannot spill, ran out of memory), and one thread, which scans the
+    # table's row groups in order. The warehouse turns preserve_insertion_order off for its loads: with it off and
+    # two threads, the payloads of 1M rows came out in another order than their ids (99% of lines), and a batch's
+    # outcome landed on other rows. One thread costs no more: 1.2-1.4 CPU-s for the payloads of 1M events, against
+    # 1.5-2.1 with two threads unordered and ~3.9 with two threads ordered (the parallel writer buffers and reorders).
+    "threads": 1,
+    "preserve_insertion_order": True,
+}
 LINE = b"\n"
 JOURNAL, IDS = ".journal", ".ids.parquet"
 
@@ -575,20 +586,10 @@ class _Snapshot(threading.Thread):
 
     def run(self) -> None:
         try:
-            with self.warehouse.read(private=True) as con:  # its own instance: the setting below stays in it
+            # An instance of the snapshot's own (a private one on a file, one kept for snapshots on a lake): the
+            # SNAPSHOT_SETTINGS apply to a whole DuckDB instance, and the warehouse's shared one keeps its own.
+            with self.warehouse.read(settings=SNAPSHOT_SETTINGS) as con:
                 self.connection = con
-                # Both copies stream: a small buffer pool keeps DuckDB from caching the table's blocks it read
-                # (the push's peak memory was the snapshot's, at the warehouse's memory limit).
-                con.execute(f"SET memory_limit = {sql_memory_limit(SNAPSHOT_MEMORY_LIMIT)}")
-                # Both statements must read the same rows in the same order: one transaction, no ORDER BY (sorting
-                # a million payloads on a read connection, which cannot spill, ran out of memory), and one thread,
-                # which scans the table's row groups in order. The warehouse turns preserve_insertion_order off
-                # for its loads: with it off and two threads, the payloads of 1M rows came out in another order
-                # than their ids (99% of lines), and a batch's outcome landed on other rows. One thread costs no
-                # more: 1.2-1.4 CPU-s for the payloads of 1M events, against 1.5-2.1 with two threads unordered
-                # and ~3.9 with two threads ordered (the parallel writer buffers and reorders).
-                con.execute("SET threads = 1")
-                con.execute("SET preserve_insertion_order = true")
                 # On a DuckDB file opened read-only nothing can change the table while it is open (DuckDB's file
                 # lock keeps every writer out), so the payloads are copied on a second connection at the same time
                 # as the ids: the sends, which wait for the ids, then find payloads written already (the COPYs
