@@ -15,6 +15,7 @@ import dagster as dg
 import duckdb
 import pytest
 from click.testing import CliRunner
+from waiting import poll
 
 import mixsync.definitions  # noqa: F401  (importing every flow registers its tables)
 from mixsync.cli import main
@@ -162,6 +163,51 @@ def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_di
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_writes_keep_one_postgres_session_for_the_lock_and_hold_no_lock_between_writes(lake_env, postgres):
+    """One write after the other reuses the writer lock's Postgres session instead of starting a backend each time;
+    between writes the lock is free for another host, and a kept session the server dropped is replaced."""
+    import psycopg2
+
+    from mixsync.warehouse.ducklake import WRITER_LOCK_KEY
+
+    lake = lake_from(lake_env, lock_timeout_seconds=5)
+    database = re.search(r"dbname=(\w+)", lake_env["MIXSYNC_DUCKLAKE_CATALOG"]).group(1)
+    other_host = psycopg2.connect(lake_env["MIXSYNC_DUCKLAKE_CATALOG"])
+    other_host.autocommit = True
+    try:
+        def lock_sessions() -> list[int]:
+            with other_host.cursor() as cur:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                            [database, "mixsync writer lock"])
+                return sorted(pid for (pid,) in cur.fetchall())
+
+        def free_for_another_host() -> bool:
+            with other_host.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", [WRITER_LOCK_KEY])
+                taken = cur.fetchone()[0]
+                if taken:
+                    cur.execute("SELECT pg_advisory_unlock(%s)", [WRITER_LOCK_KEY])
+                return taken
+
+        sessions = []
+        for n in range(3):
+            with lake.write() as con:
+                con.execute("CREATE OR REPLACE TABLE sync.probe AS SELECT ? AS n", [n])
+                assert not free_for_another_host()  # held while writing
+            assert free_for_another_host()  # and only then
+            sessions.append(lock_sessions())
+        assert len(sessions[0]) == 1 and sessions == [sessions[0]] * 3
+
+        with other_host.cursor() as cur:  # the server ends the idle session (a restart, an idle timeout)
+            cur.execute("SELECT pg_terminate_backend(%s)", [sessions[0][0]])
+        with lake.write() as con:
+            assert con.execute("SELECT n FROM sync.probe").fetchone()[0] == 2
+        # (pg_stat_activity drops the ended backend a moment after it exits)
+        poll(lambda: len(lock_sessions()) == 1 and lock_sessions() != sessions[0], 60, "one new lock session")
+    finally:
+        other_host.close()
 
 
 def test_a_transaction_that_loses_a_write_conflict_runs_again_whole(lake_env):
