@@ -29,11 +29,11 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -473,33 +473,64 @@ def recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging
 
 
 class _Journal:
-    """Appends with one unbuffered write each (in the file, safe from a killed process, as soon as it returns);
-    a thread fsyncs what was written, so acknowledgements survive an operating-system crash too without a send
-    waiting on the disk (an fsync took 0.3 to 3 ms a batch on a busy disk). What an OS crash could still lose
-    is the last milliseconds of acknowledgements: those batches then count as in flight, never as unsent."""
+    """Appends with one unbuffered write each (in the file, safe from a killed process, as soon as it returns),
+    made durable by one thread that fsyncs whatever was appended since its last fsync (a group commit).
+
+    A batch's `inflight` line is on disk before its request is sent (`write_durable` waits for the fsync that
+    covers it: ~0.2-0.5 ms on this machine's disk, the lines of several senders in one fsync), so after an
+    operating-system crash too every batch that may have reached the service is found in flight, never taken for
+    unsent. Outcomes are not waited for: what an OS crash could lose is the last milliseconds of outcomes, and
+    those batches then count as in flight (in doubt, with at most once), never as unsent. (Each sender calling
+    fdatasync itself cost ~0.25 CPU-s more per 1,000 batches than this one thread.)"""
 
     def __init__(self, path: Path):
         self.descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.written, self.closing = threading.Event(), False
+        self.changed = threading.Condition()
+        self.appended = self.durable = 0  # writes so far, and how many of them the last fsync covered
+        self.closing = False
+        self.error: OSError | None = None
         self.flusher = threading.Thread(target=self._flush, name=f"journal-{path.name}", daemon=True)
         self.flusher.start()
 
-    def write(self, text: str) -> None:
-        os.write(self.descriptor, text.encode())
-        self.written.set()
+    def write(self, text: str) -> int:
+        """Append `text`; returns its number, for `wait_durable`."""
+        with self.changed:  # numbers in the order of the writes
+            os.write(self.descriptor, text.encode())
+            self.appended += 1
+            self.changed.notify_all()
+            return self.appended
+
+    def write_durable(self, text: str) -> None:
+        number = self.write(text)
+        with self.changed:
+            while self.durable < number and self.error is None:
+                self.changed.wait()
+            if self.error is not None:
+                raise self.error
 
     def _flush(self) -> None:
         while True:
-            self.written.wait()
-            self.written.clear()
-            closing = self.closing
-            os.fsync(self.descriptor)
-            if closing:
+            with self.changed:
+                while self.durable == self.appended and not self.closing:
+                    self.changed.wait()
+                covered, closing = self.appended, self.closing
+            try:
+                os.fsync(self.descriptor)
+            except OSError as exc:
+                with self.changed:
+                    self.error = exc
+                    self.changed.notify_all()
                 return
+            with self.changed:
+                self.durable = covered
+                self.changed.notify_all()
+                if closing and covered == self.appended:
+                    return
 
     def close(self) -> None:
-        self.closing = True
-        self.written.set()
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
         self.flusher.join()
         os.close(self.descriptor)
 
@@ -731,73 +762,101 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
                        snapshot.count, logger)
     applier.start()
     failure: BaseException | None = None
-    doubted = False
-    running: dict[Future, tuple[int, int, int]] = {}
+    # Set when no new batch may be sent: a batch in doubt, a failed one, or the push itself stopping.
+    stopping = threading.Event()
+    # Batches cut ahead of the senders: each sender takes the next one itself as soon as its request is answered,
+    # instead of waiting for this thread to be scheduled and cut it (with the GIL shared by five threads, that
+    # hand-over left the senders idle: ~200,000 events/s against ~460,000 for plain httpx). A batch waiting here
+    # was not sent and is not journaled: a push stopped now leaves it pending, never in doubt.
+    ready: queue.Queue[tuple[int, int, int, bytes | list[bytes]] | None] = queue.Queue(maxsize=concurrency)
     lines_read = 0
+    settling = threading.Lock()  # the senders settle batches: journal outcome, counts, the applier's progress
     # Batches settle out of order; the applier gets the lines of the longest run of settled batches from the first.
     settled_ends: dict[int, int] = {}
     next_unsettled = 0
 
-    def settle(done: set[Future]) -> None:
+    def settle(number: int, first: int, count: int, outcome: BatchOutcome | BaseException) -> None:
         nonlocal next_unsettled
-        for future in done:
-            number, first, count = running.pop(future)
-            journal_outcome(future, number, count)  # written before the applier may read it
-            settled_ends[number] = first + count
+        journal_outcome(number, count, outcome)  # written before the applier may read it
+        settled_ends[number] = first + count
         if next_unsettled in settled_ends:
             while next_unsettled in settled_ends:
                 settled_lines = settled_ends.pop(next_unsettled)
                 next_unsettled += 1
             applier.settle(settled_lines)
 
-    def journal_outcome(future: Future, number: int, count: int) -> None:
-        nonlocal failure, doubted
-        try:
-            rejected = future.result().rejected
-        except OutcomeUnknown as exc:
-            journal.write(f"in_doubt\t{number}\t\t\t{' '.join(str(exc).split())}\t.\n")
-            doubted = True
+    def journal_outcome(number: int, count: int, outcome: BatchOutcome | BaseException) -> None:
+        nonlocal failure
+        if isinstance(outcome, OutcomeUnknown):
+            journal.write(f"in_doubt\t{number}\t\t\t{' '.join(str(outcome).split())}\t.\n")
+            stopping.set()
             report.in_doubt += count
-            logger.warning(f"{table}: a batch of {count} items is in doubt ({exc}); it is held, not resent")
+            logger.warning(f"{table}: a batch of {count} items is in doubt ({outcome}); it is held, not resent")
             return
-        except BaseException as exc:
+        if isinstance(outcome, BaseException):
             journal.write(f"failed\t{number}\t\t\t\t.\n")
-            failure = failure or exc
+            stopping.set()
+            failure = failure or outcome
             return
+        rejected = outcome.rejected
         journal.write("".join(f"rejected\t{number}\t{position}\t\t{' '.join(reason.split())}\t.\n"
                               for position, reason in rejected.items()) + f"sent\t{number}\t\t\t\t.\n")
         report.batches += 1
         report.rejected += len(rejected)
         report.sent += count - len(rejected)
 
-    def send_batch(batch: bytes | list[bytes], count: int) -> BatchOutcome:
-        # `bodies` made each batch a body for a BodySender and a list of payloads otherwise.
-        return send.send(cast(bytes, batch), count) if isinstance(send, BodySender) else send(cast(list, batch))
-
-    try:
-        while not payloads_path.exists() and not snapshot.done.is_set():
-            snapshot.done.wait(0.002)  # DuckDB creates the payloads file as its COPY starts
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"push-{table}") as pool:
+    def sender() -> None:
+        nonlocal failure
+        while (item := ready.get()) is not None:
+            number, first, count, batch = item
+            if stopping.is_set():
+                continue  # not sent: stays pending
             try:
-                batches = _batches(payloads_path, max_items, max_bytes, bodies, snapshot.done.is_set)
-                for number, (first, count, batch) in enumerate(batches):
-                    while len(running) >= concurrency:
-                        settle(wait(running, return_when=FIRST_COMPLETED)[0])
-                    if failure is not None or doubted:
-                        break
-                    # Written before the request (the kernel keeps it if this process is killed): after a crash,
-                    # this batch is what may have reached the service.
-                    journal.write(f"inflight\t{number}\t{first}\t{count}\t\t.\n")
-                    running[pool.submit(send_batch, batch, count)] = (number, first, count)
-                    lines_read = first + count
-                else:
-                    if snapshot.error is None and lines_read != snapshot.count:
-                        raise RuntimeError(f"outbox {table}: the snapshot holds {snapshot.count} items but its "
-                                           f"payloads file {lines_read} lines")
-            except BaseException as exc:
+                # On disk before the request: after a crash (of this process or of the machine), this batch is
+                # what may have reached the service.
+                journal.write_durable(f"inflight\t{number}\t{first}\t{count}\t\t.\n")
+                outcome: BatchOutcome | BaseException
+                try:
+                    # `bodies` made each batch a body for a BodySender and a list of payloads otherwise.
+                    outcome = (send.send(cast(bytes, batch), count) if isinstance(send, BodySender)
+                               else send(cast(list, batch)))
+                except BaseException as exc:
+                    outcome = exc
+                del batch
+                with settling:
+                    settle(number, first, count, outcome)
+            except BaseException as exc:  # the journal could not be written: stop (an unsettled batch stays so)
+                with settling:
+                    failure = failure or exc
+                stopping.set()
+
+    senders = [threading.Thread(target=sender, name=f"push-{table}_{n}", daemon=True) for n in range(concurrency)]
+    try:
+        for thread in senders:
+            thread.start()
+        try:
+            while not payloads_path.exists() and not snapshot.done.is_set():
+                snapshot.done.wait(0.002)  # DuckDB creates the payloads file as its COPY starts
+            batches = _batches(payloads_path, max_items, max_bytes, bodies, snapshot.done.is_set)
+            for number, (first, count, batch) in enumerate(batches):
+                if stopping.is_set():
+                    break
+                ready.put((number, first, count, batch))
+                lines_read = first + count
+            else:
+                if snapshot.error is None and lines_read != snapshot.count:
+                    raise RuntimeError(f"outbox {table}: the snapshot holds {snapshot.count} items but its "
+                                       f"payloads file {lines_read} lines")
+        except BaseException as exc:
+            with settling:
                 failure = failure or exc
-            while running:
-                settle(wait(running, return_when=FIRST_COMPLETED)[0])
+            stopping.set()
+        finally:
+            # The senders end their requests in flight, skip the batches cut ahead if stopping, and exit.
+            for _ in senders:
+                ready.put(None)
+            for thread in senders:
+                thread.join()
     finally:
         snapshot.stop()
         applied = applier.close()
