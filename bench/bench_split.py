@@ -119,7 +119,10 @@ def run_plain(url: str, sdk_key: str, bodies_path: Path) -> dict:
 
 
 def run_mixsync(url: str, sdk_key: str, duckdb_path: Path, work_dir: Path) -> dict:
+    import logging
+
     from mixsync.http import RetryPolicy, RetryStats
+    from mixsync.progress import CountProgress, reporting_sends
     from mixsync.settings import Secret
     from mixsync.split.assets import batch_sender
     from mixsync.split.client import SplitEventsClient
@@ -135,9 +138,14 @@ def run_mixsync(url: str, sdk_key: str, duckdb_path: Path, work_dir: Path) -> di
     started_cpu, started = cpu_seconds(), time.perf_counter()
     stats = RetryStats()
     with SplitEventsClient(settings, RetryPolicy.from_env(), stats) as client:
-        # As the asset pushes: at most once, each batch's ids journaled in flight before it is sent.
-        report = push(store, EVENTS_OUTBOX, batch_sender(client), work_dir, max_items=BATCH,
-                      concurrency=CONCURRENCY, at_most_once=True)
+        # As the asset pushes (split_events): its days' scopes, progress reported per batch, at most once (each
+        # batch journaled in flight, on disk, before it is sent).
+        with store.read() as con:
+            pending = con.execute(f"SELECT count(*) FROM {EVENTS_OUTBOX} WHERE status = 'pending'").fetchone()[0]
+        progress = CountProgress(logging.getLogger("bench_split"), "push to Split", pending, "events", batched=True)
+        report = push(store, EVENTS_OUTBOX, reporting_sends(batch_sender(client), progress), work_dir,
+                      scopes=[DAY.isoformat()], max_items=BATCH, max_bytes=settings.max_batch_bytes,
+                      concurrency=CONCURRENCY, logger=logging.getLogger("bench_split"), at_most_once=True)
     return {"events": report.sent, "batches": report.batches, "retries": stats.retries,
             "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - started_cpu,
             "peak_rss_mb": peak_rss_mb()}
