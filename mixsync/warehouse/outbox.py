@@ -476,11 +476,13 @@ class _Journal:
     """Appends with one unbuffered write each (in the file, safe from a killed process, as soon as it returns),
     made durable by one thread that fsyncs whatever was appended since its last fsync (a group commit).
 
-    A batch's `inflight` line is on disk before its request is sent (`write_durable` waits for the fsync that
-    covers it: ~0.2-0.5 ms on this machine's disk, the lines of several senders in one fsync), so after an
-    operating-system crash too every batch that may have reached the service is found in flight, never taken for
-    unsent. Outcomes are not waited for: what an OS crash could lose is the last milliseconds of outcomes, and
-    those batches then count as in flight (in doubt, with at most once), never as unsent."""
+    A batch's `inflight` line is on disk before its request is sent, so after an operating-system crash too
+    every batch that may have reached the service is found in flight, never taken for unsent. `write_durable`
+    waits for the fsync that covers it (one fsync covers the lines of several senders): during a push of 1M
+    events to the counting sink, 1,019 fsyncs took 1.1 ms median, 3.7 ms at p90 on this machine's disk, and no
+    difference in the push's wall time could be told from the machine's noise. Outcomes are not waited for: what
+    an OS crash could lose is the last milliseconds of outcomes, and those batches then count as in flight (in
+    doubt, with at most once), never as unsent."""
 
     def __init__(self, path: Path):
         self.descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
