@@ -425,35 +425,3 @@ def test_a_journal_whose_ids_file_has_no_row_numbers_is_applied_by_id(tmp_path):
                      "id0": "pending"}
     assert not list(work.iterdir())
 
-
-def test_a_batchs_inflight_line_is_on_disk_before_its_request_is_sent(tmp_path, monkeypatch):
-    # After an operating-system crash too, a batch that may have reached the service must be found in flight:
-    # its journal line must have been fsynced before the request. The fsync is made slow (a busy disk) so that a
-    # request sent without waiting for it would be seen here.
-    store = make_outbox(tmp_path)
-    real_fsync, os_module = outbox.os.fsync, outbox.os
-    synced: dict[str, int] = {}  # journal path -> bytes covered by its last completed fsync
-
-    def slow_fsync(descriptor: int) -> None:
-        name = os_module.readlink(f"/proc/self/fd/{descriptor}")
-        size = os_module.fstat(descriptor).st_size  # what this fsync covers at least
-        time.sleep(0.005)
-        real_fsync(descriptor)
-        if name.endswith(outbox.JOURNAL):
-            synced[name] = max(synced.get(name, 0), size)
-
-    monkeypatch.setattr(outbox.os, "fsync", slow_fsync)
-    unsynced: list[int] = []
-
-    def send(payloads: list[bytes]) -> BatchOutcome:
-        [journal] = (tmp_path / "work" / "sync_test_outbox").glob(f"*{outbox.JOURNAL}")
-        lines = journal.read_bytes()
-        last = lines.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-        assert last.startswith(b"inflight\t")  # one sender: the last line is this batch's
-        if synced.get(str(journal), 0) < len(lines):
-            unsynced.append(len(payloads))
-        return BatchOutcome()
-
-    report = push(store, TABLE, send, tmp_path / "work", max_items=25, concurrency=1, at_most_once=True)
-    assert report.sent == 250 and report.batches == 10
-    assert unsynced == []
