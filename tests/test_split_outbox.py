@@ -424,4 +424,3 @@ def test_a_journal_whose_ids_file_has_no_row_numbers_is_applied_by_id(tmp_path):
     assert state == {"id5": "sent", "id4": "rejected", "id3": "in_doubt", "id2": "in_doubt", "id1": "pending",
                      "id0": "pending"}
     assert not list(work.iterdir())
-
