@@ -124,9 +124,25 @@ def test_connections_over_the_cap_are_closed_at_once(tmp_path):
         receiver.stop()
 
 
+def request_being_read(port: int) -> socket.socket:
+    """A client whose request the receiver has begun to read: it asked for `100 Continue` (sent when the handler
+    first reads the body), got it, then sent one byte of its 1000. Only then is the request surely in flight."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /impressions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+    sock.settimeout(120)  # the deadline for the server's answer
+    assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+    sock.settimeout(None)  # blocking again, as closed_by_server expects
+    sock.sendall(b"[")
+    return sock
+
+
 def test_sigterm_ends_the_receiver_with_slow_clients_connected(tmp_path):
     receiver = Receiver(tmp_path, MIXSYNC_WEBHOOK_BODY_TIMEOUT_SECONDS="600", MIXSYNC_WEBHOOK_SHUTDOWN_SECONDS="2")
     clients = slow_clients(receiver.port, 30)
+    # Under load the server may not have read the slow clients' headers yet when the signal comes (then they are
+    # idle connections, closed at once): these two requests are being read for certain.
+    clients += [("body", request_being_read(receiver.port)) for _ in range(2)]
     try:
         # Every slow client is still connected when the signal comes.
         assert all(closed_by_server(sock) is None for _, sock in clients)
