@@ -206,6 +206,13 @@ def test_writes_keep_one_postgres_session_for_the_lock_and_hold_no_lock_between_
             assert con.execute("SELECT n FROM sync.probe").fetchone()[0] == 2
         # (pg_stat_activity drops the ended backend a moment after it exits)
         poll(lambda: len(lock_sessions()) == 1 and lock_sessions() != sessions[0], 60, "one new lock session")
+
+        # A write to another lake closes the session kept for this one: idle sessions never pile up on a server.
+        second = lake_from({**lake_env, "MIXSYNC_DUCKLAKE_CATALOG": postgres.create_database(
+            f"second_lake_{os.getpid()}"), "MIXSYNC_DUCKLAKE_DATA_PATH": lake_env["MIXSYNC_DUCKLAKE_DATA_PATH"] + "2"})
+        with second.write():
+            pass
+        poll(lambda: lock_sessions() == [], 60, "the first lake's idle lock session to close")
     finally:
         other_host.close()
 

@@ -100,9 +100,9 @@ def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"LOAD {name}")
 
 
-# Idle Postgres sessions for the writer lock, per process and catalog. A session of its own per write cost a new
-# Postgres backend each time (~10 ms of the server's CPU and ~20 ms of waiting, measured); a kept one holds no lock
-# between writes (each write unlocks before giving it back) and dies with the process like any other.
+# Idle Postgres sessions for the writer lock, per process, for the catalog it wrote to last. A session of its own
+# per write cost a new Postgres backend each time (~10 ms of the server's CPU and ~20 ms of waiting, measured); a
+# kept one holds no lock between writes (each write unlocks before giving it back) and dies with the process.
 _lock_sessions: dict[tuple[int, str], list] = {}
 _lock_sessions_lock = threading.Lock()
 _IDLE_LOCK_SESSIONS = 2
@@ -130,12 +130,21 @@ def _lock_session(catalog: str):
 
 
 def _keep_lock_session(catalog: str, pg) -> None:
+    """Keep `pg` idle for the next write to `catalog`; a process that moved on to another catalog (a test, one lake
+    after the other) closes the sessions it kept for the others, so idle sessions never pile up on a server."""
+    stale = []
     with _lock_sessions_lock:
-        idle = _lock_sessions.setdefault((os.getpid(), catalog), [])
+        key = (os.getpid(), catalog)
+        # Only this process's own: a forked child closing its parent's sessions would end them for the parent.
+        for other in [k for k in _lock_sessions if k[0] == key[0] and k != key]:
+            stale += _lock_sessions.pop(other)
+        idle = _lock_sessions.setdefault(key, [])
         if not pg.closed and len(idle) < _IDLE_LOCK_SESSIONS:
             idle.append(pg)
-            return
-    pg.close()
+        else:
+            stale.append(pg)
+    for session in stale:
+        session.close()
 
 
 @contextlib.contextmanager
