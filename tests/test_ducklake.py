@@ -25,7 +25,7 @@ from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError, WarehouseSettings
 from mixsync.warehouse import DuckLakeWarehouse, WarehouseLockTimeout, open_warehouse
-from mixsync.warehouse.ducklake import load_extensions
+from mixsync.warehouse.ducklake import PARQUET_ROW_GROUP_SIZE, load_extensions
 from mixsync.warehouse.transactions import run_transaction
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +82,54 @@ with lake.read() as con:  # a cursor on the same instance: what it has attached
         "SELECT database_name FROM duckdb_databases() WHERE database_name LIKE 'lake%'").fetchall()))
 """
 
+READS_THE_ROW_GROUP_SIZE = """
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import open_warehouse
+with open_warehouse(WarehouseSettings.from_env()).read() as con:
+    print(*(value for (value,) in con.execute(
+        "SELECT value FROM ducklake_options('lake_ro') WHERE option_name = 'parquet_row_group_size'").fetchall()))
+"""
+
+HOST_STARTS_ON_A_NEW_LAKE = """
+import os, sys
+from mixsync.settings import WarehouseSettings
+from mixsync.warehouse import open_warehouse
+lake = open_warehouse(WarehouseSettings.from_env())
+print("ready", flush=True)
+sys.stdin.readline()
+lake.prepare()  # what an export does while its download streams in
+with lake.write() as con:
+    con.execute("CREATE TABLE IF NOT EXISTS main.hosts (pid INTEGER)")
+    con.execute("INSERT INTO main.hosts VALUES (?)", [os.getpid()])
+"""
+
+
+def test_hosts_starting_at_once_on_an_empty_catalog_create_one_lake(lake_env):
+    """Creating a lake is a transaction of CREATE TABLEs that two hosts cannot both commit: only a writer holding
+    the lock creates it, so three processes that prepare and write at the same moment all succeed."""
+    lake = lake_from(lake_env)
+    with pytest.raises(ConnectionError, match="no DuckLake in MIXSYNC_DUCKLAKE_CATALOG .* the first write creates it"):
+        with lake.read():
+            pass
+    hosts = [subprocess.Popen([sys.executable, "-c", HOST_STARTS_ON_A_NEW_LAKE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **lake_env})
+             for _ in range(3)]
+    try:
+        assert [host.stdout.readline().strip() for host in hosts] == ["ready"] * 3
+        for host in hosts:  # all three go at once
+            host.stdin.write("go\n")
+            host.stdin.flush()
+        results = [host.communicate(timeout=120) for host in hosts]
+        assert [host.returncode for host in hosts] == [0] * 3, [err[-2000:] for _, err in results]
+        with lake.read() as con:
+            assert sorted(pid for (pid,) in con.execute("SELECT pid FROM main.hosts").fetchall()) == sorted(
+                host.pid for host in hosts)
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.kill()
+                host.wait()
+
 
 def test_one_process_on_two_lakes_one_after_the_other_and_at_once_sees_each_lakes_own_rows(postgres, tmp_path):
     """A process keeps one DuckDB instance for its lakes: moving to another lake detaches the last, and a lake used
@@ -136,6 +184,8 @@ def test_reads_with_settings_of_their_own_share_a_kept_instance_and_never_change
 
 
 def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_dies(lake_env):
+    import psycopg2
+
     lake = lake_from(lake_env, lock_timeout_seconds=1)
     with lake.write():
         pass  # the schema exists before the child races for it
@@ -149,9 +199,17 @@ def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_di
         with lake.read() as con:
             assert con.execute("SELECT count(*) FROM mixpanel.event_loads").fetchone()[0] == 0
         # Making a lake ready for writing (what a load does while its download streams in) takes no lock: in a
-        # new process it loads the extensions and attaches the lake read-write while another process writes.
-        prepared = subprocess.run([sys.executable, "-c", PREPARES_A_LAKE], capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, **lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": "1"})
+        # new process it loads the extensions and attaches the lake read-write while another process writes, and
+        # it writes nothing to the catalog: it finishes while another host's commit holds the catalog's settings.
+        other_host = psycopg2.connect(lake_env["MIXSYNC_DUCKLAKE_CATALOG"])
+        try:
+            with other_host.cursor() as cur:
+                cur.execute("SELECT count(*) FROM (SELECT * FROM ducklake_metadata FOR UPDATE) AS locked")
+                assert cur.fetchone()[0] > 0
+            prepared = subprocess.run([sys.executable, "-c", PREPARES_A_LAKE], capture_output=True, text=True,
+                                      timeout=120, env={**os.environ, **lake_env, "MIXSYNC_LOCK_TIMEOUT_SECONDS": "1"})
+        finally:
+            other_host.close()
         assert prepared.returncode == 0, prepared.stderr
         assert prepared.stdout.split() == ["lake", "lake_ro"]
         child.send_signal(signal.SIGKILL)
@@ -159,6 +217,11 @@ def test_the_writer_lock_is_a_postgres_advisory_lock_released_when_its_holder_di
         patient = lake_from(lake_env, lock_timeout_seconds=60)
         with patient.write() as con:  # Postgres ended the killed holder's session, and its lock with it
             assert con.execute("SELECT 1").fetchone()[0] == 1
+        # The row group size set at the first write is the catalog's: a process that never wrote reads it.
+        settings = subprocess.run([sys.executable, "-c", READS_THE_ROW_GROUP_SIZE], capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, **lake_env})
+        assert settings.returncode == 0, settings.stderr
+        assert settings.stdout.split() == [str(PARQUET_ROW_GROUP_SIZE)]
     finally:
         if child.poll() is None:
             child.kill()

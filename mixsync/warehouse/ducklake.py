@@ -36,6 +36,10 @@ WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mixsync warehouse writer").dig
 _COMPRESSION_CLAUSE = re.compile(r"\s+USING\s+COMPRESSION\s+\w+", re.IGNORECASE)
 
 
+class LakeNotCreated(ConnectionError):
+    """The catalog holds no DuckLake yet (and the caller may not create one)."""
+
+
 @dataclass
 class _LakeInstance:
     """A DuckDB instance with the extensions loaded and (at most) one lake attached, and its open connections."""
@@ -54,6 +58,8 @@ _READ_WRITE_ALIAS = "lake"
 _READ_ONLY_ALIAS = "lake_ro"
 # Digests of the DDL this process has already seen applied, per catalog: skips even the check.
 _applied_ddl: dict[str, set[str]] = {}
+# Catalogs this process has set its Parquet row group size on (the catalog keeps it for every later attach).
+_tuned_catalogs: set[str] = set()
 
 
 def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
@@ -205,7 +211,7 @@ class DuckLakeWarehouse:
     def description(self) -> str:
         return f"DuckLake (catalog {self.catalog}, data {self.data_path})"
 
-    def _database(self, read_only: bool, settings: ReadSettings | None = None) -> _LakeInstance:
+    def _database(self, read_only: bool, settings: ReadSettings | None = None, create: bool = False) -> _LakeInstance:
         """This process's DuckDB instance with the extensions loaded once, this lake attached the way asked:
         read-write as `lake`, read-only as `lake_ro` (both, in a process that writes and reads). The caller holds
         one of the instance's `users` until it calls `_release`.
@@ -215,7 +221,8 @@ class DuckLakeWarehouse:
         sharing the instance never hides another host's commits (nor this process's writes from its reads). A
         process that moves to another lake (a test, one lake after the other) detaches the last one when no
         connection uses it and keeps the instance; one that uses two lakes at once gets an instance per lake.
-        Reads with `settings` of their own (instance-wide ones) get an instance kept for exactly those.
+        Reads with `settings` of their own (instance-wide ones) get an instance kept for exactly those. Only
+        `create=True` (a caller holding the writer lock) may create the lake in an empty catalog.
         """
         lake = (self.catalog, self.data_path)
         alias = _READ_ONLY_ALIAS if read_only else _READ_WRITE_ALIAS
@@ -232,7 +239,7 @@ class DuckLakeWarehouse:
                     instance.database.execute(f"DETACH {attached}")
                 instance.lake, instance.attached = lake, set()
             if alias not in instance.attached:
-                self._attach_lake(instance.database, alias, read_only)
+                self._attach_lake(instance.database, alias, read_only, create)
                 instance.attached.add(alias)
             instance.users += 1
             return instance
@@ -257,17 +264,25 @@ class DuckLakeWarehouse:
             con.close()
             raise
 
-    def _attach_lake(self, con: duckdb.DuckDBPyConnection, alias: str, read_only: bool) -> None:
+    def _attach_lake(self, con: duckdb.DuckDBPyConnection, alias: str, read_only: bool, create: bool = False) -> None:
         options = [f"DATA_PATH {literal(self.data_path)}"]
         if read_only:
             options.append("READ_ONLY")
+        if not create:
+            # Creating a lake is a transaction of CREATE TABLEs in the catalog: two hosts attaching an empty
+            # catalog at once both try it and all but one fail. Only a holder of the writer lock creates it.
+            options.append("CREATE_IF_NOT_EXISTS false")
         try:
             con.execute(f"ATTACH {literal('ducklake:postgres:' + self.catalog)} AS {alias} ({', '.join(options)})")
+        except duckdb.InvalidInputException as exc:
+            if not create and "creating a new DuckLake is explicitly disabled" in str(exc):
+                raise LakeNotCreated(f"no DuckLake in MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}) yet: the first write "
+                                     "creates it") from exc
+            raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
+                                  f"{exc}") from exc
         except duckdb.Error as exc:
             raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
                                   f"{exc}") from exc
-        if not read_only:
-            con.execute(f"CALL {alias}.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
 
     def _attach(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """A DuckDB instance of its own with the lake attached as `lake` (for `read(private=True)`)."""
@@ -280,10 +295,11 @@ class DuckLakeWarehouse:
             raise
 
     @contextlib.contextmanager
-    def _connect(self, read_only: bool, settings: ReadSettings | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool, settings: ReadSettings | None = None,
+                 create: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         from mixsync.warehouse import configure, configure_session
 
-        instance = self._database(read_only, settings)
+        instance = self._database(read_only, settings, create)
         try:
             con = instance.database.cursor()
             try:
@@ -304,15 +320,22 @@ class DuckLakeWarehouse:
     def prepare(self) -> None:
         """What opening a write connection costs before its lock: this process's instance with the extensions
         loaded and the lake attached read-write (about a second in a new process). Takes no lock, so it can run
-        while a download streams in; the next `write()` finds it ready."""
-        self._release(self._database(read_only=False))
+        while a download streams in; the next `write()` finds it ready. On an empty catalog it only loads the
+        extensions: the first write creates the lake, under the lock."""
+        with contextlib.suppress(LakeNotCreated):
+            self._release(self._database(read_only=False))
 
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-write connection with the schema in place, under the cross-host writer lock."""
         from mixsync.warehouse import ensure_schema
 
-        with advisory_lock(self.catalog, self.lock_timeout_seconds), self._connect(read_only=False) as con:
+        with advisory_lock(self.catalog, self.lock_timeout_seconds), self._connect(read_only=False, create=True) as con:
+            if self.catalog not in _tuned_catalogs:
+                # The option is stored in the catalog (an UPDATE of its metadata), so it is set under the lock:
+                # set while attaching, outside it, it lost serialization conflicts to other hosts' commits.
+                con.execute(f"CALL lake.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
+                _tuned_catalogs.add(self.catalog)
             ensure_schema(con, adapt=self.adapt_ddl, applied=_applied_ddl.setdefault(self.catalog, set()))
             yield con
 
