@@ -108,9 +108,9 @@ def test_hosts_starting_at_once_on_an_empty_catalog_create_one_lake(lake_env):
     """Creating a lake is a transaction of CREATE TABLEs that two hosts cannot both commit: only a writer holding
     the lock creates it, so three processes that prepare and write at the same moment all succeed."""
     lake = lake_from(lake_env)
-    with pytest.raises(ConnectionError, match="no DuckLake in MIXSYNC_DUCKLAKE_CATALOG .* the first write creates it"):
-        with lake.read():
-            pass
+    empty_catalog = r"no DuckLake in MIXSYNC_DUCKLAKE_CATALOG .* the first write creates it"
+    with pytest.raises(ConnectionError, match=empty_catalog), lake.read():
+        pass
     hosts = [subprocess.Popen([sys.executable, "-c", HOST_STARTS_ON_A_NEW_LAKE], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **lake_env})
              for _ in range(3)]
