@@ -274,13 +274,10 @@ class DuckLakeWarehouse:
             options.append("CREATE_IF_NOT_EXISTS false")
         try:
             con.execute(f"ATTACH {literal('ducklake:postgres:' + self.catalog)} AS {alias} ({', '.join(options)})")
-        except duckdb.InvalidInputException as exc:
+        except duckdb.Error as exc:
             if not create and "creating a new DuckLake is explicitly disabled" in str(exc):
                 raise LakeNotCreated(f"no DuckLake in MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}) yet: the first write "
                                      "creates it") from exc
-            raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
-                                  f"{exc}") from exc
-        except duckdb.Error as exc:
             raise ConnectionError(f"could not attach the DuckLake at MIXSYNC_DUCKLAKE_CATALOG ({self.catalog}): "
                                   f"{exc}") from exc
 
