@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dagster as dg
+import duckdb
 import loopback
 import pytest
 
@@ -158,3 +160,36 @@ def test_sandbox_engage_is_faithful(sandbox, env):
     listed = loopback.post(sandbox.url("mixpanel") + "/api/query/cohorts/list", params=params, auth=auth).json()
     assert isinstance(listed, list) and set(listed[0]) == {"id", "name", "description", "count", "is_visible",
                                                             "created", "project_id"}
+
+
+@pytest.mark.both_backends
+def test_a_member_load_that_fails_midway_leaves_the_last_membership_whole(env, warehouse, tmp_path):
+    """A cohort's load is one transaction from its first read: a page that cannot be parsed fails the load, the
+    last membership, history and snapshots stay as they were, and the next load on the same connection works."""
+    import orjson
+
+    from mixsync.mixpanel.cohort_sql import load_cohort_members
+
+    def page(name: str, ids: list[str]) -> Path:
+        path = tmp_path / name
+        path.write_bytes(orjson.dumps({"results": [{"$distinct_id": i, "$properties": {"$email": f"{i}@x"}}
+                                                   for i in ids]}))
+        return path
+
+    def state(con) -> tuple:
+        return (current_members(con, 7),
+                con.execute("SELECT count(*) FROM mixpanel.cohort_membership_history").fetchone()[0],
+                con.execute("SELECT count(*) FROM mixpanel.cohort_snapshots").fetchone()[0])
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"results": [{"$distinct_id": "c"')  # a page cut off mid-body
+    with warehouse.write() as con:
+        load_cohort_members(con, 7, "buyers", [page("first.json", ["a", "b"])], ["$email"], 2)
+        assert state(con) == ({"a", "b"}, 2, 1)
+        with pytest.raises(duckdb.Error):
+            load_cohort_members(con, 7, "buyers", [page("second.json", ["b", "c"]), broken], ["$email"], 3)
+        assert state(con) == ({"a", "b"}, 2, 1)
+        load = load_cohort_members(con, 7, "buyers", [page("third.json", ["b", "c"])], ["$email"], 2)
+        assert (load.entered, load.left, state(con)) == (1, 1, ({"b", "c"}, 4, 2))
+    with warehouse.read() as con:
+        assert state(con) == ({"b", "c"}, 4, 2)
