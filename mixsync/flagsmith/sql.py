@@ -179,61 +179,63 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
     this plan already contains whatever of them still matters.
     """
     plan = Plan(sync_id, round_)
-    con.execute("CREATE OR REPLACE TEMP TABLE fs_keys (cohort_id BIGINT, trait_key VARCHAR)")
-    if keys:
-        con.execute("""INSERT INTO fs_keys SELECT unnest(from_json($keys, '[{"c": "BIGINT", "k": "VARCHAR"}]'),
-                                                  recursive := true)""",
-                    {"keys": orjson.dumps([{"c": c, "k": k} for c, k in keys.items()]).decode()})
-    # Whitespace of any kind at either end (tabs, no-break and em spaces too, as Python's str.strip sees it):
-    # an identifier of only whitespace is empty, and Flagsmith would answer 200 and store nothing.
-    params: dict = {"edge_whitespace": f"^{_WHITESPACE}+|{_WHITESPACE}+$"}
-    if identifier_property is not None:
-        params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
-    reason_missing = literal("empty distinct_id" if identifier_property is None
-                             else f"profile has no {identifier_property}")
-    reason_blank = literal(f"{identifier_property or 'distinct_id'} is only whitespace")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_members AS
-        SELECT cohort_id, distinct_id, trait_key, raw_identifier IS NULL OR raw_identifier = '' AS missing,
-               regexp_replace(raw_identifier, $edge_whitespace, '', 'g') AS identifier
-        FROM (SELECT m.cohort_id, m.distinct_id, k.trait_key, {_identifier_sql(identifier_property)} AS raw_identifier
-              FROM mixpanel.cohort_members m JOIN fs_keys k USING (cohort_id))""", params)
-    # Flagsmith trims identifiers, answers 200 and stores nothing for an empty one, and 500 above 2000 chars.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_skipped AS
-        SELECT cohort_id, distinct_id, identifier,
-               CASE WHEN missing THEN {reason_missing}
-                    WHEN identifier IS NULL OR identifier = '' THEN {reason_blank}
-                    ELSE 'identifier longer than {MAX_IDENTIFIER} characters' END AS reason
-        FROM fs_members WHERE identifier IS NULL OR identifier = '' OR length(identifier) > {MAX_IDENTIFIER}""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_desired AS
-        SELECT identifier, trait_key, any_value(cohort_id) AS cohort_id FROM fs_members
-        WHERE identifier <> '' AND length(identifier) <= {MAX_IDENTIFIER}
-        GROUP BY identifier, trait_key""")
-    exit_value = "false" if exit_mode == "false" else "NULL::BOOLEAN"
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_changes AS
-        SELECT d.identifier, d.trait_key, d.cohort_id, true AS trait_value
-        FROM fs_desired d LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
-        WHERE l.trait_value IS DISTINCT FROM true OR l.drift IS NOT NULL
-        UNION ALL
-        SELECT l.identifier, l.trait_key, l.cohort_id,
-               CASE WHEN k.trait_key IS NOT NULL THEN {exit_value} ELSE NULL::BOOLEAN END AS trait_value
-        FROM sync.flagsmith_traits l
-        LEFT JOIN (SELECT DISTINCT trait_key FROM fs_keys) k USING (trait_key)
-        ANTI JOIN fs_desired d USING (identifier, trait_key)
-        WHERE (l.trait_value IS NOT NULL OR l.drift IS NOT NULL)
-          AND NOT (k.trait_key IS NOT NULL AND {exit_value} IS NOT NULL AND l.trait_value = {exit_value}
-                   AND l.drift IS NULL)""")
-    # A change Flagsmith refused (a 4xx) is not sent again every hour: only when the wanted value changes.
-    plan.held_back_rejected = con.execute(f"""DELETE FROM fs_changes c USING (
-            SELECT DISTINCT t.identifier, t.trait_key, t.trait_value FROM {OUTBOX} o
-            JOIN sync.flagsmith_outbox_traits t ON t.outbox_id = o.id
-            LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
-            WHERE o.status = 'rejected' AND t.sync_id > coalesce(l.sync_id, 0)) r
-        WHERE c.identifier = r.identifier AND c.trait_key = r.trait_key
-          AND c.trait_value IS NOT DISTINCT FROM r.trait_value""").fetchone()[0]
-    item_id = f"md5({literal(f'{sync_id}|{round_}|')} || identifier)"
     if transaction:  # else the caller's (a dry run rolls it back)
+        # From the first read: on a lake every statement outside a transaction is one of its own, with its own
+        # round of catalog queries. The temp tables are made and dropped inside it.
         con.execute("BEGIN TRANSACTION")
     try:
+        con.execute("CREATE OR REPLACE TEMP TABLE fs_keys (cohort_id BIGINT, trait_key VARCHAR)")
+        if keys:
+            con.execute("""INSERT INTO fs_keys SELECT unnest(from_json($keys, '[{"c": "BIGINT", "k": "VARCHAR"}]'),
+                                                      recursive := true)""",
+                        {"keys": orjson.dumps([{"c": c, "k": k} for c, k in keys.items()]).decode()})
+        # Whitespace of any kind at either end (tabs, no-break and em spaces too, as Python's str.strip sees it):
+        # an identifier of only whitespace is empty, and Flagsmith would answer 200 and store nothing.
+        params: dict = {"edge_whitespace": f"^{_WHITESPACE}+|{_WHITESPACE}+$"}
+        if identifier_property is not None:
+            params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
+        reason_missing = literal("empty distinct_id" if identifier_property is None
+                                 else f"profile has no {identifier_property}")
+        reason_blank = literal(f"{identifier_property or 'distinct_id'} is only whitespace")
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_members AS
+            SELECT cohort_id, distinct_id, trait_key, raw_identifier IS NULL OR raw_identifier = '' AS missing,
+                   regexp_replace(raw_identifier, $edge_whitespace, '', 'g') AS identifier
+            FROM (SELECT m.cohort_id, m.distinct_id, k.trait_key, {_identifier_sql(identifier_property)} AS raw_identifier
+                  FROM mixpanel.cohort_members m JOIN fs_keys k USING (cohort_id))""", params)
+        # Flagsmith trims identifiers, answers 200 and stores nothing for an empty one, and 500 above 2000 chars.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_skipped AS
+            SELECT cohort_id, distinct_id, identifier,
+                   CASE WHEN missing THEN {reason_missing}
+                        WHEN identifier IS NULL OR identifier = '' THEN {reason_blank}
+                        ELSE 'identifier longer than {MAX_IDENTIFIER} characters' END AS reason
+            FROM fs_members WHERE identifier IS NULL OR identifier = '' OR length(identifier) > {MAX_IDENTIFIER}""")
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_desired AS
+            SELECT identifier, trait_key, any_value(cohort_id) AS cohort_id FROM fs_members
+            WHERE identifier <> '' AND length(identifier) <= {MAX_IDENTIFIER}
+            GROUP BY identifier, trait_key""")
+        exit_value = "false" if exit_mode == "false" else "NULL::BOOLEAN"
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_changes AS
+            SELECT d.identifier, d.trait_key, d.cohort_id, true AS trait_value
+            FROM fs_desired d LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
+            WHERE l.trait_value IS DISTINCT FROM true OR l.drift IS NOT NULL
+            UNION ALL
+            SELECT l.identifier, l.trait_key, l.cohort_id,
+                   CASE WHEN k.trait_key IS NOT NULL THEN {exit_value} ELSE NULL::BOOLEAN END AS trait_value
+            FROM sync.flagsmith_traits l
+            LEFT JOIN (SELECT DISTINCT trait_key FROM fs_keys) k USING (trait_key)
+            ANTI JOIN fs_desired d USING (identifier, trait_key)
+            WHERE (l.trait_value IS NOT NULL OR l.drift IS NOT NULL)
+              AND NOT (k.trait_key IS NOT NULL AND {exit_value} IS NOT NULL AND l.trait_value = {exit_value}
+                       AND l.drift IS NULL)""")
+        # A change Flagsmith refused (a 4xx) is not sent again every hour: only when the wanted value changes.
+        plan.held_back_rejected = con.execute(f"""DELETE FROM fs_changes c USING (
+                SELECT DISTINCT t.identifier, t.trait_key, t.trait_value FROM {OUTBOX} o
+                JOIN sync.flagsmith_outbox_traits t ON t.outbox_id = o.id
+                LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
+                WHERE o.status = 'rejected' AND t.sync_id > coalesce(l.sync_id, 0)) r
+            WHERE c.identifier = r.identifier AND c.trait_key = r.trait_key
+              AND c.trait_value IS NOT DISTINCT FROM r.trait_value""").fetchone()[0]
+        item_id = f"md5({literal(f'{sync_id}|{round_}|')} || identifier)"
         plan.superseded = con.execute(f"UPDATE {OUTBOX} SET status = 'superseded' WHERE status = 'pending'").fetchone()[0]
         enqueue(con, OUTBOX, f"sync-{sync_id}-r{round_}", f"""
             SELECT {item_id} AS id,
@@ -246,17 +248,17 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
         if round_ == 0:
             con.execute("DELETE FROM sync.flagsmith_skipped")
             con.execute(f"INSERT INTO sync.flagsmith_skipped SELECT {sync_id}, * FROM fs_skipped")
+        plan.identities, plan.set_true, plan.set_false, plan.deleted = con.execute("""
+            SELECT count(DISTINCT identifier), count(*) FILTER (trait_value), count(*) FILTER (NOT trait_value),
+                   count(*) FILTER (trait_value IS NULL) FROM fs_changes""").fetchone()
+        plan.skipped_by_reason = dict(con.execute("SELECT reason, count(*) FROM fs_skipped GROUP BY reason").fetchall())
+        con.execute("DROP TABLE fs_members; DROP TABLE fs_skipped; DROP TABLE fs_desired; DROP TABLE fs_changes")
         if transaction:
             con.execute("COMMIT")
     except BaseException:
         if transaction:
             con.execute("ROLLBACK")
         raise
-    plan.identities, plan.set_true, plan.set_false, plan.deleted = con.execute("""
-        SELECT count(DISTINCT identifier), count(*) FILTER (trait_value), count(*) FILTER (NOT trait_value),
-               count(*) FILTER (trait_value IS NULL) FROM fs_changes""").fetchone()
-    plan.skipped_by_reason = dict(con.execute("SELECT reason, count(*) FROM fs_skipped GROUP BY reason").fetchall())
-    con.execute("DROP TABLE fs_members; DROP TABLE fs_skipped; DROP TABLE fs_desired; DROP TABLE fs_changes")
     return plan
 
 
