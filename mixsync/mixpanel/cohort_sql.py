@@ -171,8 +171,8 @@ def load_cohort_members(con: duckdb.DuckDBPyConnection, cohort_id: int, cohort_n
     else:
         source = "SELECT NULL::JSON AS r WHERE false"
     # One transaction from the first read: on a lake every statement outside one is a transaction of its own,
-    # with its own round of catalog queries (a cohort's load took ~235 ms on a lake, most of it in those). The
-    # temp tables are created and dropped inside it, so a failure rolls them back with the rest.
+    # with its own round of catalog queries (a cohort's statements took ~260 ms on a lake that way, ~170 ms in
+    # one). The temp tables are created and dropped inside it, so a failure rolls them back with the rest.
     con.execute("BEGIN TRANSACTION")
     try:
         snapshot_id = result.snapshot_id = next_snapshot_id(con)
