@@ -58,8 +58,6 @@ _READ_WRITE_ALIAS = "lake"
 _READ_ONLY_ALIAS = "lake_ro"
 # Digests of the DDL this process has already seen applied, per catalog: skips even the check.
 _applied_ddl: dict[str, set[str]] = {}
-# Catalogs this process has set its Parquet row group size on (the catalog keeps it for every later attach).
-_tuned_catalogs: set[str] = set()
 
 
 def is_lake(con: duckdb.DuckDBPyConnection) -> bool:
@@ -328,11 +326,11 @@ class DuckLakeWarehouse:
         from mixsync.warehouse import ensure_schema
 
         with advisory_lock(self.catalog, self.lock_timeout_seconds), self._connect(read_only=False, create=True) as con:
-            if self.catalog not in _tuned_catalogs:
-                # The option is stored in the catalog (an UPDATE of its metadata), so it is set under the lock:
-                # set while attaching, outside it, it lost serialization conflicts to other hosts' commits.
+            if self.catalog not in _applied_ddl:
+                # This process's first write to the catalog. The option is stored in the catalog (an UPDATE of its
+                # metadata, kept for every later attach), so it is set under the lock: set while attaching, outside
+                # it, it lost serialization conflicts to other hosts' commits.
                 con.execute(f"CALL lake.set_option('parquet_row_group_size', {PARQUET_ROW_GROUP_SIZE})")
-                _tuned_catalogs.add(self.catalog)
             ensure_schema(con, adapt=self.adapt_ddl, applied=_applied_ddl.setdefault(self.catalog, set()))
             yield con
 
