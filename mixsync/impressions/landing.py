@@ -16,6 +16,12 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Names that tools give a file while they are still writing it; such a file is never picked up.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".download", "_copying_", ".swp")
 LANDED_SUFFIXES = (".json", ".json.gz", ".gz")
+# The `time` of an impression the loader keeps, in epoch milliseconds: 1970-01-01 to 9999-12-31 UTC. Outside it a
+# value is surely wrong, and far outside it DuckDB cannot make a timestamp of it. The receiver refuses the same range.
+MIN_TIME_MS = 0
+MAX_TIME_MS = 253_402_300_799_999
+# splitVersionNumber is a BIGINT column.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)

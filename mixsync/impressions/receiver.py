@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from dataclasses import dataclass, field
 from threading import Lock
@@ -14,7 +15,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from mixsync.impressions.landing import GZIP_MAGIC, new_file_name, write_atomically
+from mixsync.impressions.landing import (
+    GZIP_MAGIC,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    new_file_name,
+    write_atomically,
+)
 from mixsync.impressions.settings import ImpressionsSettings
 from mixsync.webhook_server import BodyRefused, ServerLimits, gunzip, read_body, refuse_open_without_token, serve
 
@@ -43,18 +52,52 @@ class ReceiverStats:
                     "bodies_refused": self.refused, "bodies_failed": self.failed}
 
 
+def _shown(value: object) -> str:
+    # The standard library's encoder: it takes integers past 64 bits, which orjson refuses.
+    return json.dumps(value, ensure_ascii=False)[:40]
+
+
 def _invalid(item: dict) -> str | None:
-    """Why the loader could not use this impression, or None."""
+    """Why the loader could not use this impression, or None. Kept to what the loader checks, or stricter."""
     for name in ("key", "split", "treatment"):
         value = item.get(name)
         if not isinstance(value, str) or not value.strip():
-            return f"{name} must be a non-empty string, not {orjson.dumps(value).decode()[:40]}"
+            return f"{name} must be a non-empty string, not {_shown(value)}"
+    environment = item.get("environmentId")
+    if not isinstance(environment, str):
+        return f"environmentId must be a string, not {_shown(environment)}"
+    if not environment.strip():
+        return f"environmentId must be a non-empty string, not {_shown(environment)}"
     time = item.get("time")
-    if not isinstance(time, int) or isinstance(time, bool) or time < 0:
-        return f"time must be an integer of milliseconds, not {orjson.dumps(time).decode()[:40]}"
-    if not isinstance(item.get("environmentId"), str):
-        return f"environmentId must be a string, not {orjson.dumps(item.get('environmentId')).decode()[:40]}"
+    if not isinstance(time, int) or isinstance(time, bool) or not MIN_TIME_MS <= time <= MAX_TIME_MS:
+        return (f"time must be an integer of milliseconds from {MIN_TIME_MS} to {MAX_TIME_MS} "
+                f"(1970-01-01 to 9999-12-31 UTC), not {_shown(time)}")
+    version = item.get("splitVersionNumber")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                or not INT64_MIN <= version <= INT64_MAX):
+        return f"splitVersionNumber must be null or a 64-bit integer, not {_shown(version)}"
     return None
+
+
+class _DuplicateKeys(dict):
+    """A JSON object that named a key more than once (DuckDB's reader refuses such an impression)."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    marked = _DuplicateKeys(result)
+    marked.duplicates = [k for k, _ in pairs if k in seen or seen.add(k)]
+    return marked
+
+
+# orjson keeps the last of duplicate keys without a word, so the body is parsed by the standard library's decoder
+# with a hook that sees every key (after orjson's stricter check: UTF-8, no BOM, no NaN, no lone surrogate).
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
 def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
@@ -62,15 +105,22 @@ def check_impressions(body: bytes, compressed: bool, limit: int) -> int:
     loader can use in full (so a 200 is never followed by a quarantine of that body)."""
     data = gunzip(body, limit, "MIXSYNC_WEBHOOK_MAX_BYTES") if compressed else body
     try:
-        items = orjson.loads(data)
+        orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BodyRefused(400, f"the body is not valid JSON: {exc}") from None
+    try:
+        items = _DECODER.decode(data.decode())
+    except RecursionError:
+        raise BodyRefused(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(items, list):
         raise BodyRefused(400, f"the body is a JSON {type(items).__name__}, not an array of impressions")
     # One pass over a few hundred small dicts per request; the bulk parsing happens later, in DuckDB.
     for position, item in enumerate(items):
         if not isinstance(item, dict):
             raise BodyRefused(400, f"element {position} is a JSON {type(item).__name__}, not an impression object")
+        if isinstance(item, _DuplicateKeys):
+            names = ", ".join(json.dumps(name) for name in dict.fromkeys(item.duplicates))
+            raise BodyRefused(400, f"element {position} names the key {names} more than once")
         if not item.keys() >= REQUIRED_FIELDS:
             missing = ", ".join(sorted(REQUIRED_FIELDS - item.keys()))
             raise BodyRefused(400, f"element {position} lacks {missing}")

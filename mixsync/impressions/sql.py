@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import gzip
 import zlib
@@ -11,9 +12,10 @@ from typing import Protocol
 
 import duckdb
 
+from mixsync.impressions.landing import MAX_TIME_MS, MIN_TIME_MS
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
-from mixsync.warehouse.sql import literal
+from mixsync.warehouse.sql import glob_literal, literal
 
 EXPOSURES_OUTBOX = "sync.mixpanel_exposures"
 
@@ -74,6 +76,8 @@ KEY_CHECKS = {
     "treatment": "treatment IS NULL OR treatment = ''",
     "time": "time_ms IS NULL",
 }
+# A time DuckDB could not make a timestamp of (or surely wrong): the file is set aside, not the run failed.
+TIME_OUT_OF_RANGE = f"time_ms NOT BETWEEN {MIN_TIME_MS} AND {MAX_TIME_MS}"
 STAGE_DDL = """CREATE OR REPLACE TEMP TABLE impression_stage (
     path VARCHAR, environment_id VARCHAR, environment_name VARCHAR, split VARCHAR, key VARCHAR, bucketing_key VARCHAR,
     treatment VARCHAR, label VARCHAR, time_ms BIGINT, split_version_number BIGINT, sdk VARCHAR, sdk_version VARCHAR,
@@ -155,6 +159,8 @@ def _classify(exc: duckdb.Error) -> str:
         return "corrupt gzip"
     if "top-level json array" in message:
         return "not a JSON array"
+    if "duplicate key" in message:
+        return "an object has a duplicate key"
     if "expected object" in message:
         return "an element is not an impression object"
     if "transform error" in message or "cast" in message:
@@ -168,6 +174,21 @@ def _detail(exc: duckdb.Error) -> str:
     # DuckDB appends hints about reader options; the first lines say what is wrong.
     text = str(exc).split("Try setting")[0].strip()
     return text[:1000]
+
+
+def _is_utf8(path, gzipped: bool) -> bool:
+    """Whether the file's text (decompressed) is UTF-8, read in chunks: only for a file DuckDB already refused."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as stream:
+            while chunk := stream.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+        return True
+    except UnicodeDecodeError:
+        return False
+    except (OSError, EOFError, zlib.error):
+        return True  # not a question of UTF-8: the gzip check says what is wrong
 
 
 def _gzip_is_whole(path) -> bool:
@@ -190,13 +211,22 @@ def _stage(con: duckdb.DuckDBPyConnection, files: list[LandedFile], compression:
     if not files:
         return {}
     try:
+        # As patterns matching each file alone: a name holding `*`, `?` or `[` is a file name, not a glob.
         con.execute(f"INSERT INTO impression_stage BY NAME {_stage_select(compression)}",
-                    {"paths": [str(f.path) for f in files]})
+                    {"paths": [glob_literal(f.path) for f in files]})
         return {}
     except DATA_ERRORS as exc:
         if len(files) == 1:
             reason = "corrupt gzip" if files[0].gzipped and not _gzip_is_whole(files[0].path) else _classify(exc)
             return {files[0].name: (reason, _detail(exc))}
+    except UnicodeDecodeError as exc:
+        # DuckDB refused the file and quoted some of its bytes in the message, which Python then could not decode:
+        # the file is not UTF-8, or the quote cut a character in two. Either way it is this file that is bad.
+        if len(files) == 1:
+            if not _is_utf8(files[0].path, files[0].gzipped):
+                return {files[0].name: ("not UTF-8", f"the file's text is not UTF-8 ({exc.reason})")}
+            return {files[0].name: ("not valid JSON", "DuckDB's JSON reader refused the file (its message quoted "
+                                                      "the file's bytes cut mid-character)")}
     middle = len(files) // 2
     return {**_stage(con, files[:middle], compression), **_stage(con, files[middle:], compression)}
 
@@ -219,27 +249,41 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     _insert_columns(con, "impression_batch", [[f.name for f in files], [str(f.path) for f in files],
                                               [f.content_hash for f in files], [f.size for f in files],
                                               [f.gzipped for f in files]])
-    # Same bytes as a loaded file (a retried run, a renamed copy), or as an earlier file of this batch.
+    # Same bytes as a loaded file (a retried run, a renamed copy); or as an earlier file of this batch, which is
+    # parsed once and the copies follow it (loaded: a duplicate; quarantined: quarantined too).
     duplicates = {name for (name,) in con.execute("""
         SELECT name FROM impression_batch b
-        WHERE EXISTS (SELECT 1 FROM split.impression_files l WHERE l.content_hash = b.content_hash AND l.status = 'loaded')
-        UNION ALL
-        SELECT name FROM impression_batch
-        QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY name) > 1""").fetchall()}
-    to_parse = [f for f in files if f.name not in duplicates]
+        WHERE EXISTS (SELECT 1 FROM split.impression_files l WHERE l.content_hash = b.content_hash AND l.status = 'loaded')""").fetchall()}
+    copy_of = dict(con.execute("""
+        SELECT name, first_value(name) OVER (PARTITION BY content_hash ORDER BY name) FROM impression_batch
+        QUALIFY row_number() OVER (PARTITION BY content_hash ORDER BY name) > 1""").fetchall())
+    to_parse = [f for f in files if f.name not in duplicates and f.name not in copy_of]
     con.execute(STAGE_DDL)
     bad = _stage(con, [f for f in to_parse if f.gzipped], "gzip")
     bad.update(_stage(con, [f for f in to_parse if not f.gzipped], "uncompressed"))
-    # Every impression needs the fields of the dedupe key; a file with any impression lacking one is set aside.
-    counts = con.execute(f"""SELECT b.name, count(s.path), {", ".join(f"count(*) FILTER (WHERE {c})" for c in KEY_CHECKS.values())}
+    # Every impression needs the fields of the dedupe key, and a time that is a timestamp; a file with any impression
+    # lacking one is set aside.
+    counts = con.execute(f"""SELECT b.name, count(s.path), count(*) FILTER (WHERE {TIME_OUT_OF_RANGE}),
+                                    {", ".join(f"count(*) FILTER (WHERE {c})" for c in KEY_CHECKS.values())}
                              FROM impression_batch b LEFT JOIN impression_stage s ON s.path = b.path
                              GROUP BY b.name""").fetchall()
     rows_per_file = {}
-    for name, rows, *nulls in counts:
+    for name, rows, out_of_range, *nulls in counts:
         rows_per_file[name] = rows
+        if name in bad or name in duplicates or name in copy_of:
+            continue
         lacking = [f"{fieldname} ({n} of {rows})" for fieldname, n in zip(KEY_CHECKS, nulls, strict=True) if n]
-        if lacking and name not in bad:
+        if rows == 0:
+            bad[name] = ("no impressions", "the file holds no impressions (it is empty, or an empty array)")
+        elif lacking:
             bad[name] = ("missing key fields", "impressions without " + ", ".join(lacking))
+        elif out_of_range:
+            bad[name] = ("time out of range", f"{out_of_range} of {rows} impressions have a time outside "
+                                              f"{MIN_TIME_MS}..{MAX_TIME_MS} ms (1970-01-01 to 9999-12-31 UTC)")
+    for name, first in copy_of.items():
+        if first in bad and name not in duplicates:
+            bad[name] = bad[first]
+            rows_per_file[name] = rows_per_file.get(first, 0)
     good = [f.name for f in to_parse if f.name not in bad]
     con.execute("CREATE OR REPLACE TEMP TABLE impression_good (name VARCHAR)")
     _insert_columns(con, "impression_good", [good])
@@ -259,11 +303,11 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
         FROM staged
         WHERE impression_id NOT IN (
             SELECT impression_id FROM split.impressions
-            WHERE time BETWEEN (SELECT make_timestamptz(min(time_ms) * 1000) FROM impression_stage)
-                           AND (SELECT make_timestamptz(max(time_ms) * 1000) FROM impression_stage))""")
+            WHERE time BETWEEN (SELECT make_timestamptz(min(time_ms) * 1000) FROM staged)
+                           AND (SELECT make_timestamptz(max(time_ms) * 1000) FROM staged))""")
     inserted = dict(con.execute("SELECT file_name, count(*) FROM impression_new GROUP BY file_name").fetchall())
     for f in files:
-        if f.name in duplicates:
+        if f.name in duplicates or (f.name in copy_of and f.name not in bad):
             result.files.append(FileOutcome(f.name, f.content_hash, "duplicate", reason="same bytes loaded before"))
         elif f.name in bad:
             reason, detail = bad[f.name]

@@ -14,6 +14,7 @@ import re
 from pathlib import PurePath
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+_GLOB = re.compile(r"[*?\[]")
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB)|\d+(\.\d+)?%", re.IGNORECASE)
 
 
@@ -45,6 +46,14 @@ def literal(value: object) -> str:
 def path(value: str | os.PathLike) -> str:
     """A file path as a SQL string literal (quotes, spaces and unicode in folder names are fine)."""
     return literal(os.fspath(value))
+
+
+def glob_literal(value: str | os.PathLike) -> str:
+    """A file path as a pattern that DuckDB's file readers (read_json, read_csv ...) match to that file alone.
+
+    They expand `*`, `?` and `[...]` even in a bound parameter; a bracketed character matches only itself.
+    """
+    return _GLOB.sub(r"[\g<0>]", os.fspath(value))
 
 
 def identifier(name: str) -> str:

@@ -1,0 +1,180 @@
+"""What the impressions receiver refuses and what the loader sets aside agree: a 200 means the body loads, and a
+bad file in the landing folder is quarantined with a reason while the rest of its run loads (real HTTP to the
+receiver, real Dagster runs of split_impressions into a real DuckDB file)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+
+import dagster as dg
+import loopback
+import orjson
+import pytest
+
+from mixsync.definitions import resources as RESOURCES
+from mixsync.impressions.assets import split_impressions
+from mixsync.impressions.landing import write_atomically
+from mixsync.impressions.receiver import build_app
+from mixsync.impressions.settings import ImpressionsSettings
+from mixsync.sandbox.impressions import ImpressionGenerator, encode
+from mixsync.sandbox.server import serve
+
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, as the README says
+IMPRESSION = {"key": '"u1"', "split": '"s"', "treatment": '"on"', "environmentId": '"e"', "time": "1767225600000"}
+
+
+def body_with(**fields: str) -> bytes:
+    """One impression with `fields` set or added, each given as raw JSON text (big numbers stay as written)."""
+    members = {**IMPRESSION, **fields}
+    return ("[{" + ",".join(f'"{name}":{value}' for name, value in members.items()) + "}]").encode()
+
+
+def load(instance, files=None):
+    config = {"ops": {"split_impressions": {"config": {"files": files or []}}}}
+    result = dg.materialize([split_impressions], run_config=config, instance=instance, resources=RESOURCES)
+    meta = result.asset_materializations_for_node("split_impressions")[0].metadata
+    return {k: v.value for k, v in meta.items()}
+
+
+def quarantine(warehouse) -> dict[str, tuple[str, str]]:
+    with warehouse.read() as con:
+        return {name: (reason, detail) for name, reason, detail in con.execute(
+            "SELECT file_name, reason, detail FROM split.impression_quarantine").fetchall()}
+
+
+@pytest.fixture
+def settings(impressions_env) -> ImpressionsSettings:
+    return ImpressionsSettings.from_env()
+
+
+@pytest.fixture
+def receiver(settings):
+    running = serve("receiver", build_app(settings))
+    yield running
+    running.stop()
+
+
+# Bodies the loader would quarantine (or could not even load), each refused with the field it is about.
+REFUSED = {
+    "time past int64 * 1000": (body_with(time="10000000000000000"), "time must be an integer of milliseconds from 0 to 253402300799999"),
+    "time past int64": (body_with(time="9223372036854775808"), "time must be an integer of milliseconds from 0"),
+    "time in year 10000": (body_with(time=str(MAX_TIME_MS + 1)), "time must be an integer of milliseconds from 0"),
+    "empty environmentId": (body_with(environmentId='""'), "environmentId must be a non-empty string"),
+    "splitVersionNumber text": (body_with(splitVersionNumber='"abc"'), "splitVersionNumber must be null or a 64-bit integer"),
+    "splitVersionNumber past int64": (body_with(splitVersionNumber="9223372036854775808"), "splitVersionNumber must be null or a 64-bit integer"),
+    "splitVersionNumber 1.5": (body_with(splitVersionNumber="1.5"), "splitVersionNumber must be null or a 64-bit integer"),
+    "duplicate key": (b'[{"key":"","key":"u","split":"s","treatment":"on","environmentId":"e","time":1}]',
+                      'element 0 names the key "key" more than once'),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_body_the_loader_would_not_load_gets_a_400_naming_the_field(receiver, settings, case):
+    body, message = REFUSED[case]
+    for encoded in (body, gzip.compress(body)):
+        response = loopback.post(receiver.url + "/impressions", content=encoded)
+        assert response.status_code == 400, (case, response.text)
+        assert message in response.json()["error"]
+    assert not settings.impressions_dir.exists() or os.listdir(settings.impressions_dir) == []
+
+
+# At the edges of what the receiver takes: each of these gets a 200 and must then load, not be quarantined.
+ACCEPTED = [
+    body_with(time="0"),
+    body_with(time=str(MAX_TIME_MS)),
+    body_with(splitVersionNumber="-9223372036854775808"),
+    body_with(splitVersionNumber="9223372036854775807"),
+    body_with(splitVersionNumber="null", key='"ü-ключ-🙂"'),
+    body_with(properties='{"plan":"free","plan":"pro"}', label="12"),  # nested duplicates: kept as text
+]
+
+
+def test_every_body_that_gets_a_200_loads(receiver, settings, warehouse, instance):
+    for body in ACCEPTED:
+        response = loopback.post(receiver.url + "/impressions", content=body)
+        assert response.status_code == 200, (body, response.text)
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (len(ACCEPTED), 0, len(ACCEPTED))
+    with warehouse.read() as con:
+        times = {t for (t,) in con.execute("SELECT epoch_ms(time) FROM split.impressions").fetchall()}
+    assert {0, MAX_TIME_MS} <= times
+
+
+def test_a_time_duckdb_cannot_hold_quarantines_its_file_and_the_rest_loads(settings, warehouse, instance):
+    gen = ImpressionGenerator(seed=21)
+    names = [write_atomically(settings.impressions_dir, f"good-{n}.json.gz", encode(gen.batch(20))[0]).name
+             for n in range(2)]
+    # Arrived by another way than the receiver (a copy, another tool): the loader is the last line.
+    for name, time in (("overflow.json", 10_000_000_000_000_000), ("year-10000.json", MAX_TIME_MS + 1),
+                       ("before-1970.json", -1)):
+        write_atomically(settings.impressions_dir, name, body_with(time=str(time)))
+        names.append(name)
+    meta = load(instance, names)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (2, 3, 40)
+    records = quarantine(warehouse)
+    assert {name: reason for name, (reason, _) in records.items()} == {
+        "overflow.json": "time out of range", "year-10000.json": "time out of range",
+        "before-1970.json": "time out of range"}
+    assert "1 of 1 impressions have a time outside 0..253402300799999 ms" in records["overflow.json"][1]
+    assert os.listdir(settings.impressions_dir) == []
+
+
+def test_a_file_that_is_not_utf8_is_quarantined_and_the_rest_loads(settings, warehouse, instance):
+    gen = ImpressionGenerator(seed=22)
+    names = [write_atomically(settings.impressions_dir, "good.json.gz", encode(gen.batch(20))[0]).name]
+    utf16 = orjson.dumps(gen.batch(3)).decode().encode("utf-16")  # a valid array, saved as UTF-16 with a BOM
+    # UTF-8, but DuckDB"s message about its duplicate key quotes it cut in the middle of an "é".
+    cut = ('[{"key":"x' + "é" * 30 + '","key":"u","split":"s","treatment":"on","environmentId":"e","time":1}]').encode()
+    duplicated = b'[{"key":"","key":"u","split":"s","treatment":"on","environmentId":"e","time":1}]'
+    for name, body in (("utf16.json", utf16), ("utf16.json.gz", gzip.compress(utf16)), ("cut.json", cut),
+                       ("duplicated.json", duplicated)):
+        write_atomically(settings.impressions_dir, name, body)
+        names.append(name)
+    meta = load(instance, names)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (1, 4, 20)
+    reasons = {name: reason for name, (reason, _) in quarantine(warehouse).items()}
+    assert reasons == {"utf16.json": "not UTF-8", "utf16.json.gz": "not UTF-8", "cut.json": "not valid JSON",
+                       "duplicated.json": "an object has a duplicate key"}
+    assert os.listdir(settings.impressions_dir) == []
+
+
+def test_an_empty_file_is_quarantined_as_holding_no_impressions(settings, warehouse, instance):
+    for name, body in (("empty.json", b""), ("empty-array.json", b"[]"), ("empty-array.json.gz", gzip.compress(b"[ ]"))):
+        write_atomically(settings.impressions_dir, name, body)
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"]) == (0, 3)
+    assert set(quarantine(warehouse).values()) == {
+        ("no impressions", "the file holds no impressions (it is empty, or an empty array)")}
+
+
+def test_a_second_copy_of_a_bad_file_is_quarantined_too(settings, warehouse, instance):
+    bad = write_atomically(settings.impressions_dir, "bad.json", b'[{"key": "u1", ')
+    shutil.copy(bad, settings.impressions_dir / "copy-of-bad.json")
+    meta = load(instance, ["bad.json", "copy-of-bad.json"])
+    assert (meta["files_quarantined"], meta["files_duplicate"]) == (2, 0)
+    assert {name: reason for name, (reason, _) in quarantine(warehouse).items()} == {
+        "bad.json": "not valid JSON", "copy-of-bad.json": "not valid JSON"}
+    with warehouse.read() as con:
+        assert dict(con.execute("SELECT file_name, status FROM split.impression_files").fetchall()) == {
+            "bad.json": "quarantined", "copy-of-bad.json": "quarantined"}
+    assert sorted(os.listdir(settings.quarantine_dir))[0].endswith("-bad.json")
+    assert len(os.listdir(settings.quarantine_dir)) == 2 and os.listdir(settings.impressions_dir) == []
+
+
+def test_a_file_named_with_glob_characters_is_read_as_itself(settings, warehouse, instance):
+    gen = ImpressionGenerator(seed=23)
+    names = ["star*.json", "class[1].json", "what?.json.gz"]
+    for n, name in enumerate(names):
+        write_atomically(settings.impressions_dir, name, encode(gen.batch(5 + n))[0])
+    # What those names would match as globs: not to be read with them (a broken file, and another good one).
+    write_atomically(settings.impressions_dir, "starX.json", b"not json")
+    write_atomically(settings.impressions_dir, "class1.json", encode(gen.batch(50))[0])
+    meta = load(instance, names)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (3, 0, 18)
+    with warehouse.read() as con:
+        per_file = dict(con.execute("SELECT file_name, count(*) FROM split.impressions GROUP BY ALL").fetchall())
+    assert per_file == {"star*.json": 5, "class[1].json": 6, "what?.json.gz": 7}
+    assert sorted(os.listdir(settings.impressions_dir)) == ["class1.json", "starX.json"]
+
