@@ -11,6 +11,7 @@ import base64
 import binascii
 import datetime as dt
 import hmac
+import json
 import logging
 import os
 import uuid
@@ -35,6 +36,10 @@ ACTIONS = ("members", "add_members", "remove_members")
 # Mixpanel sends at most 1000 members per call.
 MAX_MEMBERS = 1000
 DEFAULT_MAX_BYTES = 4 << 20
+# The loader's column types (mixpanel.cohort_webhook_bodies): cohort_id BIGINT, page and total_pages INTEGER. A value
+# outside them is refused here, so a 200 is never followed by a body the loader cannot record.
+MAX_BIGINT = (1 << 63) - 1
+MAX_INTEGER = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,52 @@ def new_file_name(now: dt.datetime | None = None) -> str:
     return f"cohorts-{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:12]}.json"
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list) -> None:
+    """json's object_pairs_hook: JSON parsers disagree on which of two equal keys wins (orjson keeps the last,
+    DuckDB the first), so a body that repeats one is refused rather than read two ways."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+
+
+def _cohort_id(value) -> int | None:
+    """The cohort id as the loader stores it (BIGINT): an integer, or a string of ASCII digits (`str.isdigit` also
+    accepts other scripts' digits and superscripts, which DuckDB does not); None if it is neither or too big."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -MAX_BIGINT - 1 <= value <= MAX_BIGINT:
+        return None
+    return value
+
+
+def _page_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INTEGER
+
+
 def check_body(body: bytes) -> str:
     """The action of a cohort webhook body; BodyRefused naming what is wrong otherwise."""
+    if body[:2] == b"\x1f\x8b":
+        raise BodyRefused(400, "the body is gzip-compressed: send plain JSON (Mixpanel's cohort webhook does)")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyRefused(400, f"the body is not UTF-8 text: {exc}") from None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BodyRefused(400, f"the body is not valid JSON: {exc}") from None
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise BodyRefused(400, f"the body repeats the key {exc.args[0]!r} in one object: send each key once") from None
+    except RecursionError:
+        raise BodyRefused(400, "the body nests too deeply") from None
     if not isinstance(data, dict):
         raise BodyRefused(400, f"the body is a JSON {type(data).__name__}, not an object")
     action = data.get("action")
@@ -87,10 +132,9 @@ def check_body(body: bytes) -> str:
     params = data.get("parameters")
     if not isinstance(params, dict):
         raise BodyRefused(400, "parameters is missing or not an object")
-    cohort_id = params.get("mixpanel_cohort_id")
-    if isinstance(cohort_id, bool) or not (isinstance(cohort_id, int) or (isinstance(cohort_id, str)
-                                                                           and cohort_id.strip().isdigit())):
-        raise BodyRefused(400, "parameters.mixpanel_cohort_id is missing or not a cohort id")
+    if _cohort_id(params.get("mixpanel_cohort_id")) is None:
+        raise BodyRefused(400, "parameters.mixpanel_cohort_id is missing or not a cohort id (an integer, or a string "
+                               f"of ASCII digits, at most {MAX_BIGINT})")
     members = params.get("members")
     if not isinstance(members, list):
         raise BodyRefused(400, "parameters.members is missing or not an array")
@@ -104,11 +148,14 @@ def check_body(body: bytes) -> str:
         if not params.get("mixpanel_session_id"):
             raise BodyRefused(400, "a members snapshot needs parameters.mixpanel_session_id")
         page_info = params.get("page_info")
-        total = page_info.get("total_pages") if isinstance(page_info, dict) else None
-        page = page_info.get("page_count") if isinstance(page_info, dict) else None
-        if not (isinstance(total, int) and isinstance(page, int) and 1 <= page <= total):
-            raise BodyRefused(400, "a members snapshot needs parameters.page_info {total_pages, page_count} "
-                                   "with 1 <= page_count <= total_pages")
+        if not isinstance(page_info, dict):
+            raise BodyRefused(400, "a members snapshot needs parameters.page_info {total_pages, page_count}")
+        for name in ("total_pages", "page_count"):
+            if not _page_number(page_info.get(name)):
+                raise BodyRefused(400, f"parameters.page_info.{name} is missing or not a whole number from 1 to "
+                                       f"{MAX_INTEGER}")
+        if page_info["page_count"] > page_info["total_pages"]:
+            raise BodyRefused(400, "parameters.page_info.page_count is larger than parameters.page_info.total_pages")
     return action
 
 
@@ -153,6 +200,10 @@ def build_app(settings: CohortWebhookSettings) -> Starlette:
             response.headers["WWW-Authenticate"] = 'Basic realm="mixsync cohorts"'
             return response
         try:
+            encoding = request.headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):
+                # Mixpanel's cohort webhook posts plain JSON; a compressed body would be stored unreadable.
+                raise BodyRefused(415, f"Content-Encoding {encoding!r} is not accepted: send the body as plain JSON")
             body = await read_body(request, settings.max_body_bytes, "MIXSYNC_COHORT_WEBHOOK_MAX_BYTES")
             # The checks and the fsynced write in a worker thread: the event loop keeps accepting.
             action = await run_in_threadpool(land, body)

@@ -1,5 +1,7 @@
 """Landed Mixpanel cohort webhook bodies → mixpanel.cohort_members (the same tables the engage poll keeps)."""
 
+import os
+
 import dagster as dg
 
 from mixsync.metadata import table_metadata, table_name
@@ -14,6 +16,12 @@ def landed_bodies(directory) -> list:
         return []
     return sorted(p for p in directory.iterdir()
                   if p.is_file() and p.name.startswith("cohorts-") and p.name.endswith(".json"))
+
+
+def quarantine_dir(directory):
+    """Where landed files the loader cannot record go: inside the landing folder (one file system, so a move is a
+    rename), where the sensor does not look."""
+    return directory / "quarantine"
 
 
 @dg.asset(
@@ -31,19 +39,32 @@ def mixpanel_cohort_webhook_members(context: dg.AssetExecutionContext,
     paths = landed_bodies(directory)
     store = warehouse.warehouse()
     with store.write() as con:
-        landed = sql.record_bodies(con, paths)
-    # Recorded (committed) first, removed after: a crash in between leaves files that the next run skips.
+        landed, refused = sql.record_bodies(con, paths)
+        sql.record_quarantine(con, refused)
+    # Recorded (committed) first, removed after: a crash in between leaves files that the next run skips (or
+    # quarantines again).
+    if refused:
+        quarantine_dir(directory).mkdir(exist_ok=True)
     for path in paths:
-        path.unlink(missing_ok=True)
+        if path in refused:
+            os.replace(path, quarantine_dir(directory) / path.name)
+            context.log.warning(f"quarantined {path.name} (mixpanel.cohort_webhook_quarantine): {refused[path]}")
+        else:
+            path.unlink(missing_ok=True)
     with store.write() as con:
         result = sql.apply_pending(con)
         table = table_metadata(con, "mixpanel.cohort_members")
+    for file, reason in result.errors.items():
+        context.log.warning(f"skipped {file} (outcome 'error' in mixpanel.cohort_webhook_bodies): {reason}")
     context.log.info(f"{landed} bodies landed, {result.applied} applied (+{result.entered} -{result.left}), "
+                     f"{len(refused)} quarantined, {len(result.errors)} skipped as not applicable, "
                      f"{result.waiting_pages} members pages waiting for their session's other pages")
     return dg.MaterializeResult(metadata={
         **table,
         "bodies_landed": landed,
         "bodies_applied": result.applied,
+        "bodies_quarantined": len(refused),
+        "bodies_skipped": len(result.errors),
         "members_entered": result.entered,
         "members_left": result.left,
         "pages_waiting": result.waiting_pages,

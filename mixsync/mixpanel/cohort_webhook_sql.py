@@ -33,34 +33,79 @@ CREATE TABLE IF NOT EXISTS mixpanel.cohort_webhook_bodies (
     snapshot_id BIGINT,              -- the mixpanel.cohort_snapshots row it made (NULL: nothing changed or a repeat)
     outcome VARCHAR
 );
+-- Why a body was skipped (outcome 'error'): an action or fields the loader cannot apply. A warehouse created
+-- before this column gets it here.
+ALTER TABLE mixpanel.cohort_webhook_bodies ADD COLUMN IF NOT EXISTS error VARCHAR;
 -- The members each body carried, until its change is applied (a members page waits for its siblings here).
 CREATE TABLE IF NOT EXISTS mixpanel.cohort_webhook_members (
     file VARCHAR NOT NULL,
     distinct_id VARCHAR NOT NULL,
     properties JSON
 );
+-- Landed files the loader could not record (not JSON, or a value out of its column's type), moved to the
+-- landing folder's quarantine/ subfolder so they never block the others.
+CREATE TABLE IF NOT EXISTS mixpanel.cohort_webhook_quarantine (
+    file VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL,
+    quarantined_at TIMESTAMPTZ NOT NULL
+);
 """
 register_ddl("mixpanel.cohort_webhooks", DDL)
+
+
+# What a stored file's content can fail with when recorded (not UTF-8 or not JSON, a value out of its column's type,
+# a member without a mixpanel_distinct_id): that file is quarantined. Any other error (I/O, a lost catalog
+# connection) fails the run and leaves every file for the next one.
+BAD_CONTENT = (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.ConstraintException)
 
 
 @dataclass
 class WebhookApply:
     landed: int = 0
     applied: int = 0
+    errors: dict[str, str] = field(default_factory=dict)  # file -> why it was skipped
     waiting_pages: int = 0
     entered: int = 0
     left: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-def record_bodies(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> int:
-    """Record landed bodies not recorded yet (a file that survived a crash after its commit is skipped)."""
+def record_bodies(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[int, dict[Path, str]]:
+    """Record landed bodies not recorded yet (a file that survived a crash after its commit is skipped).
+
+    Returns how many were recorded and the files that could not be, with why: all in one transaction, and if a
+    file's content refuses that, each file in its own, so one bad file never holds back the others.
+    """
     if not paths:
-        return 0
+        return 0, {}
+    try:
+        return _record(con, paths), {}
+    except BAD_CONTENT:
+        pass
+    landed, refused = 0, {}
+    for path in paths:
+        try:
+            landed += _record(con, [path])
+        except BAD_CONTENT as exc:
+            refused[path] = str(exc).split("\n")[0]
+    return landed, refused
+
+
+def record_quarantine(con: duckdb.DuckDBPyConnection, refused: dict[Path, str]) -> None:
+    """Record the files `record_bodies` could not record, with why (before they move to the quarantine folder)."""
+    if refused:
+        con.execute("""INSERT INTO mixpanel.cohort_webhook_quarantine
+                       SELECT unnest($files::VARCHAR[]), unnest($reasons::VARCHAR[]), $now""",
+                    {"files": [p.name for p in refused], "reasons": list(refused.values()),
+                     "now": dt.datetime.now(dt.UTC)})
+
+
+def _record(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> int:
     files = "[" + ", ".join(literal(str(p)) for p in paths) + "]"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE wh_raw AS
-        SELECT parse_filename(filename) AS file, content::JSON AS body FROM read_text({files})
-        ANTI JOIN mixpanel.cohort_webhook_bodies b ON b.file = parse_filename(filename)""")
+        SELECT parse_filename(r.filename) AS file, r.content::JSON AS body FROM read_text({files}) r
+        -- r.filename: a DuckLake table has a virtual `filename` column of its own.
+        ANTI JOIN mixpanel.cohort_webhook_bodies b ON b.file = parse_filename(r.filename)""")
     now = dt.datetime.now(dt.UTC)
     con.execute("BEGIN TRANSACTION")
     try:
@@ -69,7 +114,7 @@ def record_bodies(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> int:
                    body->>'$.parameters.mixpanel_cohort_name', body->>'$.parameters.mixpanel_session_id',
                    (body->>'$.parameters.page_info.page_count')::INTEGER,
                    (body->>'$.parameters.page_info.total_pages')::INTEGER,
-                   json_array_length(body, '$.parameters.members'), $now, NULL, NULL, NULL
+                   json_array_length(body, '$.parameters.members'), $now, NULL, NULL, NULL, NULL
             FROM wh_raw""", {"now": now}).fetchone()[0]
         # mixpanel_distinct_id as text whether sent as a string or a number; the email as the poll path names it.
         con.execute("""INSERT INTO mixpanel.cohort_webhook_members
@@ -129,6 +174,40 @@ def _apply_change(con: duckdb.DuckDBPyConnection, files: list[str], action: str,
     return snapshot_id, n_entered, n_left
 
 
+# Why a recorded body cannot be applied (NULL when it can); such a body is skipped with this as its error.
+INVALID = """CASE
+    WHEN action NOT IN ('members', 'add_members', 'remove_members')
+        THEN 'action "' || action || '" is not one of members, add_members, remove_members'
+    WHEN action = 'members' AND session_id IS NULL
+        THEN 'a members snapshot without parameters.mixpanel_session_id'
+    WHEN action = 'members' AND NOT coalesce(page BETWEEN 1 AND total_pages, false)
+        THEN 'a members snapshot without parameters.page_info 1 <= page_count <= total_pages'
+    END"""
+
+
+def _mark_invalid(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Skip every pending body that cannot be applied, with its reason in `error`, before any is applied (so an
+    invalid page never counts towards its session's pages). Returns {file: reason}."""
+    invalid = dict(con.execute(f"""SELECT file, {INVALID} FROM mixpanel.cohort_webhook_bodies
+                                   WHERE applied_at IS NULL AND {INVALID} IS NOT NULL""").fetchall())
+    for file, reason in invalid.items():
+        _skip(con, file, reason)
+    return invalid
+
+
+def _skip(con: duckdb.DuckDBPyConnection, file: str, reason: str) -> None:
+    """Mark one body as not applicable (outcome 'error', the reason in `error`) in its own transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("""UPDATE mixpanel.cohort_webhook_bodies SET applied_at = now(), outcome = 'error', error = $e
+                       WHERE file = $f""", {"f": file, "e": reason})
+        con.execute("DELETE FROM mixpanel.cohort_webhook_members WHERE file = $f", {"f": file})
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
 def _mark(con, files: list[str], snapshot_id: int | None, outcome: str) -> None:
     con.execute("""UPDATE mixpanel.cohort_webhook_bodies SET applied_at = now(), snapshot_id = $s, outcome = $o
                    WHERE file IN (SELECT unnest($files::VARCHAR[]))""", {"files": files, "s": snapshot_id, "o": outcome})
@@ -143,7 +222,7 @@ def apply_pending(con: duckdb.DuckDBPyConnection) -> WebhookApply:
     A members snapshot applies once every page 1..total_pages of its session has arrived, and once per session:
     a page that arrives again is a repeat. A later snapshot is a full reconcile, so re-sent snapshots are harmless.
     """
-    result = WebhookApply()
+    result = WebhookApply(errors=_mark_invalid(con))
     pending = con.execute("""SELECT file, action, cohort_id, coalesce(cohort_name, cohort_id::VARCHAR), session_id,
                                     total_pages
                              FROM mixpanel.cohort_webhook_bodies WHERE applied_at IS NULL ORDER BY file""").fetchall()
@@ -182,6 +261,14 @@ def apply_pending(con: duckdb.DuckDBPyConnection) -> WebhookApply:
                     _mark(con, [f for f in all_files if f not in session], None, "repeated page")
                     outcome, files = "applied", all_files
             con.execute("COMMIT")
+        except BAD_CONTENT as exc:
+            # This body's content, not the warehouse: skip it with why, and go on with the others.
+            con.execute("ROLLBACK")
+            reason = str(exc).split("\n")[0]
+            _skip(con, file, reason)
+            result.errors[file] = reason
+            done.add(file)
+            continue
         except BaseException:
             con.execute("ROLLBACK")
             raise
