@@ -242,10 +242,19 @@ def impressions_step(instance, sandbox: Sandbox, store) -> bool:
 def _verdict(split: str, metric: str, treatment: str, control: str, lift, low, high, p_value, reason) -> str:
     if lift is None:
         return f"  {split} {metric}: {treatment} vs {control}: no lift ({reason})"
-    significant = p_value is not None and p_value < 0.05 and (low > 0 or high < 0)
-    verdict = ("better than" if lift > 0 else "worse than") if significant else "not distinguishable from"
-    return (f"  {split} {metric}: {treatment} is {verdict} {control}: {lift * 100:+.1f}% "
-            f"[95% CI {low * 100:+.1f}%, {high * 100:+.1f}%], p = {p_value:.2g}")
+    figures = f"{lift * 100:+.1f}% [95% CI {low * 100:+.1f}%, {high * 100:+.1f}%], p = {p_value:.2g}"
+    # The p-value tests the difference of means; the interval is the relative lift's (delta method), which also
+    # carries control's uncertainty as a denominator. With few conversions in control they can disagree: say so,
+    # rather than print a small p-value next to "not distinguishable".
+    test_finds, interval_finds = p_value < 0.05, low > 0 or high < 0
+    if test_finds and interval_finds:
+        return f"  {split} {metric}: {treatment} is {'better' if lift > 0 else 'worse'} than {control}: {figures}"
+    if not (test_finds or interval_finds):
+        return f"  {split} {metric}: {treatment} is not distinguishable from {control}: {figures}"
+    disagreement = ("the t test finds a difference but the lift's interval includes 0 (control's mean is too "
+                    "uncertain to size it)" if test_finds else
+                    "the lift's interval excludes 0 but the t test finds no difference")
+    return f"  {split} {metric}: {treatment} against {control} is inconclusive: {figures}: {disagreement}"
 
 
 def experiments_step(instance, sandbox: Sandbox, store) -> bool:

@@ -414,3 +414,18 @@ def test_a_failed_analysis_leaves_the_tables_as_they_were_and_no_temporary_table
         assert [con.execute(f"SELECT * FROM analytics.{t} ORDER BY ALL").fetchall()
                 for t in ("experiment_exposures", "experiment_results", "experiment_srm")] == before
         assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone()[0] == 0
+
+
+def test_the_demos_verdict_never_puts_a_small_p_value_beside_not_distinguishable():
+    """The p-value tests the difference of means, the interval is the relative lift's: when they disagree (few
+    conversions in control, as in a small demo) the verdict says so instead of picking one."""
+    from mixsync.demo import _verdict
+
+    # The figures a 2-day demo printed: p = 0.0035 with an interval across 0.
+    disagreeing = _verdict("one_click_checkout", "purchased", "on", "off", 1.492, -0.0838, 3.0677, 0.0035, None)
+    assert "inconclusive" in disagreeing and "not distinguishable" not in disagreeing
+    assert "p = 0.0035" in disagreeing and "interval includes 0" in disagreeing
+    assert "is better than off" in _verdict("s", "m", "on", "off", 0.5, 0.2, 0.8, 0.001, None)
+    assert "is worse than off" in _verdict("s", "m", "on", "off", -0.5, -0.8, -0.2, 0.001, None)
+    assert "is not distinguishable from control" in _verdict("s", "m", "a", "control", 0.2, -0.5, 0.9, 0.54, None)
+    assert "no lift (control mean is 0" in _verdict("s", "m", "a", "c", None, None, None, 0.2, "control mean is 0")
