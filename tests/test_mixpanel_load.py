@@ -163,6 +163,32 @@ def test_a_warehouse_from_before_event_rows_keeps_its_events_and_loads_on(tmp_pa
                            "WHERE table_schema = 'mixpanel' AND table_name = 'events'").fetchone() == ("VIEW",)
 
 
+def test_rejects_from_before_their_window_columns_stay_readable_and_a_reload_replaces_them(tmp_path):
+    """A file whose events_rejected predates `window_start`/`window_end` gains them (its rows kept, NULL there);
+    reloading the day replaces its old rejects, and a line with no day of its own lands with its window, no day."""
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("""
+        CREATE SCHEMA mixpanel;
+        CREATE TABLE mixpanel.events_rejected (day DATE, reason VARCHAR NOT NULL, raw VARCHAR,
+                                               loaded_at TIMESTAMPTZ NOT NULL);
+        INSERT INTO mixpanel.events_rejected VALUES ('2026-03-02', 'not valid JSON', 'old broken line', now()),
+                                                    ('2026-03-01', 'missing event', 'another day', now());""")
+    con.close()
+    store = Warehouse(path, lock_timeout_seconds=30)
+    with store.read() as con:  # a reader of the old file before any write
+        assert con.execute("SELECT count(*) FROM mixpanel.events_rejected").fetchone()[0] == 2
+
+    source = export_file(tmp_path / "v1.jsonl", "v1", 3)
+    source.write_bytes(source.read_bytes() + b"not json at all\n")
+    load(store, source)
+    with store.read() as con:
+        rows = con.execute("""SELECT day, reason, raw, window_start, window_end FROM mixpanel.events_rejected
+                              ORDER BY raw""").fetchall()
+    assert rows == [(dt.date(2026, 3, 1), "missing event", "another day", None, None),
+                    (None, "not valid JSON", "not json at all", DAY, DAY)]
+
+
 @pytest.fixture(params=["duckdb", "ducklake"])
 def any_store(request, tmp_path):
     if request.param == "duckdb":

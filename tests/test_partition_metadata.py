@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
 
 import dagster as dg
 import pytest
@@ -108,3 +109,59 @@ def test_a_day_shows_the_same_figures_however_it_was_backfilled(uneven_sandbox, 
     for name in ("dagster/row_count", "events", "rejected", "duplicates_dropped", "rejects_by_reason"):
         assert in_range[name] == alone[name], name
     assert in_range["run/events"] > alone["run/events"] == alone["events"]
+
+
+def _rejects_in_file(sandbox, day: dt.date) -> tuple[int, list[str]]:
+    """(lines rejected with a time on `day`, lines rejected with no day of their own) in the day's export file."""
+    dated, dayless = 0, []
+    with gzip.open(ensure_day_file(sandbox.dataset, day, sandbox.data_dir / "mixpanel"), "rt") as handle:
+        for line in handle:
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                dayless.append(line.strip())
+                continue
+            time = parsed.get("properties", {}).get("time")
+            if not isinstance(time, (int, float)):
+                dayless.append(line.strip())
+            elif not parsed.get("event"):
+                dated += 1
+    return dated, dayless
+
+
+def test_a_line_with_no_day_of_its_own_counts_on_no_day_and_is_kept_once(uneven_sandbox, instance):
+    """A line that is not JSON or has no time came with one of a multi-day window's days, which one is unknown: no
+    day's figures count it (the run's do), and reloading any one day keeps each such line once in the table."""
+    truth = {day: _rejects_in_file(uneven_sandbox, day) for day in DAYS}
+    dayless_total = sum(len(dayless) for _, dayless in truth.values())
+    reloaded = next(day for day in DAYS[1:] if truth[day][1])  # a day past the window's first with such a line
+    assert dayless_total and sum(dated for dated, _ in truth.values())
+    tags = {"dagster/asset_partition_range_start": DAYS[0].isoformat(),
+            "dagster/asset_partition_range_end": DAYS[-1].isoformat()}
+    assert dg.materialize([mixpanel_events], instance=instance, resources=RESOURCES, tags=tags).success
+    for day in DAYS:
+        meta = latest_partition_metadata(instance, "mixpanel_events", day)
+        assert meta["rejected"] == sum(meta["rejects_by_reason"].values()) == truth[day][0], day
+        assert meta["run/rejected_without_day"] == dayless_total
+        assert meta["run/rejected"] == dayless_total + sum(dated for dated, _ in truth.values())
+
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import Warehouse
+    warehouse = Warehouse(WarehouseSettings.from_env().duckdb_path)
+    with warehouse.read() as con:
+        windows = con.execute("""SELECT window_start, window_end, count(*) FROM mixpanel.events_rejected
+                                 WHERE day IS NULL GROUP BY ALL""").fetchall()
+    assert windows == [(DAYS[0], DAYS[-1], dayless_total)]
+
+    assert dg.materialize([mixpanel_events], instance=instance, resources=RESOURCES,
+                          partition_key=reloaded.isoformat()).success
+    assert latest_partition_metadata(instance, "mixpanel_events", reloaded)["rejected"] == truth[reloaded][0]
+    with warehouse.read() as con:
+        by_window = con.execute("""SELECT window_start, window_end, count(*) FROM mixpanel.events_rejected
+                                   WHERE day IS NULL GROUP BY ALL ORDER BY ALL""").fetchall()
+        dated_rows = con.execute("SELECT count(*) FROM mixpanel.events_rejected WHERE day IS NOT NULL").fetchone()[0]
+    # The reloaded day's lines were rejected again: their copies from the wider window are gone (as many as the day
+    # has, though the same text comes on other days too), the other days' stay.
+    reloaded_count = len(truth[reloaded][1])
+    assert by_window == sorted([(DAYS[0], DAYS[-1], dayless_total - reloaded_count), (reloaded, reloaded, reloaded_count)])
+    assert dated_rows == sum(dated for dated, _ in truth.values())

@@ -191,6 +191,8 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
         # Times a day's switch lost a DuckLake write conflict and was run again whole (always 0 on a file).
         "run/conflict_retries": sum(l.conflict_retries for l in loads),
         "run/rejected": sum(rejects.values()),
+        # Lines with no day of the export window (not JSON, no readable time, outside it): on no day's figures.
+        "run/rejected_without_day": sum(l.rejected_without_day for l in loads),
         "run/rejects_by_reason": rejects,
         **{f"run/{name}": value for name, value in stats.as_metadata().items()},
         "run/duration_seconds": round(time.monotonic() - started, 3),

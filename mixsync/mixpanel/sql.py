@@ -35,11 +35,18 @@ CREATE TABLE IF NOT EXISTS mixpanel.event_rows (
     load_id BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS mixpanel.events_rejected (
-    day DATE,                      -- the event's day when known, else the first day of the export window
+    -- the event's day, when its time falls in the export window; NULL for a line with no day in the window (not
+    -- JSON, no readable time, a time outside the window): it belongs to the window, and no day's figures count it
+    day DATE,
     reason VARCHAR NOT NULL,
     raw VARCHAR,
-    loaded_at TIMESTAMPTZ NOT NULL
+    loaded_at TIMESTAMPTZ NOT NULL,
+    window_start DATE,             -- the export window the line came in (NULL on rows from before these columns)
+    window_end DATE
 );
+-- Idempotent on both backends (a lake runs no migrations: its DDL runs again whenever it changes).
+ALTER TABLE mixpanel.events_rejected ADD COLUMN IF NOT EXISTS window_start DATE;
+ALTER TABLE mixpanel.events_rejected ADD COLUMN IF NOT EXISTS window_end DATE;
 -- No keys or sequences anywhere (DuckLake has neither): one row per day and unique load ids hold by
 -- construction, since every change here happens under the writer lock in one transaction.
 CREATE TABLE IF NOT EXISTS mixpanel.event_loads (
@@ -99,6 +106,7 @@ class TruncatedExport(RuntimeError):
 class ExportLoad:
     events: int = 0
     rejected: int = 0
+    rejected_without_day: int = 0  # of `rejected`: lines with no day of the window, counted on no day
     duplicates_dropped: int = 0
     lines: int = 0
     conflict_retries: int = 0      # times the switch lost a DuckLake write conflict and ran again
@@ -193,7 +201,8 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
             FROM (SELECT max(load_id) AS max_id, list(load_id) AS ids FROM mixpanel.event_loads_unfinished) unfinished,
                  (SELECT max(load_id) AS max_id, count(*) FILTER (WHERE day BETWEEN $start AND $end) AS window_days
                   FROM mixpanel.event_loads) ledger,
-                 (SELECT count(*) AS n FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end) rejects,
+                 (SELECT count(*) AS n FROM mixpanel.events_rejected WHERE day BETWEEN $start AND $end
+                         OR (day IS NULL AND window_start <= $end AND window_end >= $start)) rejects,
                  (SELECT histogram(load_id) AS per_load FROM mixpanel.event_rows WHERE day BETWEEN $start AND $end) window_rows
             """, {"start": window_start, "end": window_end}).fetchone()
         unfinished = unfinished or []
@@ -250,7 +259,7 @@ def load_export_file(con: duckdb.DuckDBPyConnection, path: Path, window_start: d
     except BaseException:
         # Best effort: the next load clears whatever this one could not.
         with contextlib.suppress(duckdb.Error):
-            con.execute("DROP TABLE IF EXISTS temp.export_dropped")
+            con.execute("DROP TABLE IF EXISTS temp.export_dropped; DROP TABLE IF EXISTS temp.export_rejects")
         with contextlib.suppress(duckdb.Error):
             clear_unfinished_loads(con)
         raise
@@ -327,20 +336,42 @@ def _switch(con, load_id: int, before: _WindowBefore, invalid_lines_sql: str | N
         SELECT count(*) FILTER (WHERE {bad}), histogram(day) FILTER (WHERE NOT {bad})
         FROM mixpanel.event_rows WHERE load_id = $load_id""", this_load).fetchone()
     old_rejects, replaced_rows, ledger_days = before.old_rejects, before.replaced_rows, before.ledger_days
-    if old_rejects:
-        con.execute("DELETE FROM mixpanel.events_rejected WHERE day BETWEEN ? AND ?", window)
+    # This load's rejects, first in a temp table (a few rows): the old ones they replace are found with them.
+    # A line with no day of the window (not JSON, no readable time, a time outside it) gets no day: it belongs to
+    # the export window, and no day's figures count it, so a day shows the same figures whether it was loaded
+    # alone or in a multi-day window (which of a window's days such a line came with is unknown; they were all put
+    # on its first day, and a reload of another of its days then counted the same line a second time).
     # Copying bad rows reads `properties` too, and DuckDB cannot push this OR down to the scan: every row's
     # properties would be read (0.3-0.4 s per million) to find none on most days, so it runs only when counted.
-    if bad_rows:
-        con.execute(f"""INSERT INTO mixpanel.events_rejected
-            SELECT CASE WHEN day BETWEEN $start AND $end THEN day ELSE $start END, {reason},
-                   json_object('event', event, 'properties', properties)::VARCHAR, $loaded_at
-            FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}""", params)
-        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}", this_load)
+    rejects = [f"""SELECT CASE WHEN day BETWEEN $start AND $end THEN day END AS day, {reason} AS reason,
+                         json_object('event', event, 'properties', properties)::VARCHAR AS raw
+                  FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}"""] if bad_rows else []
     if invalid_lines_sql:
-        con.execute(f"""INSERT INTO mixpanel.events_rejected
-            SELECT $start, 'not valid JSON', left(line, 10000), $loaded_at FROM ({invalid_lines_sql})""",
-                    {"start": window_start, "loaded_at": loaded_at})
+        rejects.append(f"SELECT NULL::DATE AS day, 'not valid JSON' AS reason, left(line, 10000) AS raw "
+                       f"FROM ({invalid_lines_sql})")
+    if rejects:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE export_rejects AS {' UNION ALL '.join(rejects)}",
+                    this_load if bad_rows else {})
+    if old_rejects:
+        window_params = {"start": window_start, "end": window_end}
+        # The window's days' rejects, and day-less ones of a window inside this one (its days are all reloaded).
+        con.execute("""DELETE FROM mixpanel.events_rejected
+                       WHERE day BETWEEN $start AND $end
+                          OR (day IS NULL AND window_start >= $start AND window_end <= $end)""", window_params)
+        if rejects:
+            # Day-less ones of a window that only overlaps this one: a line this load rejected again is the same
+            # line (one of that window's days is reloaded here), the others stay. As many copies as this load
+            # has: identical lines are common (a broken event sent on several days).
+            con.execute("""DELETE FROM mixpanel.events_rejected WHERE rowid IN (
+                               SELECT o.rowid FROM (
+                                   SELECT rowid, raw, row_number() OVER (PARTITION BY raw ORDER BY rowid) AS copy
+                                   FROM mixpanel.events_rejected
+                                   WHERE day IS NULL AND window_start <= $end AND window_end >= $start) o
+                               JOIN (SELECT raw, count(*) AS copies FROM temp.export_rejects GROUP BY raw) n
+                                 ON n.raw = o.raw
+                               WHERE o.copy <= n.copies)""", window_params)
+    if bad_rows:
+        con.execute(f"DELETE FROM mixpanel.event_rows WHERE load_id = $load_id AND {bad}", this_load)
     # Mixpanel's dedupe key is (event, distinct_id, time, $insert_id); the copy processed last wins. Rows can
     # only share a key if they share its $insert_id and time, so the candidates are the rows whose pair
     # (hashed) is seen more than once: two columns read, not four, and no strings but the id (0.86 s instead
@@ -376,12 +407,17 @@ def _switch(con, load_id: int, before: _WindowBefore, invalid_lines_sql: str | N
         con.execute("DELETE FROM mixpanel.event_loads WHERE day BETWEEN ? AND ?", window)
     rejected_per_day: dict[dt.date, int] = {}
     result = ExportLoad()
-    if bad_rows or invalid_lines_sql:
-        # The window's rejects are this load's alone now (the old ones were deleted above).
-        rejected_per_day = dict(con.execute("""SELECT day, count(*) FROM mixpanel.events_rejected
-                                               WHERE day BETWEEN ? AND ? GROUP BY day""", window).fetchall())
-        result.rejects_by_reason = dict(con.execute("""SELECT reason, count(*) FROM mixpanel.events_rejected
-                                                       WHERE day BETWEEN ? AND ? GROUP BY reason""", window).fetchall())
+    if rejects:
+        con.execute("""INSERT INTO mixpanel.events_rejected (day, reason, raw, loaded_at, window_start, window_end)
+                       SELECT day, reason, raw, $loaded_at, $start, $end FROM temp.export_rejects""",
+                    {"loaded_at": loaded_at, "start": window_start, "end": window_end})
+        for day, reason, n in con.execute("SELECT day, reason, count(*) FROM temp.export_rejects GROUP BY ALL").fetchall():
+            result.rejects_by_reason[reason] = result.rejects_by_reason.get(reason, 0) + n
+            if day is None:
+                result.rejected_without_day += n
+            else:
+                rejected_per_day[day] = rejected_per_day.get(day, 0) + n
+        con.execute("DROP TABLE temp.export_rejects")
     # The ledger from what is already known: a day's events are its good rows less its dropped duplicates
     # (a row of this load is either bad, dropped or current), one insert of every day of the window.
     good_per_day = good_per_day or {}
