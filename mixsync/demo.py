@@ -63,7 +63,8 @@ def mixpanel_step(instance, sandbox: Sandbox, store) -> bool:
                      "SELECT event, count(*) AS events, count(DISTINCT distinct_id) AS people FROM mixpanel.events "
                      "GROUP BY event ORDER BY events DESC LIMIT 8")
         _print_query(con, "rejects (mixpanel.events_rejected)",
-                     "SELECT day, reason, left(raw, 60) AS raw FROM mixpanel.events_rejected ORDER BY day, reason")
+                     "SELECT coalesce(day::VARCHAR, 'none in ' || window_start || '..' || window_end) AS day, reason, "
+                     "left(raw, 60) AS raw FROM mixpanel.events_rejected ORDER BY day, reason")
     requests = sandbox.mixpanel.recorder.matching("/api/2.0/export")
     print(f"\nsandbox Mixpanel received {len(requests)} export request(s) for {len(days)} days")
     return True
