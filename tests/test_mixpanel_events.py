@@ -329,3 +329,20 @@ def test_cli_partition_range_and_concurrent_runs_with_a_reader_open(sandbox, env
     assert len(export_requests(sandbox)) == 2  # three days, two runs, two calls
     with warehouse.read() as con:
         assert {d for (d,) in con.execute("SELECT DISTINCT day FROM mixpanel.events").fetchall()} == set(days)
+
+
+def test_the_volume_check_compares_a_day_with_the_7_calendar_days_before_it_not_older_loads(tmp_path):
+    from mixsync.mixpanel.checks import daily_volume_result
+    from mixsync.warehouse import Warehouse
+
+    store = Warehouse(tmp_path / "w.duckdb", lock_timeout_seconds=30)
+    january = [dt.date(2026, 1, 1) + dt.timedelta(days=n) for n in range(4)]
+    ledger = [(day, 1000) for day in january] + [(dt.date(2026, 11, 29), 10),  # after a gap: nothing to compare
+                                                 (dt.date(2026, 11, 30), 1)]    # 1 against 10 the day before: low
+    with store.write() as con:
+        con.execute("""INSERT INTO mixpanel.event_loads
+                       SELECT unnest($days), unnest($events), 0, 0, unnest($days), unnest($days), now(), 1""",
+                    {"days": [day for day, _ in ledger], "events": [events for _, events in ledger]})
+        result = daily_volume_result(con)
+    assert not result.passed
+    assert result.metadata["low_days"].data == {"2026-11-30": {"events": 1, "trailing_mean": 10.0}}

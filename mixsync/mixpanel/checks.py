@@ -13,7 +13,7 @@ from mixsync.settings import parse_int
 DAILY_VOLUME = dg.AssetCheckSpec(
     "mixpanel_events_daily_volume", asset="mixpanel_events", blocking=False,
     description="Each of the last loaded days has events, and at least MIXSYNC_MIN_DAY_RATIO_PERCENT of the mean of "
-                "the 7 days before it.")
+                "the days loaded in the 7 calendar days before it (no such day: no comparison).")
 
 
 def daily_volume_result(con: duckdb.DuckDBPyConnection) -> dg.AssetCheckResult:
@@ -21,7 +21,10 @@ def daily_volume_result(con: duckdb.DuckDBPyConnection) -> dg.AssetCheckResult:
     rows = con.execute("""
         WITH loads AS (
             SELECT day, events,
-                   avg(events) OVER (ORDER BY day ROWS BETWEEN 7 PRECEDING AND 1 PRECEDING) AS trailing_mean
+                   -- Calendar days, not the 7 previous rows: a day loaded after a gap is not measured against
+                   -- days long past (a row window compared a new day with loads ten months old).
+                   avg(events) OVER (ORDER BY day RANGE BETWEEN INTERVAL 7 DAY PRECEDING
+                                                         AND INTERVAL 1 DAY PRECEDING) AS trailing_mean
             FROM mixpanel.event_loads)
         SELECT day, events, trailing_mean FROM loads ORDER BY day DESC LIMIT 7""").fetchall()
     low = [(day, events, mean) for day, events, mean in rows
