@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 
+from mixsync.experiments.stats import disagreement
 from mixsync.sandbox import Sandbox
 from mixsync.sandbox.data import Dataset
 
@@ -244,18 +245,12 @@ def _verdict(split: str, metric: str, treatment: str, control: str, lift, low, h
     if lift is None:
         return f"  {split} {metric}: {treatment} vs {control}: no lift ({reason})"
     figures = f"{lift * 100:+.1f}% [95% CI {low * 100:+.1f}%, {high * 100:+.1f}%], p = {p_value:.2g}"
-    # The p-value tests the difference of means; the interval is the relative lift's (delta method), which also
-    # carries control's uncertainty as a denominator. With few conversions in control they can disagree: say so,
-    # rather than print a small p-value next to "not distinguishable".
-    test_finds, interval_finds = p_value < 0.05, low > 0 or high < 0
-    if test_finds and interval_finds:
+    # Never a small p-value next to "not distinguishable": when the test and the interval disagree, say so.
+    if (why := disagreement(low, high, p_value)) is not None:
+        return f"  {split} {metric}: {treatment} against {control} is inconclusive: {figures}: {why}"
+    if p_value < 0.05:
         return f"  {split} {metric}: {treatment} is {'better' if lift > 0 else 'worse'} than {control}: {figures}"
-    if not (test_finds or interval_finds):
-        return f"  {split} {metric}: {treatment} is not distinguishable from {control}: {figures}"
-    disagreement = ("the t test finds a difference but the lift's interval includes 0 (control's mean is too "
-                    "uncertain to size it)" if test_finds else
-                    "the lift's interval excludes 0 but the t test finds no difference")
-    return f"  {split} {metric}: {treatment} against {control} is inconclusive: {figures}: {disagreement}"
+    return f"  {split} {metric}: {treatment} is not distinguishable from {control}: {figures}"
 
 
 def experiments_step(instance, sandbox: Sandbox, store) -> bool:

@@ -429,3 +429,16 @@ def test_the_demos_verdict_never_puts_a_small_p_value_beside_not_distinguishable
     assert "is worse than off" in _verdict("s", "m", "on", "off", -0.5, -0.8, -0.2, 0.001, None)
     assert "is not distinguishable from control" in _verdict("s", "m", "a", "control", 0.2, -0.5, 0.9, 0.54, None)
     assert "no lift (control mean is 0" in _verdict("s", "m", "a", "c", None, None, None, 0.2, "control mean is 0")
+
+
+def test_the_uis_results_table_notes_when_the_p_value_and_the_interval_disagree():
+    from mixsync.experiments.analysis import Analysis
+    from mixsync.experiments.assets import results_markdown
+
+    analysis = Analysis(results=[
+        ("checkout", "purchased", "off", True, 311, 0.0418, None, None, None, None, None),
+        ("checkout", "purchased", "on", False, 288, 0.1042, 1.492, -0.0838, 3.0677, 0.0035, None),
+        ("checkout", "revenue", "on", False, 288, 10.0, 2.3, 0.4, 4.2, 0.002, None)])
+    disagreeing, agreeing = results_markdown(analysis).splitlines()[3:5]
+    assert "interval includes 0" in disagreeing.split("|")[-2]
+    assert agreeing.split("|")[-2].strip() == ""

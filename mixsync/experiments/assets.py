@@ -14,7 +14,7 @@ from mixsync.experiments.chart import chart_file_name, render_chart
 from mixsync.experiments.resources import ExperimentsResource
 from mixsync.experiments.settings import ExperimentsFileError
 from mixsync.experiments.sql import ExperimentDataError
-from mixsync.experiments.stats import SRM_ALPHA
+from mixsync.experiments.stats import SRM_ALPHA, disagreement
 from mixsync.impressions.assets import split_impressions
 from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.assets import mixpanel_events
@@ -39,7 +39,7 @@ def results_markdown(analysis: Analysis) -> str:
     for split, metric, treatment, is_control, users, mean, lift, low, high, p_value, reason in analysis.results:
         ci = "–" if low is None else f"[{_percent(low)}, {_percent(high)}]"
         name = f"{treatment} (control)" if is_control else treatment
-        note = (reason or "").replace("|", "\\|")
+        note = "; ".join(filter(None, (reason, disagreement(low, high, p_value)))).replace("|", "\\|")
         lines.append(f"| {split} | {metric} | {name} | {users:,} | {_number(mean)} | {_percent(lift)} | {ci} | "
                      f"{_number(p_value, 3)} | {note} |")
     return "\n".join(lines)

@@ -69,6 +69,19 @@ def compare(treatment: Arm, control: Arm) -> Comparison:
     return Comparison(lift, lift - half_width, lift + half_width, p_value)
 
 
+def disagreement(low: float | None, high: float | None, p_value: float | None) -> str | None:
+    """Why a comparison is inconclusive when its two answers differ, else None. The p-value tests the difference
+    of means; the interval is the relative lift's, whose denominator carries control's own uncertainty: with few
+    conversions in control the first can find a difference that the second cannot size, and (rarely) the reverse."""
+    if low is None or high is None or p_value is None:
+        return None
+    test_finds, interval_finds = p_value < 1 - CONFIDENCE, low > 0 or high < 0
+    if test_finds == interval_finds:
+        return None
+    return ("the t test finds a difference but the lift's interval includes 0 (control's mean is too uncertain "
+            "to size it)" if test_finds else "the lift's interval excludes 0 but the t test finds no difference")
+
+
 def sample_ratio_p_value(users: list[int], expected_shares: list[float]) -> float | None:
     """Chi-square goodness of fit of users per treatment to the expected shares; None with fewer than 2 treatments
     or no users. A treatment expected to get no traffic but seen gives 0."""
