@@ -47,6 +47,8 @@ def test_a_split_dry_run_shows_what_would_go_and_sends_and_keeps_nothing(sandbox
                          run_config={"ops": {"split_events": {"config": {"dry_run": True}}}})
     assert dry.success and dry.asset_materializations_for_node("split_events") == []  # no partition marked done
     shown = observation(dry, "split_events")
+    (event,) = [e for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    assert event.event_specific_data.asset_observation.partition == day  # on the day's partition in the UI
     assert sandbox.split.accepted == 0 and sandbox.split.bulk_requests == 0
     assert snapshot(warehouse) == before
     assert shown["dry_run"] is True and shown["would_send_items"] > 500

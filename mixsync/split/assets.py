@@ -88,7 +88,9 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             checks = outbox_check_results(con, "split_events", EVENTS_OUTBOX)
         context.log.info(f"dry run of {first_day}..{last_day}: would send {seen[0].items} events in about "
                          f"{seen[0].batches} batches; nothing was sent or kept")
-        yield dg.AssetObservation(asset_key=context.asset_key, metadata={
+        # A one-day dry run is that day's: the UI shows it on the day's partition. Over several days its figures
+        # are the run's (per day only in would_send_by_scope), so it stays on no partition.
+        yield dg.AssetObservation(asset_key=context.asset_key, partition=days[0] if len(days) == 1 else None, metadata={
             **seen[0].metadata(), "days": f"{first_day}..{last_day}", "events_considered": staged.considered,
             "events_mapped": staged.mapped, "events_rejected": staged.rejected,
             "rejects_by_reason": staged.rejects_by_reason,
