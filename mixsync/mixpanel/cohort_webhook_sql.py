@@ -109,11 +109,14 @@ def _record(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> int:
     now = dt.datetime.now(dt.UTC)
     con.execute("BEGIN TRANSACTION")
     try:
+        # Pages only for a members snapshot: the receiver checks page_info there alone, and nothing else reads it.
         landed = con.execute("""INSERT INTO mixpanel.cohort_webhook_bodies
             SELECT file, body->>'$.action', (body->>'$.parameters.mixpanel_cohort_id')::BIGINT,
                    body->>'$.parameters.mixpanel_cohort_name', body->>'$.parameters.mixpanel_session_id',
-                   (body->>'$.parameters.page_info.page_count')::INTEGER,
-                   (body->>'$.parameters.page_info.total_pages')::INTEGER,
+                   CASE WHEN body->>'$.action' = 'members'
+                        THEN (body->>'$.parameters.page_info.page_count')::INTEGER END,
+                   CASE WHEN body->>'$.action' = 'members'
+                        THEN (body->>'$.parameters.page_info.total_pages')::INTEGER END,
                    json_array_length(body, '$.parameters.members'), $now, NULL, NULL, NULL, NULL
             FROM wh_raw""", {"now": now}).fetchone()[0]
         # mixpanel_distinct_id as text whether sent as a string or a number; the email as the poll path names it.
