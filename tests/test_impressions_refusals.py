@@ -17,6 +17,8 @@ from mixsync.definitions import resources as RESOURCES
 from mixsync.impressions.assets import split_impressions
 from mixsync.impressions.landing import write_atomically
 from mixsync.impressions.receiver import build_app
+from mixsync.impressions.resources import ImpressionsResource
+from mixsync.impressions.sensors import split_impression_files_sensor
 from mixsync.impressions.settings import ImpressionsSettings
 from mixsync.sandbox.impressions import ImpressionGenerator, encode
 from mixsync.sandbox.server import serve
@@ -178,3 +180,21 @@ def test_a_file_named_with_glob_characters_is_read_as_itself(settings, warehouse
     assert per_file == {"star*.json": 5, "class[1].json": 6, "what?.json.gz": 7}
     assert sorted(os.listdir(settings.impressions_dir)) == ["class1.json", "starX.json"]
 
+
+
+def test_a_file_whose_name_is_not_utf8_stops_neither_the_sensor_nor_the_others(settings, warehouse, instance):
+    gen = ImpressionGenerator(seed=24)
+    write_atomically(settings.impressions_dir, "good.json.gz", encode(gen.batch(5))[0])
+    not_utf8 = os.path.join(os.fsencode(settings.impressions_dir), b"latin1-\xe9t\xe9.json.gz")
+    with open(not_utf8, "wb") as handle:
+        handle.write(encode(gen.batch(5))[0])
+    context = dg.build_sensor_context(instance=instance, resources={"impressions": ImpressionsResource()})
+    result = split_impression_files_sensor(context)
+    assert [request.run_config["ops"]["split_impressions"]["config"]["files"] for request in result.run_requests] == [
+        ["good.json.gz"]]
+    assert load(instance, ["good.json.gz"])["rows_inserted"] == 5
+    # Left where it is, for someone to rename; the next tick asks for nothing.
+    assert os.listdir(os.fsencode(settings.impressions_dir)) == [b"latin1-\xe9t\xe9.json.gz"]
+    assert not split_impression_files_sensor(dg.build_sensor_context(
+        instance=instance, cursor=result.cursor, resources={"impressions": ImpressionsResource()})).run_requests
+    assert load(instance)["files_requested"] == 0

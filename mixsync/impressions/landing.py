@@ -82,13 +82,29 @@ def is_landed_name(name: str) -> bool:
             and not any(suffix in lowered for suffix in PARTIAL_SUFFIXES))
 
 
-def landed_entries(directory: Path) -> Iterator[tuple[str, int]]:
-    """(name, inode) of candidate files in `directory` (not its subfolders). One readdir, no stat per file."""
+def is_utf8_name(name: str) -> bool:
+    """Whether a name read from the folder is UTF-8 (Python shows other bytes as lone surrogates, which no run
+    config, ledger row or SQL string can carry)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def landed_entries(directory: Path, not_utf8: list[str] | None = None) -> Iterator[tuple[str, int]]:
+    """(name, inode) of candidate files in `directory` (not its subfolders). One readdir, no stat per file.
+
+    A candidate whose name is not UTF-8 is left out (and added to `not_utf8` when given): it cannot be loaded
+    under that name, and must not stop the others."""
     with os.scandir(directory) as entries:
         for entry in entries:
             # DirEntry.is_file and .inode use what readdir reports: no extra system call on Linux.
             if is_landed_name(entry.name) and entry.is_file(follow_symlinks=False):
-                yield entry.name, entry.inode()
+                if is_utf8_name(entry.name):
+                    yield entry.name, entry.inode()
+                elif not_utf8 is not None:
+                    not_utf8.append(entry.name)
 
 
 def landed_names(directory: Path) -> list[str]:

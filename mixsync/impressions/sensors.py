@@ -61,6 +61,7 @@ class FilePlan:
     in_flight: int
     settling: int
     left_for_next_tick: int
+    not_utf8: list[str] = field(default_factory=list)
 
 
 def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max_batches: int,
@@ -70,7 +71,8 @@ def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max
     One readdir per tick; a file is stat'ed only when it is a new candidate and only while batches still have room
     (to skip files modified in the last `settle_seconds`, which a non-atomic writer may still be writing)."""
     now = time.time() if now is None else now
-    entries = dict(landed_entries(directory))
+    not_utf8: list[str] = []
+    entries = dict(landed_entries(directory, not_utf8))
     in_flight = {name: inode for name, inode in entries.items() if state.requested.get(name) == inode}
     candidates = sorted(entries.keys() - in_flight.keys())
     batches: list[list[str]] = []
@@ -97,7 +99,7 @@ def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max
         batches.append(current)
     requested = {**in_flight, **{name: entries[name] for batch in batches for name in batch}}
     return FilePlan(batches, CursorState(state.sequence + (1 if batches else 0), requested), len(entries),
-                    len(in_flight), settling, len(candidates) - considered)
+                    len(in_flight), settling, len(candidates) - considered, not_utf8)
 
 
 def run_key(sequence: int, batch: list[str]) -> str:
@@ -123,6 +125,10 @@ def split_impression_files_sensor(context: dg.SensorEvaluationContext, impressio
     state = CursorState.decode(context.cursor)
     plan = plan_file_batches(directory, state, settings.batch_files, settings.max_runs_per_tick,
                              settings.settle_seconds)
+    if plan.not_utf8:
+        shown = ", ".join(ascii(name) for name in sorted(plan.not_utf8)[:5])
+        context.log.warning(f"{len(plan.not_utf8)} file(s) in {directory} have a name that is not UTF-8 and are "
+                            f"not loaded; rename them to load them: {shown}")
     if not plan.batches:
         return dg.SensorResult(
             skip_reason=f"no new complete files ({plan.in_flight} requested and pending, {plan.settling} still settling)",
