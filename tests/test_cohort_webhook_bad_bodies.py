@@ -173,3 +173,27 @@ def test_a_compressed_body_is_refused_with_a_clear_reason(receiver):
     assert answer.status_code == 400 and "not UTF-8" in answer.json()["error"]["message"]
     assert landed(directory) == []
     assert post_raw(url, plain, **{"content-encoding": "identity"}).status_code == 200
+
+
+def test_a_warehouse_stuck_on_a_stored_bogus_body_recovers(env, receiver, instance, warehouse):
+    import duckdb
+
+    url, _ = receiver
+    # As the auditor left it: an older mixsync's table (no `error` column) holding the body recorded as "bogus",
+    # pending, which made every run fail with KeyError.
+    with duckdb.connect(env["MIXSYNC_DUCKDB_PATH"]) as con:
+        con.execute("CREATE SCHEMA mixpanel")
+        con.execute("""CREATE TABLE mixpanel.cohort_webhook_bodies (file VARCHAR NOT NULL, action VARCHAR NOT NULL,
+                       cohort_id BIGINT NOT NULL, cohort_name VARCHAR, session_id VARCHAR, page INTEGER,
+                       total_pages INTEGER, members BIGINT NOT NULL, landed_at TIMESTAMPTZ NOT NULL,
+                       applied_at TIMESTAMPTZ, snapshot_id BIGINT, outcome VARCHAR)""")
+        con.execute("""INSERT INTO mixpanel.cohort_webhook_bodies
+                       VALUES ('cohorts-20260101T000000000000Z-000000000000.json', 'bogus', 7, 'VIPs', 's-1', 1, 1, 1,
+                               now(), NULL, NULL, NULL)""")
+    assert post(url, body("add_members", 7, "VIPs", ["a"])).status_code == 200
+    result = load(instance)
+    assert result["bodies_applied"] == 1 and result["bodies_skipped"] == 1
+    assert members(warehouse, 7) == {"a"}
+    with warehouse.read() as con:
+        assert con.execute("SELECT outcome, error FROM mixpanel.cohort_webhook_bodies WHERE action = 'bogus'"
+                           ).fetchall() == [("error", 'action "bogus" is not one of members, add_members, remove_members')]
