@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import struct
+import zlib
 
 import dagster as dg
 import loopback
@@ -31,6 +33,17 @@ def body_with(**fields: str) -> bytes:
     """One impression with `fields` set or added, each given as raw JSON text (big numbers stay as written)."""
     members = {**IMPRESSION, **fields}
     return ("[{" + ",".join(f'"{name}":{value}' for name, value in members.items()) + "}]").encode()
+
+
+def gzip_with_flags(data: bytes, flags: int) -> bytes:
+    """One valid gzip member whose header sets `flags` (FTEXT 1, FHCRC 2, FCOMMENT 16), as zlib writes them."""
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\x00\x00\x00\x00\x00\xff"
+    if flags & 16:
+        header += b"made by some other tool\x00"
+    if flags & 2:
+        header += struct.pack("<H", zlib.crc32(header) & 0xFFFF)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return header + compressor.compress(data) + compressor.flush() + struct.pack("<II", zlib.crc32(data), len(data))
 
 
 def load(instance, files=None):
@@ -94,11 +107,14 @@ ACCEPTED = [
 
 
 def test_every_body_that_gets_a_200_loads(receiver, settings, warehouse, instance):
-    for body in ACCEPTED:
+    # gzip whose header sets flags DuckDB's gzip reader refuses (zlib takes them): FTEXT, FHCRC, FCOMMENT.
+    flagged = [gzip_with_flags(body_with(key=f'"flagged-{flags}"'), flags) for flags in (1, 2, 16, 1 | 2 | 16)]
+    for body in ACCEPTED + flagged:
         response = loopback.post(receiver.url + "/impressions", content=body)
         assert response.status_code == 200, (body, response.text)
+    bodies = len(ACCEPTED) + len(flagged)
     meta = load(instance)
-    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (len(ACCEPTED), 0, len(ACCEPTED))
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (bodies, 0, bodies)
     with warehouse.read() as con:
         times = {t for (t,) in con.execute("SELECT epoch_ms(time) FROM split.impressions").fetchall()}
     assert {0, MAX_TIME_MS} <= times
@@ -140,6 +156,15 @@ def test_a_file_that_is_not_utf8_is_quarantined_and_the_rest_loads(settings, war
     assert reasons == {"utf16.json": "not UTF-8", "utf16.json.gz": "not UTF-8", "cut.json": "not valid JSON",
                        "duplicated.json": "an object has a duplicate key"}
     assert os.listdir(settings.impressions_dir) == []
+
+
+def test_a_gzip_file_duckdb_cannot_open_is_quarantined_saying_why(settings, warehouse, instance):
+    write_atomically(settings.impressions_dir, "good.json.gz", encode(ImpressionGenerator(seed=25).batch(5))[0])
+    write_atomically(settings.impressions_dir, "commented.json.gz", gzip_with_flags(body_with(), 16))
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (1, 1, 5)
+    [(reason, detail)] = quarantine(warehouse).values()
+    assert reason == "unsupported gzip header" and "FCOMMENT" in detail
 
 
 def test_an_empty_file_is_quarantined_as_holding_no_impressions(settings, warehouse, instance):

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GZIP_MAGIC = b"\x1f\x8b"
+# Header flags (FTEXT, FHCRC, FCOMMENT) with which DuckDB 1.5's gzip reader refuses a file ("Unsupported GZIP
+# archive") though zlib reads it; FEXTRA and FNAME it reads.
+GZIP_FLAGS_DUCKDB_REFUSES = 0x01 | 0x02 | 0x10
+
+
+def duckdb_reads_gzip_header(head: bytes) -> bool:
+    """Whether DuckDB's gzip reader takes a gzip stream starting with `head` (its flags byte is the fourth)."""
+    return len(head) < 4 or not head[3] & GZIP_FLAGS_DUCKDB_REFUSES
 # Names that tools give a file while they are still writing it; such a file is never picked up.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".download", "_copying_", ".swp")
 LANDED_SUFFIXES = (".json", ".json.gz", ".gz")

@@ -21,6 +21,7 @@ from mixsync.impressions.landing import (
     INT64_MIN,
     MAX_TIME_MS,
     MIN_TIME_MS,
+    duckdb_reads_gzip_header,
     new_file_name,
     write_atomically,
 )
@@ -139,6 +140,9 @@ def build_app(settings: ImpressionsSettings) -> Starlette:
         count = check_impressions(body, compressed, settings.max_body_bytes)
         if count == 0:
             return 0, None
+        if compressed and not duckdb_reads_gzip_header(body):
+            # Valid gzip that DuckDB's reader would refuse: landed decompressed, so that this 200 too means it loads.
+            body, compressed = gunzip(body, settings.max_body_bytes, "MIXSYNC_WEBHOOK_MAX_BYTES"), False
         # Raw bytes as received (still gzipped): the landed file is exactly what Split sent.
         return count, write_atomically(settings.impressions_dir, new_file_name(compressed), body)
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import duckdb
 
-from mixsync.impressions.landing import MAX_TIME_MS, MIN_TIME_MS
+from mixsync.impressions.landing import MAX_TIME_MS, MIN_TIME_MS, duckdb_reads_gzip_header
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
 from mixsync.warehouse.sql import glob_literal, literal
@@ -191,6 +191,11 @@ def _is_utf8(path, gzipped: bool) -> bool:
         return True  # not a question of UTF-8: the gzip check says what is wrong
 
 
+def _gzip_header_is_readable(path) -> bool:
+    with open(path, "rb") as handle:
+        return duckdb_reads_gzip_header(handle.read(4))
+
+
 def _gzip_is_whole(path) -> bool:
     """Whether a gzip file decompresses to its end (DuckDB 1.5 reports a truncated stream as bad JSON)."""
     try:
@@ -217,8 +222,12 @@ def _stage(con: duckdb.DuckDBPyConnection, files: list[LandedFile], compression:
         return {}
     except DATA_ERRORS as exc:
         if len(files) == 1:
-            reason = "corrupt gzip" if files[0].gzipped and not _gzip_is_whole(files[0].path) else _classify(exc)
-            return {files[0].name: (reason, _detail(exc))}
+            if files[0].gzipped and not _gzip_is_whole(files[0].path):
+                return {files[0].name: ("corrupt gzip", _detail(exc))}
+            if files[0].gzipped and not _gzip_header_is_readable(files[0].path):
+                return {files[0].name: ("unsupported gzip header", "DuckDB's gzip reader does not take the FTEXT, "
+                                        "FHCRC or FCOMMENT header flags; recompress the file without them")}
+            return {files[0].name: (_classify(exc), _detail(exc))}
     except UnicodeDecodeError as exc:
         # DuckDB refused the file and quoted some of its bytes in the message, which Python then could not decode:
         # the file is not UTF-8, or the quote cut a character in two. Either way it is this file that is bad.
