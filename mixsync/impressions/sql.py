@@ -297,7 +297,9 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     con.execute("CREATE OR REPLACE TEMP TABLE impression_good (name VARCHAR)")
     _insert_columns(con, "impression_good", [good])
     # Deduplicate within the batch, then against what is already loaded (only the batch's time range is read).
-    con.execute("""CREATE OR REPLACE TEMP TABLE impression_new AS
+    # The range covers every good file's times (a quarantined file's rows may lie outside what DuckDB can hold).
+    in_range = f"NOT ({TIME_OUT_OF_RANGE})"
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE impression_new AS
         WITH staged AS (
             SELECT md5(json_array(s.environment_id, s.split, s.key, s.treatment, s.time_ms,
                                   s.split_version_number)::VARCHAR) AS impression_id, s.*, b.name AS file_name
@@ -312,8 +314,8 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
         FROM staged
         WHERE impression_id NOT IN (
             SELECT impression_id FROM split.impressions
-            WHERE time BETWEEN (SELECT make_timestamptz(min(time_ms) * 1000) FROM staged)
-                           AND (SELECT make_timestamptz(max(time_ms) * 1000) FROM staged))""")
+            WHERE time BETWEEN (SELECT make_timestamptz(min(time_ms) * 1000) FROM impression_stage WHERE {in_range})
+                           AND (SELECT make_timestamptz(max(time_ms) * 1000) FROM impression_stage WHERE {in_range}))""")
     inserted = dict(con.execute("SELECT file_name, count(*) FROM impression_new GROUP BY file_name").fetchall())
     for f in files:
         if f.name in duplicates or (f.name in copy_of and f.name not in bad):
