@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from threading import Lock
 
@@ -90,9 +91,9 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     result = dict(pairs)
     if len(result) == len(pairs):
         return result
-    seen: set[str] = set()
     marked = _DuplicateKeys(result)
-    marked.duplicates = [k for k, _ in pairs if k in seen or seen.add(k)]
+    counts = Counter(key for key, _ in pairs)
+    marked.duplicates = [key for key, n in counts.items() if n > 1]
     return marked
 
 

@@ -8,6 +8,7 @@ import gzip
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import duckdb
@@ -91,7 +92,7 @@ class LandedFile(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def path(self) -> object: ...
+    def path(self) -> Path: ...
     @property
     def content_hash(self) -> str: ...
     @property
