@@ -139,6 +139,27 @@ def test_a_time_duckdb_cannot_hold_quarantines_its_file_and_the_rest_loads(setti
     assert os.listdir(settings.impressions_dir) == []
 
 
+def test_a_number_that_is_not_an_integer_is_quarantined_not_rounded(settings, warehouse, instance):
+    write_atomically(settings.impressions_dir, "good.json.gz", encode(ImpressionGenerator(seed=26).batch(5))[0])
+    wrong = {"time-1.5.json": ("time", "1767225600000.5", "time is not an integer (1 of 1)"),
+             "time-text.json": ("time", '"1767225600000"', "time is not an integer (1 of 1)"),
+             "version-1.5.json": ("splitVersionNumber", "1.5", "splitVersionNumber is not null or a 64-bit integer"),
+             "version-true.json": ("splitVersionNumber", "true", "splitVersionNumber is not null or a 64-bit integer"),
+             "version-text.json": ("splitVersionNumber", '"12"', "splitVersionNumber is not null or a 64-bit integer"),
+             "version-past-int64.json": ("splitVersionNumber", "9223372036854775808",
+                                         "splitVersionNumber is not null or a 64-bit integer")}
+    for name, (field, value, _) in wrong.items():
+        write_atomically(settings.impressions_dir, name, body_with(**{field: value}))
+    write_atomically(settings.impressions_dir, "time-past-int64.json", body_with(time="9223372036854775808"))
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (1, len(wrong) + 1, 5)
+    records = quarantine(warehouse)
+    assert records.pop("time-past-int64.json")[0] == "time out of range"
+    assert {name: reason for name, (reason, _) in records.items()} == dict.fromkeys(wrong, "a field has the wrong type")
+    for name, (_, _, detail) in wrong.items():
+        assert detail in records[name][1]
+
+
 def test_a_file_that_is_not_utf8_is_quarantined_and_the_rest_loads(settings, warehouse, instance):
     gen = ImpressionGenerator(seed=22)
     names = [write_atomically(settings.impressions_dir, "good.json.gz", encode(gen.batch(20))[0]).name]

@@ -64,9 +64,10 @@ CREATE TABLE IF NOT EXISTS split.impression_quarantine (
 );
 """ + outbox_ddl(EXPOSURES_OUTBOX)
 
-# The webhook's fields, typed as DuckDB's JSON reader should read them; unknown fields are ignored.
+# The webhook's fields, typed as DuckDB's JSON reader should read them; unknown fields are ignored. The two integers
+# are read as JSON, so that a 1.5, a "12" or a true is seen and refused as the receiver does, not rounded or cast.
 WEBHOOK_COLUMNS = ("{key: 'VARCHAR', bucketingKey: 'VARCHAR', split: 'VARCHAR', treatment: 'VARCHAR', "
-                   "label: 'VARCHAR', time: 'BIGINT', splitVersionNumber: 'BIGINT', environmentId: 'VARCHAR', "
+                   "label: 'VARCHAR', time: 'JSON', splitVersionNumber: 'JSON', environmentId: 'VARCHAR', "
                    "environmentName: 'VARCHAR', sdk: 'VARCHAR', sdkVersion: 'VARCHAR', machineName: 'VARCHAR', "
                    "machineIp: 'VARCHAR', properties: 'VARCHAR'}")
 # The dedupe key's fields, and how a staged row lacks each (splitVersionNumber may be null: Split sends it).
@@ -75,14 +76,24 @@ KEY_CHECKS = {
     "split": "split IS NULL OR split = ''",
     "key": "key IS NULL OR key = ''",
     "treatment": "treatment IS NULL OR treatment = ''",
-    "time": "time_ms IS NULL",
+    "time": "time_type IS NULL",
+}
+# JSON integers (yyjson says BIGINT when negative, UBIGINT otherwise); a UBIGINT past int64 stages as NULL.
+INTEGER_TYPES = "('BIGINT', 'UBIGINT')"
+# A field of the wrong JSON type, and how a staged row shows it.
+TYPE_CHECKS = {
+    "time is not an integer": f"time_type NOT IN {INTEGER_TYPES}",
+    "splitVersionNumber is not null or a 64-bit integer": (f"version_type NOT IN {INTEGER_TYPES} "
+                                                           "OR (version_type IS NOT NULL AND split_version_number IS NULL)"),
 }
 # A time DuckDB could not make a timestamp of (or surely wrong): the file is set aside, not the run failed.
-TIME_OUT_OF_RANGE = f"time_ms NOT BETWEEN {MIN_TIME_MS} AND {MAX_TIME_MS}"
+TIME_IN_RANGE = f"time_ms BETWEEN {MIN_TIME_MS} AND {MAX_TIME_MS}"
+TIME_OUT_OF_RANGE = f"time_type IN {INTEGER_TYPES} AND (time_ms IS NULL OR NOT {TIME_IN_RANGE})"
 STAGE_DDL = """CREATE OR REPLACE TEMP TABLE impression_stage (
     path VARCHAR, environment_id VARCHAR, environment_name VARCHAR, split VARCHAR, key VARCHAR, bucketing_key VARCHAR,
-    treatment VARCHAR, label VARCHAR, time_ms BIGINT, split_version_number BIGINT, sdk VARCHAR, sdk_version VARCHAR,
-    machine_name VARCHAR, machine_ip VARCHAR, properties_text VARCHAR)"""
+    treatment VARCHAR, label VARCHAR, time_ms BIGINT, time_type VARCHAR, split_version_number BIGINT,
+    version_type VARCHAR, sdk VARCHAR, sdk_version VARCHAR, machine_name VARCHAR, machine_ip VARCHAR,
+    properties_text VARCHAR)"""
 # Parser errors that mean "this file is bad"; anything else (out of memory, interrupted) fails the run instead.
 DATA_ERRORS = (duckdb.InvalidInputException, duckdb.IOException, duckdb.ConversionException)
 
@@ -139,8 +150,12 @@ class ImpressionLoad:
 def _stage_select(compression: str) -> str:
     return f"""
         SELECT filename AS path, environmentId AS environment_id, environmentName AS environment_name, split, key,
-               bucketingKey AS bucketing_key, treatment, label, time AS time_ms,
-               splitVersionNumber AS split_version_number, sdk, sdkVersion AS sdk_version,
+               bucketingKey AS bucketing_key, treatment, label,
+               CASE WHEN json_type(time) IN {INTEGER_TYPES} THEN TRY_CAST(time AS BIGINT) END AS time_ms,
+               json_type(time) AS time_type,
+               CASE WHEN json_type(splitVersionNumber) IN {INTEGER_TYPES}
+                    THEN TRY_CAST(splitVersionNumber AS BIGINT) END AS split_version_number,
+               json_type(splitVersionNumber) AS version_type, sdk, sdkVersion AS sdk_version,
                machineName AS machine_name, machineIp AS machine_ip, properties AS properties_text
         FROM read_json($paths, format='array', columns={WEBHOOK_COLUMNS}, compression={literal(compression)},
                        filename=true, maximum_object_size=16777216)"""
@@ -274,19 +289,24 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     # Every impression needs the fields of the dedupe key, and a time that is a timestamp; a file with any impression
     # lacking one is set aside.
     counts = con.execute(f"""SELECT b.name, count(s.path), count(*) FILTER (WHERE {TIME_OUT_OF_RANGE}),
+                                    {", ".join(f"count(*) FILTER (WHERE {c})" for c in TYPE_CHECKS.values())},
                                     {", ".join(f"count(*) FILTER (WHERE {c})" for c in KEY_CHECKS.values())}
                              FROM impression_batch b LEFT JOIN impression_stage s ON s.path = b.path
                              GROUP BY b.name""").fetchall()
     rows_per_file = {}
-    for name, rows, out_of_range, *nulls in counts:
+    for name, rows, out_of_range, *found in counts:
         rows_per_file[name] = rows
         if name in bad or name in duplicates or name in copy_of:
             continue
+        wrong, nulls = found[:len(TYPE_CHECKS)], found[len(TYPE_CHECKS):]
         lacking = [f"{fieldname} ({n} of {rows})" for fieldname, n in zip(KEY_CHECKS, nulls, strict=True) if n]
+        mistyped = [f"{what} ({n} of {rows})" for what, n in zip(TYPE_CHECKS, wrong, strict=True) if n]
         if rows == 0:
             bad[name] = ("no impressions", "the file holds no impressions (it is empty, or an empty array)")
         elif lacking:
             bad[name] = ("missing key fields", "impressions without " + ", ".join(lacking))
+        elif mistyped:
+            bad[name] = ("a field has the wrong type", "; ".join(mistyped))
         elif out_of_range:
             bad[name] = ("time out of range", f"{out_of_range} of {rows} impressions have a time outside "
                                               f"{MIN_TIME_MS}..{MAX_TIME_MS} ms (1970-01-01 to 9999-12-31 UTC)")
@@ -299,7 +319,7 @@ def load_impression_files(con: duckdb.DuckDBPyConnection, files: Iterable[Landed
     _insert_columns(con, "impression_good", [good])
     # Deduplicate within the batch, then against what is already loaded (only the batch's time range is read).
     # The range covers every good file's times (a quarantined file's rows may lie outside what DuckDB can hold).
-    in_range = f"NOT ({TIME_OUT_OF_RANGE})"
+    in_range = TIME_IN_RANGE
     con.execute(f"""CREATE OR REPLACE TEMP TABLE impression_new AS
         WITH staged AS (
             SELECT md5(json_array(s.environment_id, s.split, s.key, s.treatment, s.time_ms,
