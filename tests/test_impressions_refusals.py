@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import shutil
 import struct
 import zlib
@@ -244,3 +245,33 @@ def test_a_file_whose_name_is_not_utf8_stops_neither_the_sensor_nor_the_others(s
     assert not split_impression_files_sensor(dg.build_sensor_context(
         instance=instance, cursor=result.cursor, resources={"impressions": ImpressionsResource()})).run_requests
     assert load(instance)["files_requested"] == 0
+
+
+def random_body(rng: random.Random, n: int) -> bytes:
+    """An array of 1-3 impressions, each with 1-3 fields set to values at and past the edges of what loads, and
+    now and then a key twice or a required field left out (raw JSON text, so nothing is normalised on the way)."""
+    values = ['"u"', '""', '" "', '"\\u00e9\\u0000x"', '"\\ud83d\\ude00"', '"é"', "0", "1767225600000", "-1",
+              str(MAX_TIME_MS), str(MAX_TIME_MS + 1), str(2**63 - 1), str(2**63), str(-(2**63)), str(-(2**63) - 1),
+              str(2**64), "1.5", "1e3", "true", "null", '[1,"a"]', '{"a":1,"a":2}', '"1767225600000"', '"12"']
+    names = ["key", "split", "treatment", "time", "environmentId", "splitVersionNumber", "label", "bucketingKey",
+             "environmentName", "sdk", "sdkVersion", "machineName", "machineIp", "properties", "extra"]
+    items = []
+    for _ in range(rng.randint(1, 3)):
+        members = list({**IMPRESSION, "key": f'"u{n}"',
+                        **{rng.choice(names): rng.choice(values) for _ in range(rng.randint(1, 3))}}.items())
+        if rng.random() < 0.05:
+            members.append((rng.choice(names), rng.choice(values)))
+        if rng.random() < 0.1:
+            left_out = rng.choice(names)
+            members = [(name, value) for name, value in members if name != left_out]
+        items.append("{" + ",".join(f'"{name}":{value}' for name, value in members) + "}")
+    return ("[" + ",".join(items) + "]").encode()
+
+
+def test_of_300_seeded_random_bodies_each_200_loads_and_the_rest_get_a_400(receiver, settings, warehouse, instance):
+    rng = random.Random(20261130)
+    statuses = [loopback.post(receiver.url + "/impressions", content=random_body(rng, n)).status_code
+                for n in range(300)]
+    assert set(statuses) == {200, 400} and statuses.count(200) > 30
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"]) == (statuses.count(200), 0)
