@@ -14,10 +14,14 @@ import orjson
 import pytest
 from waiting import reap
 
+from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
 from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import ProfileFlagsSettings
+from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
+from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
+from mixsync.sandbox.mixpanel_query import profile_properties
 from mixsync.settings import SettingsError
 from mixsync.warehouse.outbox import acknowledged
 
@@ -25,9 +29,17 @@ RESOURCES = {"warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
 IDENTITIES = [f"user-{i:03d}" for i in range(30)] + ["vip-1"]
 
 
-def run(instance, raise_on_error=True):
+def run(instance, raise_on_error=True, run_config=None):
     return dg.materialize([mixpanel_profile_flags], instance=instance, resources=RESOURCES,
-                          raise_on_error=raise_on_error)
+                          raise_on_error=raise_on_error, run_config=run_config)
+
+
+def sync_cohort_traits(instance, run_config=None):
+    """The real chain before this flow: cohorts and their members from Mixpanel, traits pushed to Flagsmith."""
+    result = dg.materialize([mixpanel_cohorts, mixpanel_cohort_members, flagsmith_cohort_traits], instance=instance,
+                            resources={**RESOURCES, "mixpanel": MixpanelResource()}, run_config=run_config)
+    assert result.success
+    return result
 
 
 def meta(result):
@@ -44,12 +56,15 @@ def warehouse_state(warehouse) -> dict[str, list]:
 
 @pytest.fixture
 def managed(sandbox, env, warehouse):
-    """Identities in the cohort-traits ledger (as flagsmith_cohort_traits leaves them) and features in Flagsmith."""
+    """Identities in the cohort-traits ledger and the cohort members they were named after (as
+    mixpanel_cohort_members and flagsmith_cohort_traits leave them), and features in Flagsmith."""
     with warehouse.write() as con:
         con.executemany("""INSERT INTO sync.flagsmith_traits (identifier, trait_key, cohort_id, trait_value, sync_id,
                                                             confirmed_at)
                            VALUES (?, 'mp_cohort_power_users', 1, true, 1, now())""",
                         [[i] for i in IDENTITIES])
+        con.executemany("""INSERT INTO mixpanel.cohort_members (cohort_id, distinct_id, entered_at, snapshot_id)
+                           VALUES (1, ?, now(), 1)""", [[i] for i in IDENTITIES])
     fs = sandbox.flagsmith
     fs.add_feature("checkout_v2", enabled=True, value=None)
     fs.add_feature("max_items", enabled=True, value=0)
@@ -255,3 +270,50 @@ def test_the_outbox_checks_warn_on_old_pending_updates_and_too_many_refusals(san
     checks = {c.check_name: c for c in dry.get_asset_check_evaluations()}
     assert checks[PENDING_AGE_CHECK].passed is False
     assert checks[PENDING_AGE_CHECK].metadata["pending_older_than_limit"].value == 1
+
+
+def only_cohort(query, name: str, members: list[str]) -> None:
+    """The sandbox's cohorts replaced by one small cohort of exactly `members`."""
+    query.cohorts.clear()
+    query.add_cohort(name, len(members), members, churn=0.0, cohort_id=2001)
+    assert sorted(query.cohorts[2001].members) == sorted(members)
+
+
+def test_identities_named_by_email_write_the_members_own_profiles_each(sandbox, env, instance, monkeypatch,
+                                                                       warehouse):
+    monkeypatch.setenv("FLAGSMITH_IDENTIFIER_PROPERTY", "$email")
+    shared = ["$device:zz1", "device-zz1"]  # two profiles, one e-mail address: device-zz1@example.com
+    alone = ["u-zz2", "u-zz3"]
+    only_cohort(sandbox.mixpanel.query, "Inbox", shared + alone)
+    assert {profile_properties(d)["$email"] for d in shared} == {"device-zz1@example.com"}
+    sync_cohort_traits(instance)
+    assert set(sandbox.flagsmith.all_traits()) == {"device-zz1@example.com", "u-zz2@example.com", "u-zz3@example.com"}
+    with warehouse.write() as con:  # an identity no member has (any more): nothing to write it to
+        con.execute("""INSERT INTO sync.flagsmith_traits (identifier, trait_key, cohort_id, trait_value, sync_id,
+                                                         confirmed_at)
+                       VALUES ('gone@example.com', 'mp_cohort_inbox', 2001, false, 1, now())""")
+    sandbox.flagsmith.add_feature("checkout_v2", enabled=True, value="on")
+    sandbox.flagsmith.override("u-zz2@example.com", "checkout_v2", True, "forced")
+
+    result = meta(run(instance))
+    profiles = sandbox.mixpanel.profiles.all_profiles()
+    assert set(profiles) == set(shared + alone)  # no profile keyed by an e-mail address
+    assert profiles["$device:zz1"] == profiles["device-zz1"] == {"flagsmith_checkout_v2": "on"}
+    assert profiles["u-zz2"] == {"flagsmith_checkout_v2": "forced"} and profiles["u-zz3"] == {"flagsmith_checkout_v2": "on"}
+    assert result["identities"] == 4 and result["identities_read"] == 3 and result["updates_sent"] == 4
+    assert result["skipped_by_reason"] == {"no cohort member in the warehouse has this identity as its $email": 1}
+    with warehouse.read() as con:
+        ledger = {r[0] for r in con.execute("SELECT DISTINCT distinct_id FROM sync.mixpanel_profile_flags").fetchall()}
+    assert ledger == set(shared + alone)
+
+
+def test_identities_trimmed_for_flagsmith_write_the_untrimmed_distinct_ids(sandbox, env, instance):
+    members = ["pad-1 ", "\tpad-1", "pad-2\u00a0"]  # Flagsmith keeps them as pad-1 (both) and pad-2
+    only_cohort(sandbox.mixpanel.query, "Padded", members)
+    sync_cohort_traits(instance)
+    assert set(sandbox.flagsmith.all_traits()) == {"pad-1", "pad-2"}
+    sandbox.flagsmith.add_feature("checkout_v2", enabled=True, value=None)
+    result = meta(run(instance))
+    profiles = sandbox.mixpanel.profiles.all_profiles()
+    assert profiles == {m: {"flagsmith_checkout_v2": True} for m in members}  # not pad-1 or pad-2, other people
+    assert result["identities_read"] == 2 and result["updates_sent"] == 3 and result["skipped_by_reason"] == {}

@@ -116,6 +116,8 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     except SettingsError as exc:
         raise dg.Failure(str(exc)) from None
     flagsmith_settings = flagsmith.settings()
+    # How flagsmith_cohort_traits named the identities: the way back to the members' own distinct_ids.
+    identifier_property = flagsmith_settings.identifier_property
     store = warehouse.warehouse()
     work_dir = warehouse.settings().landing_dir / "outbox"
     flags_dir = warehouse.settings().landing_dir / "flagsmith_flags"
@@ -126,9 +128,10 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
         # one transaction that is read and rolled back: Mixpanel gets nothing, no table changes.
         with store.read() as con:
             identities = sql.managed_identities(con)
+            to_read, skipped = sql.identities_to_read(con, identities, identifier_property)
         answers = flags_dir / f"dry-run-{context.run.run_id}.ndjson"
         with flagsmith.client(read_stats) as client:
-            read_errors = _read_into(client, identities, flagsmith_settings.concurrency, answers, context.log)
+            read_errors = _read_into(client, to_read, flagsmith_settings.concurrency, answers, context.log)
         try:
             with store.write() as con:
                 con.execute("BEGIN TRANSACTION")
@@ -137,7 +140,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
                     sync_id = sql.begin_sync(con, len(identities))
                     identities_read = sql.land_flags(con, answers, identities, transaction=False)
                     plan = sql.plan_changes(con, sync_id, settings.property_prefix, settings.project_token.value,
-                                            transaction=False)
+                                            identifier_property, transaction=False)
                     seen = would_send(con, sql.OUTBOX, [f"sync-{sync_id}"], PROFILES_PER_REQUEST)
                 finally:
                     con.execute("ROLLBACK")
@@ -150,6 +153,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
         metadata = {**seen.metadata(), "would_send_preview": dg.MetadataValue.md(_preview(seen.preview))}
         yield dg.AssetObservation(asset_key=context.asset_key, metadata={
             **metadata, "identities": len(identities), "identities_read": identities_read,
+            "identities_skipped": sum(skipped.values()), "skipped_by_reason": skipped,
             "read_errors": len(read_errors), "profiles_changed": plan.profiles,
             "properties_set": plan.properties_set, "properties_unset": plan.properties_unset})
         yield from checks
@@ -159,10 +163,13 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     with store.write() as con:
         folded_earlier = sql.fold_acknowledged(con)
         identities = sql.managed_identities(con)
+        to_read, skipped = sql.identities_to_read(con, identities, identifier_property)
         sync_id = sql.begin_sync(con, len(identities))
+    if skipped:
+        context.log.warning(f"{sum(skipped.values())} identities have no Mixpanel profile to write: {skipped}")
     answers = flags_dir / f"sync-{sync_id}.ndjson"
     with flagsmith.client(read_stats) as client:
-        read_errors = _read_into(client, identities, flagsmith_settings.concurrency, answers, context.log)
+        read_errors = _read_into(client, to_read, flagsmith_settings.concurrency, answers, context.log)
         flag_requests = client.requests_sent
     if read_errors:
         context.log.warning(f"could not read the flags of {len(read_errors)} identities (kept as they were): "
@@ -170,7 +177,8 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     # 2. Land the flags and plan the changes against the ledger, in one short write.
     with store.write() as con:
         identities_read = sql.land_flags(con, answers, identities)
-        plan = sql.plan_changes(con, sync_id, settings.property_prefix, settings.project_token.value)
+        plan = sql.plan_changes(con, sync_id, settings.property_prefix, settings.project_token.value,
+                                identifier_property)
     os.unlink(answers)
     context.log.info(f"sync {sync_id}: {identities_read} identities read, {plan.profiles} profiles to update "
                      f"({plan.properties_set} properties set, {plan.properties_unset} unset)")
@@ -208,6 +216,8 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
         "identities": len(identities),
         "identities_read": identities_read,
         "read_errors": len(read_errors),
+        "identities_skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
         "profiles_changed": plan.profiles,
         "properties_set": plan.properties_set,
         "properties_unset": plan.properties_unset,

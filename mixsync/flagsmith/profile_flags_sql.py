@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-import mixsync.flagsmith.sql  # noqa: F401  (registers sync.flagsmith_traits, the identities this flow manages)
+from mixsync.flagsmith.sql import EDGE_WHITESPACE, identifier_path  # (registers sync.flagsmith_traits too)
 from mixsync.warehouse.outbox import enqueue, outbox_ddl
 from mixsync.warehouse.schema import register_ddl
 from mixsync.warehouse.sql import path as sql_path
@@ -101,6 +101,45 @@ def managed_identities(con: duckdb.DuckDBPyConnection) -> list[str]:
         "SELECT DISTINCT identifier FROM sync.flagsmith_traits ORDER BY identifier").fetchall()]
 
 
+def _profiles_sql(identities: list[str], identifier_property: str | None) -> tuple[str, dict]:
+    """A query of (identity, distinct_id): the Mixpanel profiles of each Flagsmith identity in `identities`.
+
+    A Flagsmith identity is not a profile id: flagsmith_cohort_traits named it after the member's
+    FLAGSMITH_IDENTIFIER_PROPERTY (an e-mail address, say), or after its distinct_id, trimmed as Flagsmith trims
+    identifiers. Writing to `$distinct_id = identity` would make new profiles (or update another person's), so each
+    identity goes back to the distinct_ids of the cohort members it was derived from, exactly as stored in
+    mixpanel.cohort_members (with the membership history for past members when the identity is the distinct_id
+    itself: their properties are not kept once they left). Several members sharing one identity get it each."""
+    params: dict = {"edge_whitespace": EDGE_WHITESPACE, "identities": identities}
+    if identifier_property is None:
+        members = """SELECT distinct_id, distinct_id AS raw_identifier FROM mixpanel.cohort_members
+                     UNION ALL
+                     SELECT distinct_id, distinct_id AS raw_identifier FROM mixpanel.cohort_membership_history"""
+    else:
+        # A profile property: text stays text, a number (a user id) becomes its text, as the traits flow reads it.
+        members = """SELECT distinct_id, json_extract_string(properties, $identifier_path) AS raw_identifier
+                     FROM mixpanel.cohort_members"""
+        params["identifier_path"] = identifier_path(identifier_property)
+    return f"""SELECT DISTINCT identity, distinct_id
+               FROM (SELECT regexp_replace(raw_identifier, $edge_whitespace, '', 'g') AS identity, distinct_id
+                     FROM ({members}))
+               WHERE identity IN (SELECT unnest($identities::VARCHAR[]))""", params
+
+
+def unmapped_reason(identifier_property: str | None) -> str:
+    return f"no cohort member in the warehouse has this identity as its {identifier_property or 'distinct_id'}"
+
+
+def identities_to_read(con: duckdb.DuckDBPyConnection, identities: list[str], identifier_property: str | None
+                       ) -> tuple[list[str], dict[str, int]]:
+    """The identities that have a Mixpanel profile to write, and the count of the others by reason (they are
+    neither read nor written)."""
+    query, params = _profiles_sql(identities, identifier_property)
+    mapped = {r[0] for r in con.execute(f"SELECT DISTINCT identity FROM ({query})", params).fetchall()}
+    unmapped = len(identities) - len(mapped)
+    return [i for i in identities if i in mapped], {unmapped_reason(identifier_property): unmapped} if unmapped else {}
+
+
 def begin_sync(con: duckdb.DuckDBPyConnection, identities: int) -> int:
     # One writer at a time (the warehouse lock), so the next id is simply one more than the last.
     sync_id = con.execute("SELECT coalesce(max(sync_id), 0) + 1 FROM sync.mixpanel_profile_flags_syncs").fetchone()[0]
@@ -153,8 +192,9 @@ def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) 
 
 
 def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, token: str,
-                 transaction: bool = True) -> Plan:
-    """Enqueue the profile updates that bring Mixpanel from the ledger to the flags just read (`pf_read`).
+                 identifier_property: str | None, transaction: bool = True) -> Plan:
+    """Enqueue the profile updates that bring Mixpanel from the ledger to the flags just read (`pf_read`), on the
+    profiles of the cohort members each identity stands for (`_profiles_sql`).
 
     A property's value: the remote-config value exactly as typed (0, "" and false stay themselves) when the flag
     is enabled and has one, true when it is enabled without one, false when it is disabled. A property the ledger
@@ -162,10 +202,18 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
     earlier, interrupted sync are superseded: this plan already holds whatever of them still matters.
     """
     plan = Plan(sync_id)
+    query, params = _profiles_sql([r[0] for r in con.execute("SELECT identity FROM pf_read").fetchall()],
+                                  identifier_property)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE pf_profiles AS {query}", params)
+    # A profile reached from two identities (its property changed between cohort loads) takes one of them, always
+    # the same: never two values for one property in one plan.
     con.execute("""CREATE OR REPLACE TEMP TABLE pf_desired AS
-        SELECT identity AS distinct_id, $prefix || feature AS property, feature,
-               CASE WHEN NOT enabled THEN 'false'::JSON WHEN value IS NULL THEN 'true'::JSON ELSE value END AS value
-        FROM flagsmith.identity_flags WHERE identity IN (SELECT identity FROM pf_read)""", {"prefix": prefix})
+        SELECT p.distinct_id, $prefix || f.feature AS property, f.feature,
+               CASE WHEN NOT f.enabled THEN 'false'::JSON WHEN f.value IS NULL THEN 'true'::JSON ELSE f.value END
+                   AS value
+        FROM flagsmith.identity_flags f JOIN pf_profiles p USING (identity)
+        QUALIFY row_number() OVER (PARTITION BY p.distinct_id, f.feature ORDER BY f.identity) = 1""",
+                {"prefix": prefix})
     con.execute(f"""CREATE OR REPLACE TEMP TABLE pf_changes AS
         SELECT d.distinct_id, d.property, d.feature, d.value
         FROM pf_desired d LEFT JOIN {LEDGER} l USING (distinct_id, property)
@@ -173,7 +221,7 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
         UNION ALL
         SELECT l.distinct_id, l.property, l.feature, NULL::JSON
         FROM {LEDGER} l ANTI JOIN pf_desired d USING (distinct_id, property)
-        WHERE l.value IS NOT NULL AND l.distinct_id IN (SELECT identity FROM pf_read)""")
+        WHERE l.value IS NOT NULL AND l.distinct_id IN (SELECT distinct_id FROM pf_profiles)""")
     # An update Mixpanel refused is not sent again every hour: only when the wanted value changes.
     plan.held_back_rejected = con.execute(f"""DELETE FROM pf_changes c USING (
             SELECT DISTINCT i.distinct_id, i.property, i.value::VARCHAR AS value FROM {OUTBOX} o
@@ -205,7 +253,7 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
     plan.profiles, plan.properties_set, plan.properties_unset = con.execute("""
         SELECT count(DISTINCT distinct_id), count(*) FILTER (value IS NOT NULL), count(*) FILTER (value IS NULL)
         FROM pf_changes""").fetchone()
-    con.execute("DROP TABLE pf_desired; DROP TABLE pf_changes; DROP TABLE pf_items")
+    con.execute("DROP TABLE pf_profiles; DROP TABLE pf_desired; DROP TABLE pf_changes; DROP TABLE pf_items")
     return plan
 
 

@@ -91,6 +91,8 @@ class Plan:
 
 
 _WHITESPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\pZ]"
+# Whitespace at either end of an identifier, which Flagsmith trims (a regexp_replace pattern).
+EDGE_WHITESPACE = f"^{_WHITESPACE}+|{_WHITESPACE}+$"
 
 
 def begin_sync(con: duckdb.DuckDBPyConnection, bulk_mode: str, exit_mode: str) -> int:
@@ -169,6 +171,11 @@ def _identifier_sql(identifier_property: str | None) -> str:
     return "json_extract_string(m.properties, $identifier_path)"
 
 
+def identifier_path(identifier_property: str) -> str:
+    """The JSON path of a profile property in mixpanel.cohort_members.properties (bound as $identifier_path)."""
+    return '$."' + identifier_property.replace('"', '\\"') + '"'
+
+
 def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys: dict[int, str], exit_mode: str,
                  identifier_property: str | None, transaction: bool = True) -> Plan:
     """Enqueue, per identity, the trait changes between current cohort membership and the ledger.
@@ -191,9 +198,9 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
                         {"keys": orjson.dumps([{"c": c, "k": k} for c, k in keys.items()]).decode()})
         # Whitespace of any kind at either end (tabs, no-break and em spaces too, as Python's str.strip sees it):
         # an identifier of only whitespace is empty, and Flagsmith would answer 200 and store nothing.
-        params: dict = {"edge_whitespace": f"^{_WHITESPACE}+|{_WHITESPACE}+$"}
+        params: dict = {"edge_whitespace": EDGE_WHITESPACE}
         if identifier_property is not None:
-            params["identifier_path"] = '$."' + identifier_property.replace('"', '\\"') + '"'
+            params["identifier_path"] = identifier_path(identifier_property)
         reason_missing = literal("empty distinct_id" if identifier_property is None
                                  else f"profile has no {identifier_property}")
         reason_blank = literal(f"{identifier_property or 'distinct_id'} is only whitespace")
