@@ -9,7 +9,9 @@ import os
 import random
 import shutil
 import struct
+import tempfile
 import zlib
+from pathlib import Path
 
 import dagster as dg
 import loopback
@@ -275,3 +277,33 @@ def test_of_300_seeded_random_bodies_each_200_loads_and_the_rest_get_a_400(recei
     assert set(statuses) == {200, 400} and statuses.count(200) > 30
     meta = load(instance)
     assert (meta["files_loaded"], meta["files_quarantined"]) == (statuses.count(200), 0)
+
+
+def test_a_bad_file_with_a_name_of_250_characters_is_quarantined(settings, warehouse, instance):
+    long_name = "impressions-" + "x" * 233 + ".json.gz"
+    assert len(long_name) == 253
+    write_atomically(settings.impressions_dir, "good.json.gz", encode(ImpressionGenerator(seed=27).batch(5))[0])
+    (settings.impressions_dir / long_name).write_bytes(b"not json")  # by another tool: too long for a .tmp name
+    meta = load(instance)
+    assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (1, 1, 5)
+    [moved] = os.listdir(settings.quarantine_dir)
+    assert len(moved.encode()) <= 255 and moved.endswith(".json.gz")
+    assert quarantine(warehouse)[long_name][0] == "not a JSON array"
+    assert os.listdir(settings.impressions_dir) == []
+
+
+def test_a_quarantine_folder_on_another_file_system_takes_bad_files(settings, warehouse, instance, monkeypatch):
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(settings.impressions_dir.parent).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    other = tempfile.mkdtemp(prefix="mixsync-quarantine-", dir="/dev/shm")
+    try:
+        monkeypatch.setenv("MIXSYNC_IMPRESSIONS_QUARANTINE_DIR", other)
+        write_atomically(settings.impressions_dir, "good.json.gz", encode(ImpressionGenerator(seed=28).batch(5))[0])
+        write_atomically(settings.impressions_dir, "bad.json", b"not json")
+        meta = load(instance)
+        assert (meta["files_loaded"], meta["files_quarantined"], meta["rows_inserted"]) == (1, 1, 5)
+        [moved] = os.listdir(other)
+        assert moved.endswith("-bad.json") and Path(other, moved).read_bytes() == b"not json"
+        assert os.listdir(settings.impressions_dir) == []
+    finally:
+        shutil.rmtree(other)

@@ -1,7 +1,6 @@
 """Landing files -> split.impressions, and split.impressions -> Mixpanel `$experiment_started` exposures."""
 
 import datetime as dt
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,15 @@ from pydantic import Field
 from mixsync.dry_run import DryRunConfig, would_send
 from mixsync.http import RetryStats, ServiceError
 from mixsync.impressions.exposures import exposure_payload_sql
-from mixsync.impressions.landing import LandingFile, archive_folder, fingerprint, landed_names, move_aside
+from mixsync.impressions.landing import (
+    LandingFile,
+    archive_folder,
+    fingerprint,
+    landed_names,
+    move_aside,
+    move_file,
+    prefixed_name,
+)
 from mixsync.impressions.resources import ImpressionsResource
 from mixsync.impressions.settings import MIXPANEL_IMPORT_MAX_BYTES, ImpressionsSettings
 from mixsync.impressions.sql import (
@@ -74,9 +81,7 @@ def _settle(load: ImpressionLoad, files: dict[str, LandingFile], settings: Impre
         path = files[outcome.name].path
         try:
             if outcome.status == "quarantined":
-                target = Path(quarantine_paths[outcome.name])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+                move_file(path, Path(quarantine_paths[outcome.name]))
             elif settings.after_load == "delete":
                 path.unlink()
             else:
@@ -104,7 +109,7 @@ def split_impressions(context: dg.AssetExecutionContext, config: SplitImpression
         directory = settings.impressions_dir
         names = sorted(landed_names(directory)) if directory.is_dir() else []
     landed, absent = _resolve(settings, names)
-    quarantine_paths = {f.name: str(settings.quarantine_dir / f"{f.content_hash[:12]}-{f.name}") for f in landed}
+    quarantine_paths = {f.name: str(settings.quarantine_dir / prefixed_name(f.content_hash, f.name)) for f in landed}
     with store.write() as con:
         # Taken under the writer lock: rows committed after an exposures enqueue carry a later loaded_at.
         loaded_at = dt.datetime.now(dt.UTC)

@@ -133,19 +133,38 @@ def fingerprint(path: Path) -> LandingFile:
     return LandingFile(path.name, path, digest.hexdigest(), size, gzipped)
 
 
-def move_aside(path: Path, directory: Path, content_hash: str) -> Path:
-    """Move a file into `directory` without overwriting a different file that had the same name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / path.name
-    if target.exists():
-        target = directory / f"{content_hash[:12]}-{path.name}"
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, tmpfs ...)
+
+
+def prefixed_name(content_hash: str, name: str) -> str:
+    """`<hash12>-<name>`; when that passes a file name's 255 bytes, the name is cut short before its suffix."""
+    full = f"{content_hash[:12]}-{name}"
+    if len(full.encode()) <= NAME_MAX:
+        return full
+    suffix = next((s for s in LANDED_SUFFIXES if name.lower().endswith(s)), "")
+    room = NAME_MAX - len(content_hash[:12]) - 1 - len(suffix.encode())
+    stem = name[:len(name) - len(suffix)].encode()[:room].decode("utf-8", "ignore")
+    return f"{content_hash[:12]}-{stem}{name[len(name) - len(suffix):]}"
+
+
+def move_file(path: Path, target: Path) -> Path:
+    """Move `path` to `target`, creating its folder, also onto another file system (then: copy, then remove)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(path, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        shutil.move(path, target)  # another file system: copy, then remove
+        shutil.move(path, target)
     return target
+
+
+def move_aside(path: Path, directory: Path, content_hash: str) -> Path:
+    """Move a file into `directory` without overwriting a different file that had the same name."""
+    target = directory / path.name
+    if target.exists():
+        target = directory / prefixed_name(content_hash, path.name)
+    return move_file(path, target)
 
 
 def archive_folder(archive_dir: Path, when: dt.datetime) -> Path:
