@@ -39,6 +39,8 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
 
     from mixsync.warehouse import WarehouseLockTimeout, open_warehouse
 
+    if not sql.strip():
+        raise click.ClickException("no SQL given: mixsync query 'SELECT ...' (with make: make query SQL='SELECT ...')")
     try:
         settings = WarehouseSettings.from_env()
         store = open_warehouse(settings)
@@ -49,7 +51,10 @@ def query(sql: str, output_format: str, max_rows: int | None, full: bool) -> Non
         with store.read(private=True) as con:
             lock_down(con, warehouse_data_directories(store))
             rows = max_rows if max_rows is not None else (50 if output_format == "table" else 0)
-            print_result(con.execute(sql), output_format, rows, full, echo=click.echo)
+            cursor = con.execute(sql)
+            if cursor is None or cursor.description is None:  # no statement (a comment alone), or no result
+                raise click.ClickException("the SQL returned no result to print: give a query, e.g. SELECT ...")
+            print_result(cursor, output_format, rows, full, echo=click.echo)
     except (FileNotFoundError, ConnectionError) as exc:
         raise click.ClickException(str(exc)) from None
     except WarehouseLockTimeout:

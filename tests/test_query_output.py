@@ -65,3 +65,10 @@ def test_json_is_one_array_of_objects_with_every_row(database):
 def test_an_unknown_format_is_refused_naming_the_choices(database):
     result = CliRunner().invoke(main, ["query", "--format", "xml", "SELECT 1"])
     assert result.exit_code != 0 and "table" in result.output and "csv" in result.output and "json" in result.output
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "/* only a comment */"])
+def test_a_query_with_nothing_to_print_says_so_without_a_traceback(database, sql):
+    result = CliRunner().invoke(main, ["query", sql])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "no SQL given" in result.output or "no result to print" in result.output

@@ -33,6 +33,7 @@ from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.privacy import pseudonym
 from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
+from mixsync.settings import SettingsError
 from mixsync.warehouse import AnyWarehouse, markdown_table
 from mixsync.warehouse.outbox import BatchOutcome, FatalPushError, PushReport, push, recover
 
@@ -113,7 +114,10 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
                             warehouse: WarehouseResource
                             ) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
-    settings = flagsmith.settings()
+    try:
+        settings = flagsmith.settings()
+    except SettingsError as exc:
+        raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
     work_dir = warehouse.settings().landing_dir / "outbox"
     stats = RetryStats()

@@ -113,9 +113,9 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     started = time.monotonic()
     try:
         settings = flagsmith.profile_flags_settings()
+        flagsmith_settings = flagsmith.settings()
     except SettingsError as exc:
         raise dg.Failure(str(exc)) from None
-    flagsmith_settings = flagsmith.settings()
     # How flagsmith_cohort_traits named the identities: the way back to the members' own distinct_ids.
     identifier_property = flagsmith_settings.identifier_property
     store = warehouse.warehouse()

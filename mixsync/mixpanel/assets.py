@@ -23,7 +23,7 @@ from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.sql import ExportLoad, TruncatedExport, day_figures, load_export_file
 from mixsync.progress import CountProgress, DownloadProgress
 from mixsync.resources import WarehouseResource
-from mixsync.settings import MixpanelSettings
+from mixsync.settings import MixpanelSettings, SettingsError
 from mixsync.warehouse import AnyWarehouse, markdown_table
 
 TRUNCATION_ATTEMPTS = 3
@@ -129,7 +129,10 @@ def disk_full(exc: OSError, folder: Path, setting: str) -> dg.Failure:
 def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
                     warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
-    settings = mixpanel.settings()
+    try:
+        settings = mixpanel.settings()
+    except SettingsError as exc:
+        raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
     window = context.partition_time_window
     first_day = window.start.date()

@@ -18,6 +18,7 @@ from mixsync.mixpanel.cohort_sql import (
 from mixsync.mixpanel.query_client import download_cohort_members, list_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
+from mixsync.settings import SettingsError
 from mixsync.warehouse import markdown_table
 
 # Both assets call the query API, which allows 5 concurrent queries and 60 per hour per project: one pool.
@@ -52,7 +53,11 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
         context.log.info("Flagsmith accepted FLAGSMITH_ENVIRONMENT_KEY (checked before any Mixpanel request)")
     stats = RetryStats()
     store = warehouse.warehouse()
-    with mixpanel.client(stats) as client:
+    try:
+        client = mixpanel.client(stats)
+    except SettingsError as exc:
+        raise dg.Failure(str(exc)) from None
+    with client:
         try:
             body = list_cohorts(client)
         except ServiceError as exc:
@@ -89,7 +94,10 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
 def mixpanel_cohort_members(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
                             warehouse: WarehouseResource) -> dg.MaterializeResult:
     started = time.monotonic()
-    settings = mixpanel.cohort_settings()
+    try:
+        settings = mixpanel.cohort_settings()
+    except SettingsError as exc:
+        raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
     landing = warehouse.settings().landing_dir / "mixpanel-cohorts"
     with store.write() as con:
