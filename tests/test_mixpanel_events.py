@@ -346,3 +346,21 @@ def test_the_volume_check_compares_a_day_with_the_7_calendar_days_before_it_not_
         result = daily_volume_result(con)
     assert not result.passed
     assert result.metadata["low_days"].data == {"2026-11-30": {"events": 1, "trailing_mean": 10.0}}
+
+
+@pytest.mark.parametrize("asset", ["mixpanel_events", "split_events"])
+def test_a_reversed_partition_range_fails_naming_the_range_and_records_nothing(sandbox, env, instance, asset):
+    from mixsync.split.assets import split_events
+    from mixsync.split.resources import SplitResource
+
+    days = sorted(sandbox.dataset.days)
+    selected = mixpanel_events if asset == "mixpanel_events" else split_events
+    result = dg.materialize([selected], instance=instance, raise_on_error=False,
+                            resources={**RESOURCES, "split": SplitResource()},
+                            tags={"dagster/asset_partition_range_start": days[-1].isoformat(),
+                                  "dagster/asset_partition_range_end": days[0].isoformat()})
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"{days[-1]}...{days[0]} is reversed" in failure.step_failure_data.error.message
+    assert result.asset_materializations_for_node(asset) == []
+    assert export_requests(sandbox) == []

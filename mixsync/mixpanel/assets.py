@@ -18,7 +18,7 @@ from mixsync.http import RetryStats
 from mixsync.metadata import column_schema, table_name
 from mixsync.mixpanel.checks import DAILY_VOLUME, daily_volume_result
 from mixsync.mixpanel.client import MixpanelClient
-from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
+from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions, partition_days
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.mixpanel.sql import ExportLoad, TruncatedExport, day_figures, load_export_file
 from mixsync.progress import CountProgress, DownloadProgress
@@ -134,9 +134,7 @@ def mixpanel_events(context: dg.AssetExecutionContext, mixpanel: MixpanelResourc
     except SettingsError as exc:
         raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
-    window = context.partition_time_window
-    first_day = window.start.date()
-    last_day = (window.end - dt.timedelta(days=1)).date()
+    first_day, last_day = partition_days(context)
     today = export_today(settings)
     if first_day > today:
         raise dg.Failure(f"{first_day} is in the future for this project (today is {today}); nothing to export yet")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import warnings
 
@@ -31,3 +32,17 @@ def _partition_timezone() -> str:
 daily_partitions = dg.DailyPartitionsDefinition(
     start_date=partitions_start_date().isoformat(), timezone=_partition_timezone()
 )
+
+
+def partition_days(context: dg.AssetExecutionContext) -> tuple[dt.date, dt.date]:
+    """The first and last day a run of a daily-partitioned asset covers.
+
+    A reversed range (`--partition-range 2026-11-27...2026-11-25`) reaches the asset as an empty window that Dagster
+    would record as a successful run with an unpartitioned materialization: refused, naming what to write instead.
+    """
+    window = context.partition_time_window
+    first_day, last_day = window.start.date(), (window.end - dt.timedelta(days=1)).date()
+    if first_day > last_day:
+        raise dg.Failure(f"the partition range {first_day}...{last_day} is reversed: write the first day first "
+                         f"({last_day}...{first_day})")
+    return first_day, last_day

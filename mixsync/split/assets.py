@@ -9,7 +9,7 @@ import dagster as dg
 from mixsync.dry_run import DryRunConfig, WouldSend, would_send
 from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import column_schema, table_name
-from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions
+from mixsync.mixpanel.partitions import accept_backfill_policy_beta, daily_partitions, partition_days
 from mixsync.outbox_health import outbox_check_results, outbox_check_specs
 from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
@@ -73,9 +73,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
         raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()
     work_dir = warehouse.settings().landing_dir / "outbox"
-    window = context.partition_time_window
-    first_day = window.start.date()
-    last_day = (window.end - dt.timedelta(days=1)).date()
+    first_day, last_day = partition_days(context)
     days = [(first_day + dt.timedelta(days=n)).isoformat() for n in range((last_day - first_day).days + 1)]
 
     if config.dry_run:
