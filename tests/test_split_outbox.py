@@ -424,3 +424,63 @@ def test_a_journal_whose_ids_file_has_no_row_numbers_is_applied_by_id(tmp_path):
     assert state == {"id5": "sent", "id4": "rejected", "id3": "in_doubt", "id2": "in_doubt", "id1": "pending",
                      "id0": "pending"}
     assert not list(work.iterdir())
+
+
+HELD_PUSH = """
+import logging, sys
+from pathlib import Path
+from mixsync.warehouse import Warehouse
+from mixsync.warehouse.outbox import BatchOutcome, push
+
+db, table, work, sent_log, run_log, hold = sys.argv[1:7]
+logging.basicConfig(filename=run_log, level=logging.INFO)
+held = [hold == "hold"]
+
+def send(payloads):
+    with open(sent_log, "a") as out:
+        out.write("".join(p.decode() + "\\n" for p in payloads))
+    if held[0]:  # the service keeps the first request until the test says "go" on stdin
+        held[0] = False
+        sys.stdin.readline()
+    return BatchOutcome()
+
+push(Warehouse(db), table, send, Path(work), max_items=10, max_bytes=1 << 20, concurrency=1)
+"""
+
+
+def test_a_second_push_of_the_same_outbox_waits_for_the_live_one_and_nothing_is_sent_twice(tmp_path):
+    """Two runs pushing one outbox at once (an instance without pools): the second neither takes the live push's
+    journal for an interrupted one's nor sends its pending rows; it waits, then finds nothing left to send."""
+    from waiting import poll
+
+    store = make_outbox(tmp_path)
+    logs = {name: (tmp_path / f"{name}.sent", tmp_path / f"{name}.log") for name in ("first", "second")}
+
+    def start(name: str, hold: str) -> subprocess.Popen:
+        sent, run = logs[name]
+        return subprocess.Popen([sys.executable, "-c", HELD_PUSH, str(store.path), TABLE, str(tmp_path / "work"),
+                                 str(sent), str(run), hold], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start("first", "hold")
+    try:
+        poll(lambda: logs["first"][0].exists(), 60, "the first push's first request")
+        second = start("second", "no")
+        try:
+            waiting_logged = lambda: (logs["second"][1].exists()  # noqa: E731
+                                      and "another push of this outbox is running" in logs["second"][1].read_text())
+            poll(lambda: waiting_logged() or second.poll() is not None, 60, "the second push to wait or end")
+            assert not logs["second"][0].exists()  # it sent nothing while the first was live
+            assert second.poll() is None and waiting_logged()
+            assert first.poll() is None
+            first.communicate("go\n", timeout=120)
+            assert first.returncode == 0
+            _, errors = second.communicate(timeout=120)
+            assert second.returncode == 0, errors[-2000:]
+        finally:
+            reap(second)
+    finally:
+        reap(first)
+    sent = logs["first"][0].read_text().splitlines()
+    sent += logs["second"][0].read_text().splitlines() if logs["second"][0].exists() else []
+    assert len(sent) == len(set(sent)) == 250  # each row once
+    assert {status for status, _, _ in rows(store).values()} == {"sent"}

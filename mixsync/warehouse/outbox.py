@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import queue
@@ -448,12 +449,42 @@ def _work_dir(work_dir: Path, table: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _outbox_lock(work_dir: Path, table: str, logger: logging.Logger) -> Iterator[Path]:
+    """This outbox's work folder, locked for as long as a push or a recovery uses it (an flock on the folder).
+
+    A journal in the folder is either a live push's or a dead one's; only with the lock held is it surely dead.
+    Without it, a second run's recovery (Dagster's pools keep such runs apart, but a run on an instance without
+    pools does not) took a live push's journal for an interrupted one: it marked the batches in flight in doubt
+    and deleted the journal, so what the live push then sent stayed pending and was sent again. The lock is the
+    kernel's: a process that dies, even by SIGKILL, releases it.
+    """
+    folder = _work_dir(work_dir, table)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(f"{table}: another push of this outbox is running; waiting for it to end")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        os.close(descriptor)
+
+
 def recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging.Logger | None = None, *,
             at_most_once: bool = False) -> PushReport:
     """Apply what an interrupted push of `table` journaled (push does this first; call it yourself before
-    changing pending rows, so a row the service already holds is never taken for unsent)."""
+    changing pending rows, so a row the service already holds is never taken for unsent). Waits for a push of
+    the same outbox running meanwhile to end: its journal is not an interrupted push's."""
     logger = logger or log
-    work_dir = _work_dir(work_dir, table)
+    with _outbox_lock(work_dir, table, logger) as folder:
+        return _recover(warehouse, table, folder, logger, at_most_once)
+
+
+def _recover(warehouse: AnyWarehouse, table: str, work_dir: Path, logger: logging.Logger,
+             at_most_once: bool) -> PushReport:
+    """`recover` with the outbox's lock held (`work_dir` is the outbox's own folder)."""
     report = PushReport()
     for journal in sorted(work_dir.glob(f"*{JOURNAL}")):
         sent, rejected, in_doubt, in_flight = _apply(warehouse, table, journal, at_most_once, logger)
@@ -709,8 +740,18 @@ def push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *,
     `at_most_once`, in_doubt if they were in flight).
     """
     logger = logger or log
-    report = recover(warehouse, table, work_dir, logger, at_most_once=at_most_once)
-    work_dir = _work_dir(work_dir, table)
+    # Held from the recovery to the final apply: a second push of this outbox waits (a live push's journal is
+    # never taken for a dead one's, and the two never snapshot the same pending rows).
+    with _outbox_lock(work_dir, table, logger) as folder:
+        return _push(warehouse, table, send, folder, scope=scope, max_items=max_items, max_bytes=max_bytes,
+                     concurrency=concurrency, logger=logger, scopes=scopes, at_most_once=at_most_once)
+
+
+def _push(warehouse: AnyWarehouse, table: str, send: Send, work_dir: Path, *, scope: str | None, max_items: int,
+          max_bytes: int, concurrency: int, logger: logging.Logger, scopes: list[str] | None,
+          at_most_once: bool) -> PushReport:
+    """`push` with the outbox's lock held (`work_dir` is the outbox's own folder)."""
+    report = _recover(warehouse, table, work_dir, logger, at_most_once)
     name = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     journal_path = work_dir / f"{name}{JOURNAL}"
     payloads_path = work_dir / f"{name}.payloads"
