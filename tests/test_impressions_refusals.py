@@ -307,3 +307,22 @@ def test_a_quarantine_folder_on_another_file_system_takes_bad_files(settings, wa
         assert os.listdir(settings.impressions_dir) == []
     finally:
         shutil.rmtree(other)
+
+
+def test_a_file_that_cannot_be_moved_keeps_no_other_in_place_and_the_run_says_which(settings, warehouse, instance,
+                                                                                    monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file-not-a-folder"
+    blocker.write_text("where the quarantine folder should be")
+    monkeypatch.setenv("MIXSYNC_IMPRESSIONS_QUARANTINE_DIR", str(blocker / "quarantine"))
+    write_atomically(settings.impressions_dir, "a-bad.json", b"not json")
+    write_atomically(settings.impressions_dir, "b-good.json.gz", encode(ImpressionGenerator(seed=29).batch(5))[0])
+    config = {"ops": {"split_impressions": {"config": {"files": []}}}}
+    result = dg.materialize([split_impressions], run_config=config, instance=instance, resources=RESOURCES,
+                            raise_on_error=False)
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert "could not leave the landing folder: a-bad.json (quarantined)" in failure
+    # Committed, and the good file archived all the same; the bad one waits where it was.
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM split.impressions").fetchone()[0] == 5
+    assert os.listdir(settings.impressions_dir) == ["a-bad.json"]

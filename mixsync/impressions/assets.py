@@ -75,8 +75,10 @@ def _settle(load: ImpressionLoad, files: dict[str, LandingFile], settings: Impre
             quarantine_paths: dict[str, str], loaded_at: dt.datetime) -> None:
     """After the commit: loaded files leave the landing folder (archived or deleted), bad ones go to quarantine.
 
-    A crash before this leaves them in place; the ledger then makes the retry skip them."""
+    A crash before this leaves them in place; the ledger then makes the retry skip them. A file that cannot be moved
+    does not keep the others in place: they move, then the run fails naming it."""
     archive = archive_folder(settings.archive_dir, loaded_at)
+    stuck: list[str] = []
     for outcome in load.files:
         path = files[outcome.name].path
         try:
@@ -88,6 +90,12 @@ def _settle(load: ImpressionLoad, files: dict[str, LandingFile], settings: Impre
                 move_aside(path, archive, outcome.content_hash)
         except FileNotFoundError:
             pass  # another run got there first; the ledger already says what happened to these bytes
+        except OSError as exc:
+            stuck.append(f"{outcome.name} ({outcome.status}): {exc.strerror or exc}")
+    if stuck:
+        raise dg.Failure(f"the load is committed, but {len(stuck)} file(s) could not leave the landing folder: "
+                         + "; ".join(stuck[:5]) + ". Fix the folder, then re-execute this run (the ledger knows "
+                         "these bytes).")
 
 
 @dg.asset(
