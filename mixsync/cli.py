@@ -94,11 +94,11 @@ def lock_down(con, data_directories: list[str] | None = None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 # Fixed default ports, so the printed `export` lines stay valid across restarts; 0 picks a free port (the tests do).
-@click.option("--mixpanel-port", default=SANDBOX_PORTS["mixpanel"], show_default=True,
+@click.option("--mixpanel-port", default=SANDBOX_PORTS["mixpanel"], show_default=True, type=click.IntRange(0, 65535),
               envvar="MIXSYNC_SANDBOX_MIXPANEL_PORT", help="MIXSYNC_SANDBOX_MIXPANEL_PORT; 0 picks a free port.")
-@click.option("--split-port", default=SANDBOX_PORTS["split"], show_default=True,
+@click.option("--split-port", default=SANDBOX_PORTS["split"], show_default=True, type=click.IntRange(0, 65535),
               envvar="MIXSYNC_SANDBOX_SPLIT_PORT", help="MIXSYNC_SANDBOX_SPLIT_PORT; 0 picks a free port.")
-@click.option("--flagsmith-port", default=SANDBOX_PORTS["flagsmith"], show_default=True,
+@click.option("--flagsmith-port", default=SANDBOX_PORTS["flagsmith"], show_default=True, type=click.IntRange(0, 65535),
               envvar="MIXSYNC_SANDBOX_FLAGSMITH_PORT", help="MIXSYNC_SANDBOX_FLAGSMITH_PORT; 0 picks a free port.")
 @click.option("--days", default=5, show_default=True, help="Days of data, ending yesterday.")
 @click.option("--events-per-day", default=5000, show_default=True)

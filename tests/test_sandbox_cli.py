@@ -64,3 +64,23 @@ def test_ports_come_from_the_environment_and_a_taken_port_is_a_clear_error():
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
+
+
+def test_a_port_out_of_range_is_a_usage_error_naming_the_option():
+    result = CliRunner().invoke(main, ["sandbox", "--mixpanel-port", "99999"])
+    assert result.exit_code == 2 and "--mixpanel-port" in result.output and "0<=x<=65535" in result.output
+
+
+def test_a_fault_the_sandbox_cannot_play_is_refused_not_queued():
+    from loopback import client
+
+    from mixsync.sandbox import Sandbox
+
+    post = client.post
+    with Sandbox() as sandbox:
+        faults = f"{sandbox.url('mixpanel')}/_sandbox/faults"
+        refused = post(faults, json={"route": "export", "kind": "bogus"})
+        assert refused.status_code == 400 and "unknown fault kind 'bogus'" in refused.json()["error"]
+        assert post(faults, content=b"not json").status_code == 400
+        assert post(faults, json={"route": "export", "stauts": 503}).status_code == 400  # a misspelt field
+        assert post(faults, json={"route": "export", "kind": "status", "status": 503}).status_code == 200

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+FAULT_KINDS = ("status", "terminated_early", "cut")
+
 
 @dataclass
 class Fault:
@@ -72,6 +74,8 @@ class Faults:
         self._queue: deque[Fault] = deque()
 
     def add(self, route: str, kind: str = "status", **kwargs: Any) -> None:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}: one of {', '.join(FAULT_KINDS)}")
         with self._lock:
             self._queue.append(Fault(route=route, kind=kind, **kwargs))
 
@@ -115,8 +119,13 @@ def control_routes(recorder: Recorder, faults: Faults) -> list[Route]:
         return JSONResponse(items)
 
     async def add_fault(request: Request) -> Response:
-        spec = await request.json()
-        faults.add(**spec)
+        try:
+            spec = await request.json()
+            if not isinstance(spec, dict):
+                raise ValueError("the body must be a JSON object: {\"route\": ..., \"kind\": ..., ...}")
+            faults.add(**spec)
+        except (ValueError, TypeError) as exc:  # bad JSON, an unknown kind or field, no route
+            return JSONResponse({"error": f"fault not queued: {exc}"}, status_code=400)
         return JSONResponse({"queued": spec})
 
     return [Route("/_sandbox/requests", requests_, methods=["GET"]),
