@@ -123,7 +123,8 @@ def test_a_tick_with_tens_of_thousands_of_files_stats_only_what_it_needs(impress
     for name in names:
         os.utime(landing / name, (an_hour_ago, an_hour_ago))
     # 29,990 of them are already requested (their runs are queued); 10 are new.
-    state = CursorState(sequence=7, requested={n: os.stat(landing / n).st_ino for n in names[:29_990]})
+    keys = {n: sensors.run_key(1 + i // 500, names[i - i % 500:i - i % 500 + 500]) for i, n in enumerate(names)}
+    state = CursorState(sequence=7, requested={n: (os.stat(landing / n).st_ino, keys[n]) for n in names[:29_990]})
     stats = []
     real_stat = os.stat
     monkeypatch.setattr(sensors.os, "stat", lambda path, *a, **k: stats.append(path) or real_stat(path, *a, **k))
@@ -131,8 +132,8 @@ def test_a_tick_with_tens_of_thousands_of_files_stats_only_what_it_needs(impress
     assert plan.batches == [names[29_990:]]
     assert len(stats) == 10
     assert plan.in_flight == 29_990
-    # The cursor for 30,000 in-flight names stays small: under 10 bytes a name with its inode (about 7 on ext4;
-    # tmpfs's inode numbers compress a little less).
+    # The cursor for 30,000 in-flight names stays small: under 10 bytes a name with its inode and run key (a key
+    # is shared by a batch's names, so it compresses away; about 7 bytes on ext4, tmpfs's inodes a little more).
     assert len(plan.state.encode()) < 10 * 29_990
 
 
@@ -159,3 +160,48 @@ def test_a_sensor_run_request_lands_and_forwards_in_one_run_of_the_real_job(impr
     assert landed == sent > 0
     held = sandbox.mixpanel.ingest.held()
     assert len(held) == landed and {event["event"] for event in held} == {"$experiment_started"}
+
+
+def test_files_of_a_run_that_failed_are_requested_again_and_load_once(impressions_env, instance, tmp_path,
+                                                                       sandbox, warehouse, monkeypatch):
+    """A run of the real job fails (its warehouse cannot be opened): its files stay in the folder and the next tick
+    asks for them again under a new run key; that run loads them, once."""
+    from mixsync.definitions import defs
+
+    landing = tmp_path / "impressions"
+    drop(landing, "impressions-1.json.gz", size=30, seed=21)
+    first = tick(instance)
+    [request] = first.run_requests
+    job = defs.resolve_job_def("split_impressions_job")
+    # As the daemon launches a sensor's request: the run carries its run key.
+    tags = {**request.tags, "dagster/run_key": request.run_key}
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MIXSYNC_DUCKDB_PATH", str(tmp_path / "a-file" / "warehouse.duckdb"))  # cannot be created
+    failed = job.execute_in_process(run_config=request.run_config, instance=instance, tags=tags, raise_on_error=False)
+    assert not failed.success
+    monkeypatch.setenv("MIXSYNC_DUCKDB_PATH", impressions_env["MIXSYNC_DUCKDB_PATH"])
+
+    again = tick(instance, first.cursor)
+    [retry] = again.run_requests
+    assert requested_files(again) == [["impressions-1.json.gz"]] and retry.run_key != request.run_key
+    assert job.execute_in_process(run_config=retry.run_config, instance=instance,
+                                  tags={**retry.tags, "dagster/run_key": retry.run_key}).success
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM split.impressions").fetchone()[0] == 30
+    later = tick(instance, again.cursor)  # the file left the folder: nothing is asked for again
+    assert not later.run_requests
+
+
+def test_files_of_a_run_still_going_are_not_requested_again(impressions_env, instance, tmp_path):
+    landing = tmp_path / "impressions"
+    drop(landing, "impressions-1.json.gz")
+    first = tick(instance)
+    [request] = first.run_requests
+    # A run for the key exists and has not ended: its files stay in flight.
+    from mixsync.definitions import defs
+
+    job = defs.resolve_job_def("split_impressions_job")
+    instance.create_run_for_job(job, run_config=request.run_config,
+                                tags={**request.tags, "dagster/run_key": request.run_key},
+                                status=dg.DagsterRunStatus.STARTED)
+    assert not tick(instance, first.cursor).run_requests

@@ -16,6 +16,7 @@ from mixsync.impressions.landing import landed_entries
 from mixsync.impressions.resources import ImpressionsResource
 
 CURSOR_PREFIX = "z1:"
+RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster's daemon puts on a run a sensor requested
 
 split_impressions_job = dg.define_asset_job(
     "split_impressions_job",
@@ -29,17 +30,20 @@ split_impressions_job = dg.define_asset_job(
 
 @dataclass
 class CursorState:
-    """Files requested and still in the landing folder (name -> inode), and a counter that makes run keys new.
+    """Files requested and still in the landing folder (name -> inode and the run key that asked for it), and a
+    counter that makes run keys new.
 
     A loaded file leaves the folder (archived, deleted or quarantined), so it leaves the cursor too: the cursor
     stays as small as what is in flight, however many files a day brings. The inode tells a file that came back
-    under a requested name from the one requested."""
+    under a requested name from the one requested; the run key finds the run, so a file whose run failed is
+    asked for again."""
 
     sequence: int = 0
-    requested: dict[str, int] = field(default_factory=dict)
+    requested: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def encode(self) -> str:
-        data = orjson.dumps({"sequence": self.sequence, "requested": dict(sorted(self.requested.items()))})
+        data = orjson.dumps({"sequence": self.sequence,
+                             "requested": {name: list(value) for name, value in sorted(self.requested.items())}})
         # Names share long prefixes: compressed, thousands of in-flight names stay a few kilobytes.
         return CURSOR_PREFIX + base64.b64encode(zlib.compress(data, 6)).decode()
 
@@ -50,7 +54,9 @@ class CursorState:
         if not cursor.startswith(CURSOR_PREFIX):
             raise ValueError(f"unknown cursor format {cursor[:10]!r}: reset the sensor's cursor")
         data = orjson.loads(zlib.decompress(base64.b64decode(cursor[len(CURSOR_PREFIX):])))
-        return cls(int(data["sequence"]), {name: int(inode) for name, inode in data["requested"].items()})
+        # Cursors from before run keys were kept hold an inode alone: their files stay in flight as they were.
+        return cls(int(data["sequence"]), {name: (int(value), "") if isinstance(value, int) else (int(value[0]), value[1])
+                                           for name, value in data["requested"].items()})
 
 
 @dataclass
@@ -65,15 +71,20 @@ class FilePlan:
 
 
 def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max_batches: int,
-                      settle_seconds: float, now: float | None = None) -> FilePlan:
+                      settle_seconds: float, now: float | None = None,
+                      failed_run_keys: frozenset[str] = frozenset()) -> FilePlan:
     """Group the new complete files of `directory` into at most `max_batches` batches of `batch_files` names.
 
+    A file requested by a run that failed (`failed_run_keys`) and still in the folder is new again: a failed run
+    loaded none of its files (the load is one transaction), and loading is idempotent anyway.
     One readdir per tick; a file is stat'ed only when it is a new candidate and only while batches still have room
     (to skip files modified in the last `settle_seconds`, which a non-atomic writer may still be writing)."""
     now = time.time() if now is None else now
     not_utf8: list[str] = []
     entries = dict(landed_entries(directory, not_utf8))
-    in_flight = {name: inode for name, inode in entries.items() if state.requested.get(name) == inode}
+    in_flight = {name: state.requested[name] for name, inode in entries.items()
+                 if name in state.requested and state.requested[name][0] == inode
+                 and state.requested[name][1] not in failed_run_keys}
     candidates = sorted(entries.keys() - in_flight.keys())
     batches: list[list[str]] = []
     current: list[str] = []
@@ -97,9 +108,24 @@ def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max
             current = []
     if current and len(batches) < max_batches:
         batches.append(current)
-    requested = {**in_flight, **{name: entries[name] for batch in batches for name in batch}}
-    return FilePlan(batches, CursorState(state.sequence + (1 if batches else 0), requested), len(entries),
+    sequence = state.sequence + (1 if batches else 0)
+    requested = {**in_flight, **{name: (entries[name], run_key(sequence, batch)) for batch in batches for name in batch}}
+    return FilePlan(batches, CursorState(sequence, requested), len(entries),
                     len(in_flight), settling, len(candidates) - considered, not_utf8)
+
+
+def _failed_run_keys(instance: dg.DagsterInstance, keys: set[str]) -> frozenset[str]:
+    """The keys among `keys` whose every run ended failed or canceled (one storage query for all of them). A key
+    with a run still queued, running or succeeded is not; nor is one with no run yet (the daemon launches it)."""
+    if not keys:
+        return frozenset()
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: sorted(keys)}))
+    ended: set[str] = set()
+    live: set[str] = set()
+    for run in runs:
+        (ended if run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) else live).add(
+            run.tags[RUN_KEY_TAG])
+    return frozenset(ended - live)
 
 
 def run_key(sequence: int, batch: list[str]) -> str:
@@ -123,8 +149,12 @@ def split_impression_files_sensor(context: dg.SensorEvaluationContext, impressio
         return dg.SensorResult(skip_reason=f"{directory} does not exist yet (MIXSYNC_IMPRESSIONS_DIR)",
                                cursor=context.cursor)
     state = CursorState.decode(context.cursor)
+    failed = _failed_run_keys(context.instance, {key for _, key in state.requested.values() if key})
     plan = plan_file_batches(directory, state, settings.batch_files, settings.max_runs_per_tick,
-                             settings.settle_seconds)
+                             settings.settle_seconds, failed_run_keys=failed)
+    if failed:
+        context.log.warning(f"{len(failed)} run(s) of split_impressions failed (run keys {sorted(failed)[:5]}): "
+                            "their files still in the folder are requested again")
     if plan.not_utf8:
         shown = ", ".join(ascii(name) for name in sorted(plan.not_utf8)[:5])
         context.log.warning(f"{len(plan.not_utf8)} file(s) in {directory} have a name that is not UTF-8 and are "
