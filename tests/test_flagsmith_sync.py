@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 import pytest
-from waiting import reap
+from waiting import poll, reap
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -199,11 +199,65 @@ def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, 
     flagsmith.hold_after_requests = None
     assert 0 < len(owned(flagsmith)) < sum(len(m) for m in memberships(query).values())
 
+    # The held requests, dropped unapplied: every trait write in them is still wanted, so each is sent again.
+    held_writes = sum(len(orjson.loads(r.body)) for r in flagsmith.recorder.matching("/traits/bulk/")[3:])
+
     result = meta(sync(instance, [flagsmith_cohort_traits]))
-    assert result["recovered_identities"] == 30 and result["resent_in_flight_at_crash"] == 20
+    assert result["recovered_identities"] == 30 and result["in_flight_at_crash"] == 20
+    assert result["resent_in_flight_at_crash"] == held_writes > 0 and result["corrected_in_flight_at_crash"] == 0
     expected = {(m, k): True for k, ms in memberships(query).items() for m in ms}
     assert owned(flagsmith) == expected
     assert writes(flagsmith) == dict.fromkeys(expected, 1)  # nothing twice, nothing lost
+
+
+@pytest.mark.both_backends
+def test_a_write_applied_but_unanswered_at_a_kill_is_corrected_when_no_longer_wanted(sandbox, env, instance,
+                                                                                      monkeypatch):
+    for name, value in {"FLAGSMITH_BULK_MODE": "core", "FLAGSMITH_BATCH_IDENTITIES": "10",
+                        "FLAGSMITH_CONCURRENCY": "1"}.items():
+        monkeypatch.setenv(name, value)
+    query, flagsmith = sandbox.mixpanel.query, sandbox.flagsmith
+    for cohort_id in [c for c in query.cohorts if c != 1001]:
+        del query.cohorts[cohort_id]  # one cohort: one trait per identity, one identity per outbox item
+    key = trait_key(PREFIX, 1001, "Power Users")
+    sync(instance, [mixpanel_cohorts, mixpanel_cohort_members])
+    # Batch 1 is answered; batch 2 is applied by Flagsmith, and its answer never comes: the run is killed then.
+    flagsmith.hold_after_requests, flagsmith.apply_held = 1, True
+    journal_dir = Path(env["MIXSYNC_LANDING_DIR"]) / "outbox" / "sync_flagsmith_outbox"
+    child = subprocess.Popen([sys.executable, "-c", CHILD], env=os.environ.copy(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: child.poll() is not None or (
+            flagsmith.held >= 1 and journal_dir.exists()
+            and sum(acknowledged(p)[0] for p in journal_dir.glob("*.journal")) >= 1), 90,
+             "batch 1 answered and batch 2 held")
+        assert child.poll() is None, "the push finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        reap(child)
+        flagsmith.release()
+    flagsmith.hold_after_requests, flagsmith.apply_held = None, False
+    batches = [[item["identity"]["identifier"] for item in orjson.loads(r.body)]
+               for r in flagsmith.recorder.matching("/traits/bulk/")]
+    assert len(batches) == 2 and all(len(b) == 10 for b in batches)
+    in_flight = batches[1]
+    assert {i for (i, k), v in owned(flagsmith).items() if v is True} == set(batches[0]) | set(in_flight)
+
+    # Before the re-run, batch 1 and half of batch 2 leave the cohort; the other half of batch 2 stays.
+    leavers, stayers = set(batches[0]) | set(in_flight[:5]), set(in_flight[5:])
+    query.cohorts[1001].members = sorted(set(query.cohorts[1001].members) - leavers)
+    members = set(query.cohorts[1001].members)
+    counts = writes(flagsmith)
+    result = meta(sync(instance))
+    assert owned(flagsmith) == {**{(m, key): True for m in members}, **{(m, key): False for m in leavers}}
+    sent = {pair: n - counts.get(pair, 0) for pair, n in writes(flagsmith).items() if n != counts.get(pair, 0)}
+    assert sent == dict.fromkeys({(m, key) for m in members | leavers}, 1)  # the stayers of batch 2 included
+    assert result["in_flight_at_crash"] == 10 and result["recovered_identities"] == 10
+    assert result["resent_in_flight_at_crash"] == len(stayers) and result["corrected_in_flight_at_crash"] == 5
+    assert result["traits_set_false"] == len(leavers) == 15
+    counts = writes(flagsmith)
+    assert meta(sync(instance))["trait_writes"] == 0 and writes(flagsmith) == counts  # nothing left to correct
 
 
 def test_partial_bulk_application_is_caught_by_read_back_and_requeued(sandbox, env, instance, monkeypatch):
@@ -541,3 +595,26 @@ def test_a_warehouse_from_before_drift_and_requeued_gets_both_columns(env):
         assert con.execute("SELECT identifier, trait_value, drift FROM sync.flagsmith_traits").fetchall() == [
             ("p1", True, None)]
         assert con.execute("SELECT sync_id, requeued FROM sync.flagsmith_syncs").fetchall() == [(1, None)]
+
+
+def test_ledgers_from_before_unconfirmed_get_the_column(env):
+    import duckdb
+
+    import mixsync.flagsmith.profile_flags_sql  # noqa: F401  (registers the profile flags ledger)
+    from mixsync.settings import WarehouseSettings
+    from mixsync.warehouse import open_warehouse
+
+    with duckdb.connect(env["MIXSYNC_DUCKDB_PATH"]) as con:  # both ledgers as an older mixsync created them
+        con.execute("CREATE SCHEMA sync")
+        con.execute("""CREATE TABLE sync.flagsmith_traits (identifier VARCHAR NOT NULL, trait_key VARCHAR NOT NULL,
+                       cohort_id BIGINT, trait_value BOOLEAN, sync_id BIGINT NOT NULL, confirmed_at TIMESTAMPTZ NOT NULL,
+                       drift JSON)""")
+        con.execute("INSERT INTO sync.flagsmith_traits VALUES ('p1', 'mp_cohort_a', 1, true, 1, now(), NULL)")
+        con.execute("""CREATE TABLE sync.mixpanel_profile_flags (distinct_id VARCHAR NOT NULL, property VARCHAR NOT NULL,
+                       feature VARCHAR NOT NULL, value JSON, sync_id BIGINT NOT NULL, confirmed_at TIMESTAMPTZ NOT NULL)""")
+        con.execute("INSERT INTO sync.mixpanel_profile_flags VALUES ('p1', 'flagsmith_f', 'f', 'true', 1, now())")
+    with open_warehouse(WarehouseSettings.from_env()).write() as con:
+        assert con.execute("SELECT identifier, trait_value, unconfirmed FROM sync.flagsmith_traits").fetchall() == [
+            ("p1", True, None)]
+        assert con.execute("SELECT distinct_id, value, unconfirmed FROM sync.mixpanel_profile_flags").fetchall() == [
+            ("p1", "true", None)]

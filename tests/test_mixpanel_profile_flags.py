@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import orjson
 import pytest
-from waiting import reap
+from waiting import poll, reap
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
@@ -189,6 +189,49 @@ def test_a_run_killed_mid_push_resumes_and_nothing_is_lost(sandbox, managed, ins
     assert result["recovered_updates"] == 5
     assert all(profiles.profile(i) for i in IDENTITIES)  # nothing lost
     assert profiles.profile("user-020") == EXPECTED
+    assert meta(run(instance))["updates_enqueued"] == 0
+
+
+CHILD_ONE_REQUEST = """
+import dagster as dg
+from mixsync.definitions import resources
+from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
+dg.materialize([mixpanel_profile_flags], resources=resources)
+"""
+
+
+def test_updates_applied_but_unanswered_at_a_kill_are_unset_when_the_flag_is_deleted(sandbox, managed, instance):
+    profiles = sandbox.mixpanel.profiles
+    run(instance)
+    managed.add_feature("promo", enabled=True, value="spring")
+    managed.add_feature("promo_banner", enabled=True, value="top")
+    # The next /engage request (every profile's $set of both new flags, one request) is applied by Mixpanel and
+    # never answered: the run is killed then.
+    profiles.hold_after_requests, profiles.apply_held = profiles.received_requests, True
+    child = subprocess.Popen([sys.executable, "-c", CHILD_ONE_REQUEST], env=os.environ.copy(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: child.poll() is not None or profiles.held >= 1, 120, "the $set request held")
+        assert child.poll() is None, "the push finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        reap(child)
+        profiles.release()
+    profiles.hold_after_requests, profiles.apply_held = None, False
+    assert all(profiles.profile(i)["flagsmith_promo"] == "spring" for i in IDENTITIES)
+
+    managed.delete_feature("promo")  # no longer wanted; promo_banner still is
+    sandbox.mixpanel.recorder.clear()
+    result = meta(run(instance))
+    assert all(profiles.profile(i) == {**EXPECTED, "flagsmith_promo_banner": "top"}
+               for i in IDENTITIES if i != "vip-1")
+    assert "flagsmith_promo" not in profiles.profile("vip-1")
+    assert result["properties_unset"] == len(IDENTITIES) and result["properties_set"] == len(IDENTITIES)
+    assert result["in_flight_at_crash"] == len(IDENTITIES)
+    assert result["resent_in_flight_at_crash"] == len(IDENTITIES)  # promo_banner, sent again
+    assert result["corrected_in_flight_at_crash"] == len(IDENTITIES)  # promo, $unset
+    assert result["updates_sent"] == 2 * len(IDENTITIES)  # a $set and an $unset per profile
     assert meta(run(instance))["updates_enqueued"] == 0
 
 

@@ -248,7 +248,11 @@ def flagsmith_cohort_traits(context: dg.AssetExecutionContext, config: DryRunCon
         "skipped_by_reason": plan.skipped_by_reason,
         "recovered_identities": recovered.recovered_sent,
         "folded_from_earlier_runs": folded_earlier,
-        "resent_in_flight_at_crash": recovered.in_flight_at_crash,
+        # Items (identities) an earlier push left in flight when it was killed, as this run's recovery found them;
+        # what of them this run sent again unchanged, and what it corrected (the value is no longer wanted).
+        "in_flight_at_crash": recovered.in_flight_at_crash,
+        "resent_in_flight_at_crash": plan.resent_in_flight,
+        "corrected_in_flight_at_crash": plan.corrected_in_flight,
         "superseded_pending": plan.superseded,
         "verified_identities": len(sample),
         "verify_mismatches": mismatches,

@@ -182,7 +182,8 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     os.unlink(answers)
     context.log.info(f"sync {sync_id}: {identities_read} identities read, {plan.profiles} profiles to update "
                      f"({plan.properties_set} properties set, {plan.properties_unset} unset)")
-    # 3. Send. A $set or $unset is idempotent: an update in flight at a crash is simply sent again.
+    # 3. Send. A $set or $unset is idempotent: an update in flight at a kill was folded into the ledger as
+    # unconfirmed, so the plan above sent it again if still wanted, or corrected it.
     progress = CountProgress(context.log, f"push of sync-{sync_id} to Mixpanel profiles", plan.updates, "updates",
                              batched=True)
     with ProfilesClient(settings.ingestion_url, flagsmith.retry_policy(), push_stats) as profiles:
@@ -230,7 +231,11 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
         "flag_requests": flag_requests,
         "engage_requests": engage_requests,
         "recovered_updates": recovered.recovered_sent,
-        "resent_in_flight_at_crash": recovered.in_flight_at_crash,
+        # Items (updates) an earlier push left in flight when it was killed, as this run's recovery found them;
+        # what of them this run sent again unchanged, and what it corrected (the value is no longer wanted).
+        "in_flight_at_crash": recovered.in_flight_at_crash,
+        "resent_in_flight_at_crash": plan.resent_in_flight,
+        "corrected_in_flight_at_crash": plan.corrected_in_flight,
         "folded_from_earlier_runs": folded_earlier,
         "superseded_pending": plan.superseded,
         **ledger,

@@ -50,8 +50,12 @@ CREATE TABLE IF NOT EXISTS {LEDGER} (
     feature VARCHAR NOT NULL,
     value JSON,
     sync_id BIGINT NOT NULL,
-    confirmed_at TIMESTAMPTZ NOT NULL
+    confirmed_at TIMESTAMPTZ NOT NULL,
+    unconfirmed BOOLEAN               -- true: in flight when a push was killed (possibly applied, not acknowledged):
+                                      -- the next plan sends what is wanted now ($set again, or $unset)
 );
+-- Warehouses created before the column existed get it (a no-op once it is there).
+ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS unconfirmed BOOLEAN;
 CREATE TABLE IF NOT EXISTS sync.mixpanel_profile_flags_syncs (
     sync_id BIGINT NOT NULL,
     started_at TIMESTAMPTZ NOT NULL,
@@ -78,6 +82,10 @@ class Plan:
     updates: int = 0
     superseded: int = 0
     held_back_rejected: int = 0
+    # Properties in flight when an earlier push was killed (unconfirmed in the ledger) that this plan sends again
+    # with the same value, or corrects (another value, or $unset: no longer wanted).
+    resent_in_flight: int = 0
+    corrected_in_flight: int = 0
 
 
 @contextmanager
@@ -172,21 +180,29 @@ def land_flags(con: duckdb.DuckDBPyConnection, answers: Path, managed: list[str]
     return con.execute("SELECT count(*) FROM pf_read").fetchone()[0]
 
 
+# Outbox items the ledger takes: acknowledged ones, and pending ones that went out in a push that was killed before
+# their answer (a `sent_at`: the outbox recorded them in flight). Those may be on the profiles, so they are folded
+# as `unconfirmed`: were they left out, a property no longer wanted would never be $unset (no ledger row).
+FOLDABLE = "(o.status = 'sent' OR (o.status = 'pending' AND o.sent_at IS NOT NULL)) AND o.folded_at IS NULL"
+
+
 def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) -> int:
-    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction (the caller's when
-    `transaction` is False: a dry run rolls it back)."""
+    """Apply every acknowledged (or possibly applied: in flight at a kill), not yet applied outbox item to the
+    ledger, in one transaction (the caller's when `transaction` is False: a dry run rolls it back)."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE pf_fold AS
-        SELECT i.distinct_id, i.property, i.feature, i.value, i.sync_id, o.sent_at
+        SELECT i.distinct_id, i.property, i.feature, i.value, i.sync_id, o.sent_at, o.status <> 'sent' AS unconfirmed
         FROM {OUTBOX} o JOIN {OUTBOX}_items i ON i.outbox_id = o.id
-        WHERE o.status = 'sent' AND o.folded_at IS NULL
+        WHERE {FOLDABLE}
         QUALIFY row_number() OVER (PARTITION BY i.distinct_id, i.property ORDER BY i.sync_id DESC, o.sent_at DESC) = 1""")
     folded = con.execute("SELECT count(*) FROM pf_fold").fetchone()[0]
     with _transaction(con, transaction):
         if folded:
             con.execute(f"""DELETE FROM {LEDGER} l USING pf_fold f
                             WHERE l.distinct_id = f.distinct_id AND l.property = f.property""")
-            con.execute(f"INSERT INTO {LEDGER} SELECT distinct_id, property, feature, value, sync_id, sent_at FROM pf_fold")
-        con.execute(f"UPDATE {OUTBOX} SET folded_at = now() WHERE status IN ('sent', 'rejected') AND folded_at IS NULL")
+            con.execute(f"""INSERT INTO {LEDGER} (distinct_id, property, feature, value, sync_id, confirmed_at, unconfirmed)
+                            SELECT distinct_id, property, feature, value, sync_id, sent_at, unconfirmed FROM pf_fold""")
+        con.execute(f"""UPDATE {OUTBOX} AS o SET folded_at = now()
+                        WHERE {FOLDABLE} OR (o.status = 'rejected' AND o.folded_at IS NULL)""")
     con.execute("DROP TABLE pf_fold")
     return folded
 
@@ -199,7 +215,9 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
     A property's value: the remote-config value exactly as typed (0, "" and false stay themselves) when the flag
     is enabled and has one, true when it is enabled without one, false when it is disabled. A property the ledger
     holds for a flag no longer in the identity's answer (the feature was deleted) is $unset. Pending items of an
-    earlier, interrupted sync are superseded: this plan already holds whatever of them still matters.
+    earlier, interrupted sync are superseded: this plan already holds whatever of them still matters (those in
+    flight at a kill were folded into the ledger as `unconfirmed`, and an unconfirmed property always gets the
+    update wanted now: the same `$set` again, or an `$unset`).
     """
     plan = Plan(sync_id)
     query, params = _profiles_sql([r[0] for r in con.execute("SELECT identity FROM pf_read").fetchall()],
@@ -217,11 +235,11 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
     con.execute(f"""CREATE OR REPLACE TEMP TABLE pf_changes AS
         SELECT d.distinct_id, d.property, d.feature, d.value
         FROM pf_desired d LEFT JOIN {LEDGER} l USING (distinct_id, property)
-        WHERE l.value IS NULL OR l.value::VARCHAR <> d.value::VARCHAR
+        WHERE l.value IS NULL OR l.value::VARCHAR <> d.value::VARCHAR OR l.unconfirmed
         UNION ALL
         SELECT l.distinct_id, l.property, l.feature, NULL::JSON
         FROM {LEDGER} l ANTI JOIN pf_desired d USING (distinct_id, property)
-        WHERE l.value IS NOT NULL AND l.distinct_id IN (SELECT distinct_id FROM pf_profiles)""")
+        WHERE (l.value IS NOT NULL OR l.unconfirmed) AND l.distinct_id IN (SELECT distinct_id FROM pf_profiles)""")
     # An update Mixpanel refused is not sent again every hour: only when the wanted value changes.
     plan.held_back_rejected = con.execute(f"""DELETE FROM pf_changes c USING (
             SELECT DISTINCT i.distinct_id, i.property, i.value::VARCHAR AS value FROM {OUTBOX} o
@@ -230,6 +248,10 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, prefix: str, toke
             WHERE o.status = 'rejected' AND i.sync_id > coalesce(l.sync_id, 0)) r
         WHERE c.distinct_id = r.distinct_id AND c.property = r.property
           AND c.value::VARCHAR IS NOT DISTINCT FROM r.value""").fetchone()[0]
+    plan.resent_in_flight, plan.corrected_in_flight = con.execute(f"""
+        SELECT count(*) FILTER (c.value::VARCHAR IS NOT DISTINCT FROM l.value::VARCHAR),
+               count(*) FILTER (c.value::VARCHAR IS DISTINCT FROM l.value::VARCHAR)
+        FROM pf_changes c JOIN {LEDGER} l USING (distinct_id, property) WHERE l.unconfirmed""").fetchone()
     con.execute(f"""CREATE OR REPLACE TEMP TABLE pf_items AS
         SELECT md5(concat_ws('|', $sync, distinct_id, op, part)) AS outbox_id, *
         FROM (SELECT *, CASE WHEN value IS NULL THEN '$unset' ELSE '$set' END AS op,

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS sync.flagsmith_traits (
     trait_value BOOLEAN,
     sync_id BIGINT NOT NULL,
     confirmed_at TIMESTAMPTZ NOT NULL,
-    drift JSON                       -- a non-boolean value a read-back found in its place: re-written by the next plan
+    drift JSON,                      -- a non-boolean value a read-back found in its place: re-written by the next plan
+    unconfirmed BOOLEAN              -- true: the value was in flight when a push was killed (possibly applied, not
+                                     -- acknowledged): the next plan writes what is wanted now, whatever it is
 );
 CREATE TABLE IF NOT EXISTS sync.flagsmith_syncs (
     sync_id BIGINT NOT NULL,
@@ -54,6 +56,7 @@ CREATE TABLE IF NOT EXISTS sync.flagsmith_syncs (
 );
 -- Warehouses created before these columns existed get them (a no-op once they are there).
 ALTER TABLE sync.flagsmith_traits ADD COLUMN IF NOT EXISTS drift JSON;
+ALTER TABLE sync.flagsmith_traits ADD COLUMN IF NOT EXISTS unconfirmed BOOLEAN;
 ALTER TABLE sync.flagsmith_syncs ADD COLUMN IF NOT EXISTS requeued BIGINT;
 -- The write route detected for each Flagsmith API URL (FLAGSMITH_BULK_MODE=auto), so that later runs do not probe
 -- again; forgotten when that route answers 404/405 (the server changed), so the next run that sends detects anew.
@@ -84,6 +87,10 @@ class Plan:
     superseded: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     held_back_rejected: int = 0
+    # Trait writes in flight when an earlier push was killed (unconfirmed in the ledger) that this plan sends again
+    # with the same value, or corrects (false, deleted: no longer wanted).
+    resent_in_flight: int = 0
+    corrected_in_flight: int = 0
 
     @property
     def traits(self) -> int:
@@ -132,13 +139,20 @@ def finish_sync(con: duckdb.DuckDBPyConnection, sync_id: int, plan: Plan, verifi
                  verified, mismatches, bulk_mode, requeued, sync_id])
 
 
+# Outbox items the ledger takes: acknowledged ones, and pending ones that went out in a push that was killed before
+# their answer (a `sent_at`: the outbox recorded them in flight). Those may be at Flagsmith, so they are folded as
+# `unconfirmed`: were they left out, a value no longer wanted would never be corrected (no ledger row, no exit).
+FOLDABLE = "(o.status = 'sent' OR (o.status = 'pending' AND o.sent_at IS NOT NULL)) AND o.folded_at IS NULL"
+
+
 def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) -> int:
-    """Apply every acknowledged, not yet applied outbox item to the ledger, in one transaction (the caller's
-    when `transaction` is False: a dry run rolls it back)."""
+    """Apply every acknowledged (or possibly applied: in flight at a kill), not yet applied outbox item to the
+    ledger, in one transaction (the caller's when `transaction` is False: a dry run rolls it back)."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fold_items AS
-        SELECT t.identifier, t.trait_key, t.cohort_id, t.trait_value, t.sync_id, o.sent_at, o.id
+        SELECT t.identifier, t.trait_key, t.cohort_id, t.trait_value, t.sync_id, o.sent_at, o.id,
+               o.status <> 'sent' AS unconfirmed
         FROM {OUTBOX} o JOIN sync.flagsmith_outbox_traits t ON t.outbox_id = o.id
-        WHERE o.status = 'sent' AND o.folded_at IS NULL
+        WHERE {FOLDABLE}
         QUALIFY row_number() OVER (PARTITION BY t.identifier, t.trait_key ORDER BY t.sync_id DESC, o.sent_at DESC) = 1""")
     folded = con.execute("SELECT count(*) FROM fold_items").fetchone()[0]
     if not folded:
@@ -150,10 +164,10 @@ def fold_acknowledged(con: duckdb.DuckDBPyConnection, transaction: bool = True) 
         con.execute("""DELETE FROM sync.flagsmith_traits l USING fold_items f
                        WHERE l.identifier = f.identifier AND l.trait_key = f.trait_key""")
         con.execute("""INSERT INTO sync.flagsmith_traits (identifier, trait_key, cohort_id, trait_value, sync_id,
-                                                        confirmed_at)
-                       SELECT identifier, trait_key, cohort_id, trait_value, sync_id, sent_at FROM fold_items""")
-        con.execute(f"""UPDATE {OUTBOX} SET folded_at = now()
-                        WHERE status = 'sent' AND folded_at IS NULL""")
+                                                        confirmed_at, unconfirmed)
+                       SELECT identifier, trait_key, cohort_id, trait_value, sync_id, sent_at, unconfirmed
+                       FROM fold_items""")
+        con.execute(f"UPDATE {OUTBOX} AS o SET folded_at = now() WHERE {FOLDABLE}")
         if transaction:
             con.execute("COMMIT")
     except BaseException:
@@ -183,7 +197,9 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
     Members get `true` where the ledger does not hold true; owned traits of people who left become `false`
     (or are deleted with exit_mode='delete'); owned traits whose key is no longer a synced cohort's key
     (renamed or removed cohort) are deleted. Pending items of an earlier, interrupted sync are superseded:
-    this plan already contains whatever of them still matters.
+    this plan already contains whatever of them still matters (those that were in flight at a kill were folded
+    into the ledger as `unconfirmed`, and an unconfirmed trait always gets the write wanted now: `true` again, or
+    its exit).
     """
     plan = Plan(sync_id, round_)
     if transaction:  # else the caller's (a dry run rolls it back)
@@ -224,16 +240,16 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
         con.execute(f"""CREATE OR REPLACE TEMP TABLE fs_changes AS
             SELECT d.identifier, d.trait_key, d.cohort_id, true AS trait_value
             FROM fs_desired d LEFT JOIN sync.flagsmith_traits l USING (identifier, trait_key)
-            WHERE l.trait_value IS DISTINCT FROM true OR l.drift IS NOT NULL
+            WHERE l.trait_value IS DISTINCT FROM true OR l.drift IS NOT NULL OR l.unconfirmed
             UNION ALL
             SELECT l.identifier, l.trait_key, l.cohort_id,
                    CASE WHEN k.trait_key IS NOT NULL THEN {exit_value} ELSE NULL::BOOLEAN END AS trait_value
             FROM sync.flagsmith_traits l
             LEFT JOIN (SELECT DISTINCT trait_key FROM fs_keys) k USING (trait_key)
             ANTI JOIN fs_desired d USING (identifier, trait_key)
-            WHERE (l.trait_value IS NOT NULL OR l.drift IS NOT NULL)
+            WHERE (l.trait_value IS NOT NULL OR l.drift IS NOT NULL OR l.unconfirmed)
               AND NOT (k.trait_key IS NOT NULL AND {exit_value} IS NOT NULL AND l.trait_value = {exit_value}
-                       AND l.drift IS NULL)""")
+                       AND l.drift IS NULL AND l.unconfirmed IS NOT TRUE)""")
         # A change Flagsmith refused (a 4xx) is not sent again every hour: only when the wanted value changes.
         plan.held_back_rejected = con.execute(f"""DELETE FROM fs_changes c USING (
                 SELECT DISTINCT t.identifier, t.trait_key, t.trait_value FROM {OUTBOX} o
@@ -242,6 +258,10 @@ def plan_changes(con: duckdb.DuckDBPyConnection, sync_id: int, round_: int, keys
                 WHERE o.status = 'rejected' AND t.sync_id > coalesce(l.sync_id, 0)) r
             WHERE c.identifier = r.identifier AND c.trait_key = r.trait_key
               AND c.trait_value IS NOT DISTINCT FROM r.trait_value""").fetchone()[0]
+        plan.resent_in_flight, plan.corrected_in_flight = con.execute("""
+            SELECT count(*) FILTER (c.trait_value IS NOT DISTINCT FROM l.trait_value),
+                   count(*) FILTER (c.trait_value IS DISTINCT FROM l.trait_value)
+            FROM fs_changes c JOIN sync.flagsmith_traits l USING (identifier, trait_key) WHERE l.unconfirmed""").fetchone()
         item_id = f"md5({literal(f'{sync_id}|{round_}|')} || identifier)"
         plan.superseded = con.execute(f"UPDATE {OUTBOX} SET status = 'superseded' WHERE status = 'pending'").fetchone()[0]
         enqueue(con, OUTBOX, f"sync-{sync_id}-r{round_}", f"""

@@ -65,8 +65,10 @@ class FlagsmithSandbox:
     writes: Counter = field(default_factory=Counter)
     recorder: Recorder = field(default_factory=Recorder)
     faults: Faults = field(default_factory=Faults)
-    # Hold writes after this many write requests: they wait for release() and then fail unapplied (a crash test).
+    # Hold writes after this many write requests: they wait for release() and then fail unapplied (a crash test);
+    # with apply_held, they are applied first (the service applied a write and never answered).
     hold_after_requests: int | None = None
+    apply_held: bool = False
     held: int = 0
     write_requests: int = 0
     _release: threading.Event = field(default_factory=threading.Event)
@@ -220,15 +222,17 @@ async def _body(request: Request) -> Any:
         raise BadRequest({"detail": f"JSON parse error - {exc}"}) from None
 
 
-async def _hold_if_asked(state: FlagsmithSandbox) -> Response | None:
-    """With hold_after_requests set, writes past that count hang until release(), then fail without applying."""
+def _hold_if_asked(state: FlagsmithSandbox) -> bool:
+    """With hold_after_requests set, whether this write is past that count (and is to hang until release())."""
     with state._lock:
         state.write_requests += 1
         hold = state.hold_after_requests is not None and state.write_requests > state.hold_after_requests
         if hold:
             state.held += 1
-    if not hold:
-        return None
+    return hold
+
+
+async def _held(state: FlagsmithSandbox) -> Response:
     while not state._release.is_set():
         await asyncio.sleep(0.01)
     return PlainTextResponse("held by the sandbox and dropped", status_code=503)
@@ -247,16 +251,16 @@ def _handler(route: str, handle, write: bool = True, exists=lambda state: True):
         elif (fault := state.faults.take(route)) is not None:
             response = fault_response(fault)
         else:
-            held = await _hold_if_asked(state) if write else None
-            if held is not None:
-                response = held
-            else:
+            hold = _hold_if_asked(state) if write else False
+            if not hold or state.apply_held:
                 try:
                     response = await handle(state, request, key == state.server_key)
                 except BadRequest as exc:
                     response = JSONResponse(exc.body, status_code=400)
                 except ServerError:
                     response = _server_error()
+            if hold:  # never answered before release() (a held write that was applied: its answer is lost)
+                response = await _held(state)
         recorded.status = response.status_code
         return response
 

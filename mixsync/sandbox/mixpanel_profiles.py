@@ -36,9 +36,11 @@ class ProfileState:
     refused: list[dict] = field(default_factory=list)
     requests: Counter = field(default_factory=Counter)
     # On demand: refuse updates of these distinct_ids with this reason (as Mixpanel refuses some profiles), and
-    # hold requests after this many until release(), then fail them unapplied with a 503 (a crash test).
+    # hold requests after this many until release(), then fail them unapplied with a 503 (a crash test); with
+    # apply_held, they are applied first (Mixpanel applied the updates and never answered).
     refuse: dict[str, str] = field(default_factory=dict)
     hold_after_requests: int | None = None
+    apply_held: bool = False
     held: int = 0
     received_requests: int = 0
     _release: threading.Event = field(default_factory=threading.Event)
@@ -136,12 +138,12 @@ async def engage_updates(request: Request) -> Response:
         state.received_requests += 1
         hold = state.hold_after_requests is not None and state.received_requests > state.hold_after_requests
         state.held += hold
+    if not hold or state.apply_held:
+        response: Response = _engage(mixpanel, state, request, recorded.body)
     if hold:
         while not state._release.is_set():
             await asyncio.sleep(0.01)
-        response: Response = PlainTextResponse("held by the sandbox and dropped", status_code=503)
-    else:
-        response = _engage(mixpanel, state, request, recorded.body)
+        response = PlainTextResponse("held by the sandbox and dropped", status_code=503)
     recorded.status = response.status_code
     with state.lock:
         state.requests[response.status_code] += 1

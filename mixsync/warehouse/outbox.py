@@ -17,7 +17,9 @@ An outbox is a DuckDB table with the columns of `outbox_ddl`. A push:
 
 Two delivery policies, for two kinds of service:
 - `at_most_once=False` (Mixpanel /import dedupes on $insert_id, a Flagsmith trait set is idempotent): a batch in
-  flight when the push was interrupted or killed stays pending and is sent again.
+  flight when the push was interrupted or killed stays pending and is sent again; its items get a `sent_at`, so a
+  pending item with a `sent_at` went out and may be at the service already (a flow that plans against a ledger of
+  what the service holds takes it as possibly applied).
 - `at_most_once=True` (Split counts every event it receives): such a batch becomes `in_doubt` and is not sent
   again unless someone decides so. Either way, a send that raises `OutcomeUnknown` (the service may have applied
   the batch) marks its batch `in_doubt`.
@@ -251,8 +253,8 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
     """Mark the items of the journal's settled batches sent, rejected or in doubt where still pending, then delete
     the journal and its ids file.
 
-    A batch journaled `inflight` that never settled becomes `in_doubt` when `at_most_once`, else stays pending.
-    Returns (sent, rejected, in doubt, in flight unsettled). Idempotent: applying a journal twice changes
+    A batch journaled `inflight` that never settled becomes `in_doubt` when `at_most_once`, else stays pending
+    with a `sent_at` (it may have reached the service). Returns (sent, rejected, in doubt, in flight unsettled). Idempotent: applying a journal twice changes
     nothing more.
 
     Only the snapshot's lines `first_line` to `last_line` (exclusive; None: to the end) are applied. With
@@ -286,9 +288,8 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                         USING (batch) WHERE r.kind = 'rejected' AND b.outcome = 'sent')
                 FROM outbox_batches""").fetchone()
             sent = settled - rejected
-            if sent + rejected + in_doubt + (unsettled if at_most_once else 0):
-                outcomes = ("('sent', 'in_doubt', 'unsettled')" if at_most_once and finish
-                            else "('sent', 'in_doubt')")
+            if sent + rejected + in_doubt + (unsettled if finish else 0):
+                outcomes = "('sent', 'in_doubt', 'unsettled')" if finish else "('sent', 'in_doubt')"
                 # Consecutive batches with the same outcome become one range of lines (most pushes: one range),
                 # so lines find their outcome by a range join with a few rows, not a join per line.
                 con.execute(f"""
@@ -315,7 +316,8 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
                 # than one UPDATE, for ~0.1 CPU-s more). Safe to stop between two: only rows still pending change,
                 # and the journal is deleted after the last.
                 for first in range(first_line, lines, APPLY_LINES):
-                    _apply_window(con, table, ids, first, min(first + APPLY_LINES, lines), by_row, now)
+                    _apply_window(con, table, ids, first, min(first + APPLY_LINES, lines), by_row, now,
+                                  "in_doubt" if at_most_once else "pending")
         finally:
             con.execute("DROP TABLE IF EXISTS outbox_journal; DROP TABLE IF EXISTS outbox_batches; "
                         "DROP TABLE IF EXISTS outbox_ranges; DROP TABLE IF EXISTS outbox_rejected")
@@ -327,9 +329,10 @@ def _apply_batches(warehouse: AnyWarehouse, table: str, journal: Path, ids: Path
 
 
 def _apply_window(con: duckdb.DuckDBPyConnection, table: str, ids: Path, first: int, last: int, by_row: bool,
-                  now: dt.datetime) -> None:
-    """Mark the items of the snapshot's lines first..last-1 that belong to settled batches (`outbox_ranges`,
-    `outbox_rejected`), where still pending.
+                  now: dt.datetime, unsettled_status: str = "in_doubt") -> None:
+    """Mark the items of the snapshot's lines first..last-1 that belong to settled batches (`outbox_rejected`,
+    `outbox_ranges`; there, a batch that never settled gets `unsettled_status`: `in_doubt`, or `pending` with a
+    `sent_at`), where still pending.
 
     A row is found first where the snapshot saw it, by its row number (`rowid`), and taken only if its id is the
     line's: an integer join over the window's part of the table, not a string join over the whole table (for a
@@ -352,22 +355,23 @@ def _apply_window(con: duckdb.DuckDBPyConnection, table: str, ids: Path, first: 
     if len(ranges) == 1 and not refused:
         # Most windows lie in one run of batches with one outcome: its status for every line, no join.
         outcome, reason, lo, hi = ranges[0]
-        status, error = ("in_doubt", IN_FLIGHT_REASON) if outcome == "unsettled" else (outcome, reason)
+        status, error = (unsettled_status, IN_FLIGHT_REASON) if outcome == "unsettled" else (outcome, reason)
         window = {"first": max(lo, first), "last": min(hi, last)}
         # Items all sent leave `error` as it is: NULL on every pending row (enqueue and each re-queue clear it).
         # One column fewer to write: ~0.1-0.2 CPU-s less per million rows; the status a constant, not a column
         # of the join: ~0.2 less.
         params: dict[str, object] = {**window, "now": now, "ids": str(ids), "status": status}
         assign = "status = $status,"
-        if status != "sent":
+        if status not in ("sent", "pending"):  # a pending item's error stays NULL
             params["error"], assign = error, assign + " error = $error,"
         source = f"SELECT i.* FROM {lines} WHERE {in_window}"
     else:
-        params = {**window, "now": now, "ids": str(ids), "in_flight": IN_FLIGHT_REASON}
+        params = {**window, "now": now, "ids": str(ids), "unsettled": unsettled_status,
+                  "in_flight": IN_FLIGHT_REASON if unsettled_status == "in_doubt" else None}
         assign = "status = a.status, error = a.error,"
         source = f"""SELECT i.*,
                             CASE WHEN r.reason IS NOT NULL THEN 'rejected'
-                                 WHEN g.outcome = 'unsettled' THEN 'in_doubt' ELSE g.outcome END AS status,
+                                 WHEN g.outcome = 'unsettled' THEN $unsettled ELSE g.outcome END AS status,
                             CASE WHEN r.reason IS NOT NULL THEN r.reason
                                  WHEN g.outcome = 'unsettled' THEN $in_flight ELSE g.reason END AS error
                      FROM {lines}
@@ -375,10 +379,18 @@ def _apply_window(con: duckdb.DuckDBPyConnection, table: str, ids: Path, first: 
                      LEFT JOIN outbox_rejected r ON r.line = i.file_row_number
                      WHERE {in_window}"""
 
+    # An item left pending (in flight, never answered) keeps its first sent_at and its attempts: it stays pending,
+    # so applying the journal again (after a kill during the apply) would otherwise change it again.
+    stamp = ("sent_at = CASE WHEN a.status = 'pending' THEN coalesce(o.sent_at, $now) ELSE $now END, "
+             "attempts = o.attempts + CASE WHEN a.status = 'pending' THEN 0 ELSE 1 END")
+    if len(ranges) == 1 and not refused:
+        stamp = ("sent_at = coalesce(o.sent_at, $now)" if params["status"] == "pending"
+                 else "sent_at = $now, attempts = o.attempts + 1")
+
     def update(match: str, bounds: dict | None = None) -> int:
         return con.execute(f"""
             UPDATE {table} AS o
-            SET {assign} sent_at = $now, attempts = o.attempts + 1
+            SET {assign} {stamp}
             FROM ({source}) a
             WHERE {match} AND o.status = 'pending'""", {**params, **(bounds or {})}).fetchone()[0]
 
@@ -416,9 +428,12 @@ def _apply_legacy(warehouse: AnyWarehouse, table: str, journal: Path, at_most_on
                 SELECT count(*) FILTER (status = 'sent'), count(*) FILTER (status = 'rejected'),
                        count(*) FILTER (status = 'in_doubt'), (SELECT count(*) FROM outbox_unsettled)
                 FROM outbox_journal""").fetchone()
-            unsettled_sql = "UNION ALL SELECT id, 'in_doubt', $reason FROM outbox_unsettled" if at_most_once else ""
+            unsettled_sql = ("UNION ALL SELECT id, 'in_doubt', $reason FROM outbox_unsettled" if at_most_once
+                             else "UNION ALL SELECT id, 'pending', NULL FROM outbox_unsettled")
             con.execute(f"""
-                UPDATE {table} AS o SET status = a.status, error = a.detail, sent_at = $now, attempts = o.attempts + 1
+                UPDATE {table} AS o SET status = a.status, error = a.detail,
+                    sent_at = CASE WHEN a.status = 'pending' THEN coalesce(o.sent_at, $now) ELSE $now END,
+                    attempts = o.attempts + CASE WHEN a.status = 'pending' THEN 0 ELSE 1 END
                 FROM (SELECT id, status, detail FROM outbox_journal WHERE status IN ('sent', 'rejected', 'in_doubt')
                       {unsettled_sql}) a
                 WHERE o.id = a.id AND o.status = 'pending'""",
