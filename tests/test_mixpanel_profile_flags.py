@@ -360,3 +360,19 @@ def test_identities_trimmed_for_flagsmith_write_the_untrimmed_distinct_ids(sandb
     profiles = sandbox.mixpanel.profiles.all_profiles()
     assert profiles == {m: {"flagsmith_checkout_v2": True} for m in members}  # not pad-1 or pad-2, other people
     assert result["identities_read"] == 2 and result["updates_sent"] == 3 and result["skipped_by_reason"] == {}
+
+
+def test_identifier_property_given_as_run_config_reaches_the_members_load_and_wins_over_the_environment(
+        sandbox, env, instance, monkeypatch, warehouse):
+    monkeypatch.setenv("FLAGSMITH_IDENTIFIER_PROPERTY", "plan")  # the environment says otherwise: run config wins
+    members = ["u-zz2", "u-zz3"]
+    only_cohort(sandbox.mixpanel.query, "Inbox", members)
+    config = {"resources": {"flagsmith": {"config": {"identifier_property": "$email"}}}}
+    sync_cohort_traits(instance, run_config=config)
+    with warehouse.read() as con:
+        assert con.execute("SELECT properties FROM mixpanel.cohort_member_loads").fetchall() == [(["$email"],)]
+    assert set(sandbox.flagsmith.all_traits()) == {"u-zz2@example.com", "u-zz3@example.com"}
+    sandbox.flagsmith.add_feature("checkout_v2", enabled=True, value="on")
+    result = meta(run(instance, run_config=config))
+    assert sandbox.mixpanel.profiles.all_profiles() == {m: {"flagsmith_checkout_v2": "on"} for m in members}
+    assert result["identities_read"] == 2 and result["skipped_by_reason"] == {}

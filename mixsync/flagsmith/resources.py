@@ -34,6 +34,11 @@ class FlagsmithResource(HttpResource):
     def settings(self) -> FlagsmithSettings:
         return FlagsmithSettings.from_env(self.environ())
 
+    def identifier_property_in_effect(self) -> str | None:
+        """FLAGSMITH_IDENTIFIER_PROPERTY as this run has it (run config over the environment), without requiring
+        the other Flagsmith settings: mixpanel_cohort_members fetches that property with the members."""
+        return (self.environ().get("FLAGSMITH_IDENTIFIER_PROPERTY") or "").strip() or None
+
     def profile_flags_settings(self) -> ProfileFlagsSettings:
         return ProfileFlagsSettings.from_env(self.environ())
 

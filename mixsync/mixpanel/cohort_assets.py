@@ -92,10 +92,12 @@ def mixpanel_cohorts(context: dg.AssetExecutionContext, mixpanel: MixpanelResour
                 "in mixpanel.cohort_members, who entered and left in mixpanel.cohort_membership_history.",
 )
 def mixpanel_cohort_members(context: dg.AssetExecutionContext, mixpanel: MixpanelResource,
-                            warehouse: WarehouseResource) -> dg.MaterializeResult:
+                            warehouse: WarehouseResource, flagsmith: FlagsmithResource) -> dg.MaterializeResult:
     started = time.monotonic()
+    # The property flagsmith_cohort_traits will identify people by, from the same resource it reads it from: a
+    # value given as run config must reach this load too, or that push refuses members loaded without it.
     try:
-        settings = mixpanel.cohort_settings()
+        settings = mixpanel.cohort_settings(flagsmith.identifier_property_in_effect())
     except SettingsError as exc:
         raise dg.Failure(str(exc)) from None
     store = warehouse.warehouse()

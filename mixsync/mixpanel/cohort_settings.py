@@ -42,11 +42,12 @@ class CohortSettings:
     member_properties: tuple[str, ...]    # profile properties kept with each member (JSON)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> CohortSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 identifier_property: str | None = None) -> CohortSettings:
+        """`identifier_property`: the Flagsmith flow's FLAGSMITH_IDENTIFIER_PROPERTY as the run has it (its
+        resource's config, else the environment); it identifies people by that property, so it is fetched too."""
         environ = os.environ if environ is None else environ
         properties = list(_name_list(environ, "MIXPANEL_COHORT_MEMBER_PROPERTIES"))
-        # The Flagsmith flow identifies people by this property when set, so the extract must fetch it.
-        identifier_property = _env(environ, "FLAGSMITH_IDENTIFIER_PROPERTY")
         if identifier_property and identifier_property not in properties:
             properties.append(identifier_property)
         return cls(

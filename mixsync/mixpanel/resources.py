@@ -32,8 +32,8 @@ class MixpanelResource(HttpResource):
     def settings(self) -> MixpanelSettings:
         return MixpanelSettings.from_env(self.environ())
 
-    def cohort_settings(self) -> CohortSettings:
-        return CohortSettings.from_env(self.environ())
+    def cohort_settings(self, identifier_property: str | None = None) -> CohortSettings:
+        return CohortSettings.from_env(self.environ(), identifier_property)
 
     def client(self, stats: RetryStats | None = None) -> MixpanelClient:
         return MixpanelClient(self.settings(), self.retry_policy(), stats)
