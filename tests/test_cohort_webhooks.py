@@ -205,3 +205,21 @@ def test_receive_cohorts_command_serves_on_the_shared_hardened_server(tmp_path):
         output = server.communicate(timeout=30)[0].decode()
     assert len([p for p in landing.iterdir() if p.name.startswith("cohorts-")]) == 1
     assert PASSWORD not in output
+
+
+def test_bodies_whose_run_failed_are_asked_for_again_without_waiting_for_a_new_body(receiver, instance):
+    url, _ = receiver
+    assert post(url, body("add_members", 7, "VIPs", ["a"])).status_code == 200
+    first = mixpanel_cohort_webhook_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(first, dg.RunRequest)
+    from mixsync.definitions import defs
+
+    job = defs.resolve_job_def("mixpanel_cohort_webhook_job")
+    # A run for the key exists and has not ended: nothing more is asked for.
+    running = instance.create_run_for_job(job, tags={"dagster/run_key": first.run_key},
+                                          status=dg.DagsterRunStatus.STARTED)
+    assert isinstance(mixpanel_cohort_webhook_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    # It failed (the bodies are still in the folder): the same set is asked for again, under a new key.
+    instance.report_run_failed(running)
+    again = mixpanel_cohort_webhook_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(again, dg.RunRequest) and again.run_key == f"{first.run_key}-again-1"

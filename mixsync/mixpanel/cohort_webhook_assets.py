@@ -72,6 +72,9 @@ def mixpanel_cohort_webhook_members(context: dg.AssetExecutionContext,
     })
 
 
+RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster's daemon puts on a run a sensor requested
+ENDED_IN_FAILURE = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
 mixpanel_cohort_webhook_job = dg.define_asset_job(
     "mixpanel_cohort_webhook_job",
     # Applying and pushing in one run: a webhook's change reaches Flagsmith without waiting for the hourly poll.
@@ -86,8 +89,18 @@ mixpanel_cohort_webhook_job = dg.define_asset_job(
 def mixpanel_cohort_webhook_sensor(context: dg.SensorEvaluationContext):
     """A run whenever bodies are in the landing folder; the run key (newest name and count) keeps one run per set.
 
-    Bodies leave the folder once recorded in DuckDB, so a folder with files in it always means work to do."""
+    Bodies leave the folder once recorded in DuckDB, so a folder with files in it always means work to do. When
+    the runs for this set all failed or were canceled, it is asked for again under a new key (`-again-<n>`):
+    Dagster drops a request whose key it has seen, so the set would otherwise wait for the next body to arrive."""
     paths = landed_bodies(cohort_webhook_dir())
     if not paths:
         return dg.SkipReason("no cohort webhook bodies landed")
-    return dg.RunRequest(run_key=f"{paths[-1].name}-{len(paths)}")
+    base = f"{paths[-1].name}-{len(paths)}"
+    keys = [base]
+    while True:
+        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: keys[-1]}))
+        if not runs:
+            return dg.RunRequest(run_key=keys[-1])
+        if any(run.status not in ENDED_IN_FAILURE for run in runs):
+            return dg.SkipReason(f"the run for these {len(paths)} bodies ({keys[-1]}) is queued, running or done")
+        keys.append(f"{base}-again-{len(keys)}")
