@@ -20,6 +20,7 @@ from mixsync.flagsmith.resources import FlagsmithResource
 from mixsync.flagsmith.settings import ProfileFlagsSettings
 from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_cohorts
 from mixsync.mixpanel.resources import MixpanelResource
+from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
 from mixsync.sandbox.mixpanel_query import profile_properties
 from mixsync.settings import SettingsError
@@ -376,3 +377,25 @@ def test_identifier_property_given_as_run_config_reaches_the_members_load_and_wi
     result = meta(run(instance, run_config=config))
     assert sandbox.mixpanel.profiles.all_profiles() == {m: {"flagsmith_checkout_v2": "on"} for m in members}
     assert result["identities_read"] == 2 and result["skipped_by_reason"] == {}
+
+
+def test_a_refusal_names_the_profile_only_by_its_pseudonym_in_metadata_the_log_and_the_check(sandbox, managed,
+                                                                                              instance, warehouse):
+    from mixsync.outbox_health import REJECTS_CHECK
+
+    sandbox.mixpanel.profiles.refuse["vip-1"] = "profile update refused"  # Mixpanel's reason quotes the $distinct_id
+    result = run(instance)
+    shown = meta(result)
+    assert shown["updates_rejected"] == 1
+    (reason,) = shown["rejects_by_reason"]
+    assert reason == f"update 0 ($distinct_id '{pseudonym('vip-1')}'): profile update refused"
+    log = [e.user_message for e in instance.all_logs(result.run_id) if "Mixpanel refused" in e.user_message]
+    assert len(log) == 1 and pseudonym("vip-1") in log[0]
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == REJECTS_CHECK]
+    everything = " ".join([str(shown), *(e.user_message for e in instance.all_logs(result.run_id)),
+                           str({k: v.value for k, v in check.metadata.items()})])
+    assert "vip-1" not in everything and pseudonym("vip-1") in str(check.metadata["top_reasons"].value)
+    with warehouse.read() as con:  # the warehouse still says which profile it was
+        assert con.execute("""SELECT DISTINCT i.distinct_id FROM sync.mixpanel_profile_flags_outbox o
+                              JOIN sync.mixpanel_profile_flags_outbox_items i ON i.outbox_id = o.id
+                              WHERE o.status = 'rejected'""").fetchall() == [("vip-1",)]

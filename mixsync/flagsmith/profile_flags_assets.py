@@ -22,6 +22,7 @@ from mixsync.http import RetryStats, ServiceError
 from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel.profiles_client import ProfilesClient
 from mixsync.outbox_health import outbox_check_results, outbox_check_specs
+from mixsync.privacy import pseudonym, redact
 from mixsync.progress import CountProgress, reporting_sends
 from mixsync.resources import WarehouseResource
 from mixsync.settings import SettingsError
@@ -77,11 +78,17 @@ def _preview(payloads: list[str]) -> str:
 def _sender(client: ProfilesClient):
     def send(payloads: list[bytes]) -> BatchOutcome:
         try:
-            return BatchOutcome(rejected=client.send(payloads))
+            refused = client.send(payloads)
         except ServiceError as exc:
             if exc.status is not None and 400 <= exc.status < 500:
                 raise FatalPushError(str(exc)) from None
             raise
+        # Mixpanel's reason names the profile ("update 0 ($distinct_id 'ann@example.com'): ..."), and the outbox's
+        # reasons go to the run log, the materialization's rejects_by_reason and the outbox check: they keep the
+        # pseudonym instead (the outbox's items still name the profile, in the warehouse).
+        return BatchOutcome(rejected={
+            position: redact(reason, orjson.loads(payloads[position]).get("$distinct_id", ""))
+            for position, reason in refused.items()})
 
     return send
 
@@ -173,7 +180,7 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
         flag_requests = client.requests_sent
     if read_errors:
         context.log.warning(f"could not read the flags of {len(read_errors)} identities (kept as they were): "
-                            f"{list(read_errors.items())[:3]}")
+                            f"{[(pseudonym(i), redact(e, i)) for i, e in list(read_errors.items())[:3]]}")
     # 2. Land the flags and plan the changes against the ledger, in one short write.
     with store.write() as con:
         identities_read = sql.land_flags(con, answers, identities)
