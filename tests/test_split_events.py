@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import dagster as dg
 import orjson
 import pytest
+from waiting import poll, reap
 
 from mixsync.mixpanel.assets import mixpanel_events
 from mixsync.mixpanel.resources import MixpanelResource
@@ -37,6 +39,12 @@ def split_metadata(result) -> dict:
     """The run's figures (run/..., without the prefix) and the first partition's dagster/ entries."""
     metadata = result.asset_materializations_for_node("split_events")[0].metadata.items()
     return {k.removeprefix("run/"): v.value for k, v in metadata if k.startswith(("run/", "dagster/"))}
+
+
+def partition_metadata(result) -> dict[str, dict]:
+    """Each day's materialization of split_events: its own figures and the run's (run/...)."""
+    return {m.partition: {k: v.value for k, v in m.metadata.items()}
+            for m in result.asset_materializations_for_node("split_events")}
 
 
 def failure_text(result) -> str:
@@ -232,8 +240,12 @@ def test_batches_in_flight_when_a_push_is_killed_or_interrupted_are_held_in_doub
     result = materialize(instance, [split_events], day)
     meta = split_metadata(result)
     # Killed: the next run finds the batches in flight in the journal; interrupted: the run itself held them.
-    assert meta["in_doubt"] == (in_flight if stop == "SIGKILL" else 0)
+    # Either way they are not this run's in_doubt: its push sent nothing whose outcome is unknown.
+    assert meta["in_doubt"] == 0
+    assert meta["recovered_in_doubt"] == meta["in_flight_at_crash"] == (in_flight if stop == "SIGKILL" else 0)
+    assert meta["recovered_sent"] == (2 * batch if stop == "SIGKILL" else 0)
     assert meta["events_in_doubt_held"] == in_flight
+    assert partition_metadata(result)[day]["events_sent"] == meta["events_sent"]
     assert meta["events_sent"] == meta["events_mapped"] - 2 * batch - in_flight
     assert stop == "SIGINT" or any("in doubt" in line and "resend_in_doubt" in line for line in run_logs(instance, result))
     # Every event arrived once: the batches in flight were not sent again.
@@ -249,6 +261,9 @@ def test_batches_in_flight_when_a_push_is_killed_or_interrupted_are_held_in_doub
         "resend_in_doubt": True}}}})
     meta = split_metadata(resent)
     assert meta["events_resent_in_doubt"] == meta["events_sent"] == in_flight
+    # Sent before and not again: the acknowledged ones; the in-doubt ones are resent, not among them.
+    assert meta["events_already_sent_before"] == meta["events_mapped"] - in_flight
+    assert meta["events_resent"] == 0
     assert any("resend_in_doubt requested" in line and "twice" in line for line in run_logs(instance, resent))
     assert sandbox.split.duplicates() == in_flight  # what Split already had now counts twice, as warned
     assert outbox_counts(warehouse) == {"sent": meta["events_mapped"]}
@@ -279,3 +294,79 @@ def test_a_batch_split_accepted_but_answered_after_the_timeout_is_in_doubt_not_r
     again = split_metadata(materialize(instance, [split_events], day))
     assert again["events_sent"] == meta["events_mapped"] - 300 and again["events_in_doubt_held"] == 100
     assert sandbox.split.duplicates() == 0
+
+
+def test_a_batch_answered_too_late_then_resend_counts_acknowledged_and_in_doubt_events_apart_and_warns_for_each(
+        sandbox, env, warehouse, instance, day, monkeypatch):
+    monkeypatch.setenv("SPLIT_BATCH_SIZE", "100")
+    monkeypatch.setenv("SPLIT_PUSH_CONCURRENCY", "1")
+    monkeypatch.setenv("SPLIT_REQUEST_TIMEOUT_SECONDS", "1")
+    sandbox.split.hold_from_request = 3  # the third batch arrives, its answer comes after the client gave up
+    try:
+        first = split_metadata(materialize(instance, [split_events], day))
+    finally:
+        sandbox.split.hold_from_request = None
+        sandbox.split.release()
+    assert (first["events_sent"], first["in_doubt"]) == (200, 100)
+    assert outbox_counts(warehouse) == {"sent": 200, "in_doubt": 100, "pending": first["events_mapped"] - 300}
+    received_before = len(sandbox.split.events)
+
+    result = materialize(instance, [split_events], day, run_config=RESEND)
+    meta = split_metadata(result)
+    sent_now = sandbox.split.events[received_before:]
+    # 200 Split had acknowledged, 100 held in doubt (which had arrived), the rest never sent: all go now.
+    assert (meta["events_resent"], meta["events_resent_in_doubt"]) == (200, 100)
+    assert meta["events_already_sent_before"] == 0
+    assert meta["events_sent"] == len(sent_now) == meta["events_mapped"]
+    assert partition_metadata(result)[day]["events_sent"] == meta["events_sent"]
+    assert meta["in_doubt"] == meta["recovered_in_doubt"] == meta["events_in_doubt_held"] == 0
+    assert sandbox.split.duplicates() == 200 + 100
+    assert outbox_counts(warehouse) == {"sent": meta["events_mapped"]}
+    logs = run_logs(instance, result)
+    assert any("resend requested: 200 events Split already acknowledged are sent again" in line for line in logs)
+    assert any("resend requested: 100 events whose delivery is unknown" in line
+               and "counts twice any that had arrived" in line for line in logs)
+
+
+@pytest.mark.slow
+def test_each_days_events_sent_is_what_this_run_sent_not_what_a_killed_push_sent_before(
+        sandbox, env, warehouse, instance):
+    days = [d.isoformat() for d in sandbox.dataset.days]
+    materialize(instance, [mixpanel_events], days[0], days[-1])
+    batch, concurrency = 100, 2
+    sandbox.split.hold_from_request = 3  # two batches of the first day answered, the next two held: then killed
+    child = push_child(days[0], batch, concurrency)
+    try:
+        def held() -> bool:
+            assert child.poll() is None, "the push ended before it could be killed"
+            return sandbox.split.bulk_requests >= 2 + concurrency
+        poll(held, 120, "the killed push's requests to be held")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        reap(child)
+        sandbox.split.hold_from_request = None
+        sandbox.split.release()
+    received_before = len(sandbox.split.events)
+    assert received_before == 2 * batch + concurrency * batch
+
+    result = materialize(instance, [split_events], days[0], days[-1])
+    per_day = partition_metadata(result)
+    run = {k.removeprefix("run/"): v for k, v in per_day[days[0]].items() if k.startswith("run/")}
+    # What this run sent, day by day, as Split received it, and as sync.split_events records it.
+    sent_now = sandbox.split.events[received_before:]
+    with warehouse.read() as con:
+        rows = con.execute(f"SELECT scope, status, payload FROM {EVENTS_OUTBOX}").fetchall()
+    row_of = {sandbox.split.identity(orjson.loads(payload)): (scope, status) for scope, status, payload in rows}
+    received_by_day = Counter(row_of[sandbox.split.identity(e)][0] for e in sent_now)
+    assert all(row_of[sandbox.split.identity(e)][1] == "sent" for e in sent_now)
+    sent_by_day = Counter(scope for scope, status, _ in rows if status == "sent")
+    assert sandbox.split.duplicates() == 0
+    assert run["events_sent"] == len(sent_now)
+    for day in days:
+        assert per_day[day]["events_sent"] == received_by_day[day], day
+        # Split holds the day's events sent by the killed push and by this run.
+        assert per_day[day]["events_sent_total"] == sent_by_day[day] == received_by_day[day] + (
+            2 * batch if day == days[0] else 0), day
+    assert sum(per_day[day]["events_sent"] for day in days) == run["events_sent"]
+    assert (run["recovered_sent"], run["recovered_in_doubt"]) == (2 * batch, concurrency * batch)

@@ -65,7 +65,6 @@ accept_backfill_policy_beta()
 def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, split: SplitResource,
                  warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult | dg.AssetObservation | dg.AssetCheckResult]:
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.UTC)
     try:
         settings = split.settings()
         mapping = split.mapping(settings)
@@ -92,21 +91,27 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             **seen[0].metadata(), "days": f"{first_day}..{last_day}", "events_considered": staged.considered,
             "events_mapped": staged.mapped, "events_rejected": staged.rejected,
             "rejects_by_reason": staged.rejects_by_reason,
-            "events_already_sent_before": staged.already_sent - staged.resend, "events_resent": staged.resend})
+            "events_already_sent_before": staged.already_sent_not_resent, "events_resent": staged.resend,
+            "events_resent_in_doubt": staged.resend_in_doubt})
         yield from checks
         return
 
     # What a crashed push acknowledged is applied before the mapping touches pending rows.
     # A batch in flight when a push was killed or interrupted is marked in_doubt here, never resent on a guess.
     recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log, at_most_once=True)
+    # A day's `events_sent` counts the rows marked sent from here on: recovery stamped the rows it applied (sent
+    # by the dead push) with an earlier time, so they are not counted as this run's.
+    push_started_at = dt.datetime.now(dt.UTC)
     with store.write() as con:
         staged = stage_window(con, mapping, first_day, last_day, settings.environment,
                               dt.datetime.now(dt.UTC), resend=config.resend,
                               resend_in_doubt=config.resend_in_doubt)
     if staged.resend_in_doubt:
-        context.log.warning(f"resend_in_doubt requested: {staged.resend_in_doubt} events whose delivery is unknown "
-                            "are sent again; Split does not deduplicate, so it counts twice any that had arrived")
-    if config.resend and staged.resend:
+        option = "resend" if config.resend else "resend_in_doubt"
+        context.log.warning(f"{option} requested: {staged.resend_in_doubt} events whose delivery is unknown (held "
+                            "in_doubt) are sent again; Split does not deduplicate, so it counts twice any that had "
+                            "arrived")
+    if staged.resend:
         context.log.warning(f"resend requested: {staged.resend} events Split already acknowledged are sent again; "
                             "Split does not deduplicate, so its metrics will count them twice")
     if staged.rejected:
@@ -138,7 +143,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             SELECT count(*) FILTER (status = 'pending' AND list_contains(?, scope)),
                    count(*) FILTER (status = 'in_doubt')
             FROM {EVENTS_OUTBOX}""", [days]).fetchone()
-        per_day = day_figures(con, days, started_at)
+        per_day = day_figures(con, days, push_started_at)
         schema = column_schema(con, EVENTS_OUTBOX)
         checks = outbox_check_results(con, "split_events", EVENTS_OUTBOX)
         preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events
@@ -157,7 +162,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
         "events_mapped": staged.mapped,
         "events_enqueued": staged.enqueued,
         "events_sent": report.sent,
-        "events_already_sent_before": staged.already_sent - staged.resend,
+        "events_already_sent_before": staged.already_sent_not_resent,
         "events_resent": staged.resend,
         "events_pending_after": pending_after,
         "events_withdrawn": staged.withdrawn,
@@ -170,18 +175,24 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
         "requests": requests,
         "recovered_sent": recovered.recovered_sent,
         "in_flight_at_crash": recovered.in_flight_at_crash,
-        # Outcome unknown (late answer, cut connection, 500/502/504, in flight at a crash): held, not resent.
-        "in_doubt": report.in_doubt + recovered.recovered_in_doubt,
+        # An earlier, dead push's events whose outcome is unknown, found in its journal: in flight at its crash
+        # (in_flight_at_crash) or answered too late before it died. Held, not resent.
+        "recovered_in_doubt": recovered.recovered_in_doubt,
+        # This run's own: sent by its push, outcome unknown (late answer, cut connection, 500/502/504). Held.
+        "in_doubt": report.in_doubt,
         "events_in_doubt_held": in_doubt_held,
         "events_resent_in_doubt": staged.resend_in_doubt,
         **stats.as_metadata(),
         "duration_seconds": round(time.monotonic() - started, 3),
         "outbox": dg.MetadataValue.md(preview),
     }
-    if report.in_doubt + recovered.recovered_in_doubt:
+    if report.in_doubt or recovered.recovered_in_doubt:
+        found = [f"{report.in_doubt} sent by this run"] if report.in_doubt else []
+        if recovered.recovered_in_doubt:
+            found.append(f"{recovered.recovered_in_doubt} of an earlier push that did not finish (found at recovery)")
         context.log.warning(
-            f"{report.in_doubt + recovered.recovered_in_doubt} events are in doubt (Split may or may not have them); "
-            f"{in_doubt_held} are held in sync.split_events with status 'in_doubt' and are not sent again. "
+            f"events in doubt (Split may or may not have them): {' and '.join(found)}; {in_doubt_held} are held in "
+            "sync.split_events with status 'in_doubt' and are not sent again. "
             "Check Split, then run with resend_in_doubt: true to send them anyway")
     metadata = {"dagster/table_name": EVENTS_OUTBOX, "dagster/column_schema": schema,
                 **{f"run/{name}": value for name, value in run.items()}}

@@ -50,16 +50,24 @@ class StagedEvents:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     renames: dict[str, str | None] = field(default_factory=dict)
     enqueued: int = 0
+    # Of the window's mapped events, those an earlier run sent (any status but pending: acknowledged or in doubt).
     already_sent: int = 0
     pending_before: int = 0
     pending_refreshed: int = 0
     withdrawn: int = 0
+    # Put back to pending to be sent again: events Split had acknowledged (`resend`), events held in doubt
+    # (`resend_in_doubt`, by either option). Apart, because each is warned about in its own terms.
     resend: int = 0
     resend_in_doubt: int = 0
 
     @property
     def rejected(self) -> int:
         return sum(self.rejects_by_reason.values())
+
+    @property
+    def already_sent_not_resent(self) -> int:
+        """Events an earlier run sent that this run does not send again."""
+        return self.already_sent - self.resend - self.resend_in_doubt
 
 
 def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.date, end: dt.date,
@@ -112,7 +120,8 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
             result.pending_refreshed = con.execute(f"""
                 UPDATE {EVENTS_OUTBOX} o SET payload = s.payload
                 FROM split_stage s WHERE o.id = s.id AND o.status = 'pending' AND o.payload <> s.payload""").fetchone()[0]
-            if resend_in_doubt and not resend:
+            # In-doubt events first, so that what `resend` then puts back is only what Split had acknowledged.
+            if resend_in_doubt or resend:
                 result.resend_in_doubt = con.execute(f"""
                     UPDATE {EVENTS_OUTBOX} o SET status = 'pending', payload = s.payload, error = NULL
                     FROM split_stage s WHERE o.id = s.id AND s.payload IS NOT NULL AND o.status = 'in_doubt'""").fetchone()[0]
@@ -137,7 +146,10 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
 
 def day_figures(con: duckdb.DuckDBPyConnection, days: list[str], sent_since: dt.datetime) -> dict[str, dict]:
     """Each day's own figures for its partition: what Split holds of that day (`sent`), what this push sent,
-    what waits, what could not be mapped and why, and the day's events in mixpanel.events."""
+    what waits, what could not be mapped and why, and the day's events in mixpanel.events.
+
+    What this push sent is the rows marked sent at or after `sent_since`: take it after the recovery of a dead
+    push's journal, whose rows (sent by that push) are stamped when they are applied."""
     params = {"days": days, "since": sent_since}
     figures: dict[str, dict] = {day: {"events_considered": 0, "events_sent_total": 0, "events_sent": 0,
                                       "events_pending": 0, "events_rejected": 0, "rejects_by_reason": {},
