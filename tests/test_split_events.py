@@ -93,8 +93,10 @@ def test_a_day_is_sent_once_and_rematerializing_sends_nothing_new(sandbox, env, 
     assert outbox_identities(warehouse, sandbox) == set(sandbox.split.received())
     assert outbox_counts(warehouse) == {"sent": first["events_sent"]}
 
-    again = split_metadata(materialize(instance, [split_events], day))
+    result = materialize(instance, [split_events], day)
+    again = split_metadata(result)
     assert again["events_sent"] == 0 and again["events_enqueued"] == 0 and again["batches"] == 0
+    assert partition_metadata(result)[day]["events_sent"] == 0  # the day's: nothing sent by this run either
     assert again["events_already_sent_before"] == first["events_sent"]
     assert sandbox.split.accepted == first["events_sent"] and sandbox.split.duplicates() == 0
 

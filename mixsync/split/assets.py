@@ -1,6 +1,7 @@
 """mixpanel.events → Split's Events API, through the sync.split_events outbox, a day per partition."""
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Iterator
 
@@ -41,6 +42,28 @@ def batch_sender(client: SplitEventsClient):
 
     # The outbox hands over each batch's request body as it lies in the snapshot: no per-event work in Python.
     return BodySender(send)
+
+
+class FirstSend:
+    """Wraps the push's send to note when its first request went out.
+
+    Every row this push marks sent is stamped after that (when its batch is answered), and every row another
+    push marked before it: the recovery of a dead push's journal, at this run's start or at the push's own start,
+    and a push of the same outbox by another run, which holds the outbox's lock until it ends. So the rows of a
+    day marked sent since then are the ones this push sent."""
+
+    def __init__(self) -> None:
+        self.at: dt.datetime | None = None
+        self._lock = threading.Lock()
+
+    def wrap(self, sender: BodySender) -> BodySender:
+        def send(body: bytes, count: int) -> BatchOutcome:
+            with self._lock:  # set before any request goes out, whichever sender thread comes first
+                if self.at is None:
+                    self.at = dt.datetime.now(dt.UTC)
+            return sender.send(body, count)
+
+        return BodySender(send)
 
 
 accept_backfill_policy_beta()
@@ -99,9 +122,6 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     # What a crashed push acknowledged is applied before the mapping touches pending rows.
     # A batch in flight when a push was killed or interrupted is marked in_doubt here, never resent on a guess.
     recovered = recover(store, EVENTS_OUTBOX, work_dir, context.log, at_most_once=True)
-    # A day's `events_sent` counts the rows marked sent from here on: recovery stamped the rows it applied (sent
-    # by the dead push) with an earlier time, so they are not counted as this run's.
-    push_started_at = dt.datetime.now(dt.UTC)
     with store.write() as con:
         staged = stage_window(con, mapping, first_day, last_day, settings.environment,
                               dt.datetime.now(dt.UTC), resend=config.resend,
@@ -125,6 +145,7 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
     stats = RetryStats()
     failure: str | None = None
     report = PushReport()
+    first_send = FirstSend()
     with store.read() as con:
         pending_before = con.execute(f"""SELECT count(*) FROM {EVENTS_OUTBOX} WHERE status = 'pending'
                                          AND list_contains(?, scope)""", [days]).fetchone()[0]
@@ -132,8 +153,8 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
                              batched=True)
     with split.client(settings, stats) as client:
         try:
-            report = push(store, EVENTS_OUTBOX, reporting_sends(batch_sender(client), progress), work_dir, scopes=days,
-                          max_items=settings.batch_size, max_bytes=settings.max_batch_bytes,
+            report = push(store, EVENTS_OUTBOX, reporting_sends(first_send.wrap(batch_sender(client)), progress),
+                          work_dir, scopes=days, max_items=settings.batch_size, max_bytes=settings.max_batch_bytes,
                           concurrency=settings.concurrency, logger=context.log, at_most_once=True)
         except (FatalPushError, ServiceError) as exc:
             failure = str(exc)
@@ -143,7 +164,8 @@ def split_events(context: dg.AssetExecutionContext, config: SplitEventsConfig, s
             SELECT count(*) FILTER (status = 'pending' AND list_contains(?, scope)),
                    count(*) FILTER (status = 'in_doubt')
             FROM {EVENTS_OUTBOX}""", [days]).fetchone()
-        per_day = day_figures(con, days, push_started_at)
+        # A day's `events_sent`: its rows marked sent since this push's first request (None: it sent nothing).
+        per_day = day_figures(con, days, first_send.at)
         schema = column_schema(con, EVENTS_OUTBOX)
         checks = outbox_check_results(con, "split_events", EVENTS_OUTBOX)
         preview = markdown_table(con, f"""SELECT payload->>'eventTypeId' AS event_type_id, status, count(*) AS events

@@ -144,12 +144,13 @@ def stage_window(con: duckdb.DuckDBPyConnection, mapping: Mapping, start: dt.dat
     return result
 
 
-def day_figures(con: duckdb.DuckDBPyConnection, days: list[str], sent_since: dt.datetime) -> dict[str, dict]:
+def day_figures(con: duckdb.DuckDBPyConnection, days: list[str], sent_since: dt.datetime | None) -> dict[str, dict]:
     """Each day's own figures for its partition: what Split holds of that day (`sent`), what this push sent,
     what waits, what could not be mapped and why, and the day's events in mixpanel.events.
 
-    What this push sent is the rows marked sent at or after `sent_since`: take it after the recovery of a dead
-    push's journal, whose rows (sent by that push) are stamped when they are applied."""
+    What this push sent is the rows marked sent at or after `sent_since`, when its first request went out (None:
+    it sent nothing). Not the run's start: the recovery of a dead push's journal stamps the rows it applies (sent
+    by that push) when it applies them."""
     params = {"days": days, "since": sent_since}
     figures: dict[str, dict] = {day: {"events_considered": 0, "events_sent_total": 0, "events_sent": 0,
                                       "events_pending": 0, "events_rejected": 0, "rejects_by_reason": {},
