@@ -313,6 +313,15 @@ def test_a_batch_answered_too_late_then_resend_counts_acknowledged_and_in_doubt_
     assert outbox_counts(warehouse) == {"sent": 200, "in_doubt": 100, "pending": first["events_mapped"] - 300}
     received_before = len(sandbox.split.events)
 
+    # A dry run shows the same figures, and sends nothing.
+    dry = materialize(instance, [split_events], day, run_config={"ops": {"split_events": {"config": {
+        "resend": True, "dry_run": True}}}})
+    (observation,) = [e.event_specific_data.asset_observation for e in dry.all_events
+                      if e.event_type_value == "ASSET_OBSERVATION"]
+    shown = {k: v.value for k, v in observation.metadata.items()}
+    assert (shown["events_resent"], shown["events_resent_in_doubt"], shown["events_already_sent_before"]) == (200, 100, 0)
+    assert shown["would_send_items"] == first["events_mapped"] and len(sandbox.split.events) == received_before
+
     result = materialize(instance, [split_events], day, run_config=RESEND)
     meta = split_metadata(result)
     sent_now = sandbox.split.events[received_before:]
