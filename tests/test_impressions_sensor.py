@@ -127,7 +127,9 @@ def test_a_tick_with_tens_of_thousands_of_files_stats_only_what_it_needs(impress
     state = CursorState(sequence=7, requested={n: (os.stat(landing / n).st_ino, keys[n]) for n in names[:29_990]})
     stats = []
     real_stat = os.stat
-    monkeypatch.setattr(sensors.os, "stat", lambda path, *a, **k: stats.append(path) or real_stat(path, *a, **k))
+    # os.stat is the process's: count only the landing folder's files (another thread may stat something else).
+    monkeypatch.setattr(sensors.os, "stat", lambda path, *a, **k: (
+        stats.append(path) if str(path).startswith(str(landing)) else None) or real_stat(path, *a, **k))
     plan = plan_file_batches(landing, state, batch_files=500, max_batches=10, settle_seconds=1)
     assert plan.batches == [names[29_990:]]
     assert len(stats) == 10
