@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import dagster as dg
 import orjson
 import pytest
-from waiting import poll, reap
+from waiting import journaled, run_and_sigkill
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.resources import FlagsmithResource
@@ -21,7 +16,6 @@ from mixsync.mixpanel.cohort_assets import mixpanel_cohort_members, mixpanel_coh
 from mixsync.mixpanel.resources import MixpanelResource
 from mixsync.resources import WarehouseResource
 from mixsync.sandbox.mixpanel_query import profile_properties
-from mixsync.warehouse.outbox import acknowledged
 
 RESOURCES = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
 CHAIN = [mixpanel_cohorts, mixpanel_cohort_members, flagsmith_cohort_traits]
@@ -180,22 +174,8 @@ def test_a_run_killed_mid_push_resumes_and_writes_each_trait_once(sandbox, env, 
     sync(instance, [mixpanel_cohorts, mixpanel_cohort_members])
     flagsmith.hold_after_requests = 3  # three batches go through; the next ones hang in flight
     journal_dir = Path(env["MIXSYNC_LANDING_DIR"]) / "outbox" / "sync_flagsmith_outbox"
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=os.environ.copy(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            acked = sum(acknowledged(p)[0] for p in journal_dir.glob("*.journal")) if journal_dir.exists() else 0
-            if flagsmith.held >= 2 and acked >= 3:
-                break
-            assert child.poll() is None, "the push finished before it could be killed"
-            assert time.monotonic() < deadline, "the push never reached the held requests"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        reap(child)
-        flagsmith.release()
+    run_and_sigkill(CHILD, lambda: flagsmith.held >= 2 and journaled(journal_dir)[0] >= 3, 90,
+                    "the push reached the held requests", flagsmith.release)
     flagsmith.hold_after_requests = None
     assert 0 < len(owned(flagsmith)) < sum(len(m) for m in memberships(query).values())
 
@@ -224,19 +204,8 @@ def test_a_write_applied_but_unanswered_at_a_kill_is_corrected_when_no_longer_wa
     # Batch 1 is answered; batch 2 is applied by Flagsmith, and its answer never comes: the run is killed then.
     flagsmith.hold_after_requests, flagsmith.apply_held = 1, True
     journal_dir = Path(env["MIXSYNC_LANDING_DIR"]) / "outbox" / "sync_flagsmith_outbox"
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=os.environ.copy(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        poll(lambda: child.poll() is not None or (
-            flagsmith.held >= 1 and journal_dir.exists()
-            and sum(acknowledged(p)[0] for p in journal_dir.glob("*.journal")) >= 1), 90,
-             "batch 1 answered and batch 2 held")
-        assert child.poll() is None, "the push finished before it could be killed"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        reap(child)
-        flagsmith.release()
+    run_and_sigkill(CHILD, lambda: flagsmith.held >= 1 and journaled(journal_dir)[0] >= 1, 90,
+                    "batch 1 answered and batch 2 held", flagsmith.release)
     flagsmith.hold_after_requests, flagsmith.apply_held = None, False
     batches = [[item["identity"]["identifier"] for item in orjson.loads(r.body)]
                for r in flagsmith.recorder.matching("/traits/bulk/")]

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import dagster as dg
 import orjson
 import pytest
-from waiting import poll, reap
+from waiting import journaled, run_and_sigkill
 
 from mixsync.flagsmith.assets import flagsmith_cohort_traits
 from mixsync.flagsmith.profile_flags_assets import mixpanel_profile_flags
@@ -24,7 +19,6 @@ from mixsync.privacy import pseudonym
 from mixsync.resources import WarehouseResource
 from mixsync.sandbox.mixpanel_query import profile_properties
 from mixsync.settings import SettingsError
-from mixsync.warehouse.outbox import acknowledged
 
 RESOURCES = {"warehouse": WarehouseResource(), "flagsmith": FlagsmithResource()}
 IDENTITIES = [f"user-{i:03d}" for i in range(30)] + ["vip-1"]
@@ -166,22 +160,8 @@ def test_a_run_killed_mid_push_resumes_and_nothing_is_lost(sandbox, managed, ins
     profiles = sandbox.mixpanel.profiles
     profiles.hold_after_requests = 1  # the first request goes through; the next ones hang in flight
     journal_dir = Path(env["MIXSYNC_LANDING_DIR"]) / "outbox" / "sync_mixpanel_profile_flags_outbox"
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=os.environ.copy(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            acked = sum(acknowledged(p)[1] for p in journal_dir.glob("*.journal")) if journal_dir.exists() else 0
-            if profiles.held >= 1 and acked >= 5:
-                break
-            assert child.poll() is None, "the push finished before it could be killed"
-            assert time.monotonic() < deadline, "the push never reached the held requests"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        reap(child)
-        profiles.release()
+    run_and_sigkill(CHILD, lambda: profiles.held >= 1 and journaled(journal_dir)[1] >= 5, 120,
+                    "the push reached the held requests", profiles.release)
     profiles.hold_after_requests = None
     landed = [i for i in IDENTITIES if profiles.profile(i)]
     assert 0 < len(landed) < len(IDENTITIES)
@@ -209,16 +189,7 @@ def test_updates_applied_but_unanswered_at_a_kill_are_unset_when_the_flag_is_del
     # The next /engage request (every profile's $set of both new flags, one request) is applied by Mixpanel and
     # never answered: the run is killed then.
     profiles.hold_after_requests, profiles.apply_held = profiles.received_requests, True
-    child = subprocess.Popen([sys.executable, "-c", CHILD_ONE_REQUEST], env=os.environ.copy(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        poll(lambda: child.poll() is not None or profiles.held >= 1, 120, "the $set request held")
-        assert child.poll() is None, "the push finished before it could be killed"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        reap(child)
-        profiles.release()
+    run_and_sigkill(CHILD_ONE_REQUEST, lambda: profiles.held >= 1, 120, "the $set request held", profiles.release)
     profiles.hold_after_requests, profiles.apply_held = None, False
     assert all(profiles.profile(i)["flagsmith_promo"] == "spring" for i in IDENTITIES)
 
