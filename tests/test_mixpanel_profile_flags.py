@@ -370,3 +370,14 @@ def test_a_refusal_names_the_profile_only_by_its_pseudonym_in_metadata_the_log_a
         assert con.execute("""SELECT DISTINCT i.distinct_id FROM sync.mixpanel_profile_flags_outbox o
                               JOIN sync.mixpanel_profile_flags_outbox_items i ON i.outbox_id = o.id
                               WHERE o.status = 'rejected'""").fetchall() == [("vip-1",)]
+
+
+@pytest.mark.both_backends
+def test_a_dry_run_on_a_warehouse_no_run_has_written_shows_nothing_to_send(sandbox, env, instance):
+    dry = dg.materialize([mixpanel_profile_flags], instance=instance, resources=RESOURCES,
+                         run_config={"ops": {"mixpanel_profile_flags": {"config": {"dry_run": True}}}})
+    assert dry.success
+    (observation,) = [e.event_specific_data.asset_observation for e in dry.all_events
+                      if e.event_type_value == "ASSET_OBSERVATION"]
+    shown = {k: v.value for k, v in observation.metadata.items()}
+    assert shown["dry_run"] is True and shown["identities"] == 0 and shown["would_send_items"] == 0

@@ -132,8 +132,10 @@ def mixpanel_profile_flags(context: dg.AssetExecutionContext, config: DryRunConf
     read_stats, push_stats = RetryStats(), RetryStats()
     if config.dry_run:
         # The flags are read (reads change nothing), then the fold, the landing and the plan run exactly as below in
-        # one transaction that is read and rolled back: Mixpanel gets nothing, no table changes.
-        with store.read() as con:
+        # one transaction that is read and rolled back: Mixpanel gets nothing, no table changes. A write connection
+        # for the ledger too, as the other dry runs have: on a warehouse no run has written yet it makes the empty
+        # tables (a read found no warehouse and failed the dry run).
+        with store.write() as con:
             identities = sql.managed_identities(con)
             to_read, skipped = sql.identities_to_read(con, identities, identifier_property)
         answers = flags_dir / f"dry-run-{context.run.run_id}.ndjson"
