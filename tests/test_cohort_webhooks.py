@@ -4,6 +4,7 @@ pushes to Flagsmith through the same membership tables, ledger and trait as the 
 from __future__ import annotations
 
 import base64
+import json
 
 import dagster as dg
 import httpx
@@ -223,3 +224,27 @@ def test_bodies_whose_run_failed_are_asked_for_again_without_waiting_for_a_new_b
     instance.report_run_failed(running)
     again = mixpanel_cohort_webhook_sensor(dg.build_sensor_context(instance=instance))
     assert isinstance(again, dg.RunRequest) and again.run_key == f"{first.run_key}-again-1"
+
+
+def test_a_landing_folder_named_with_glob_characters_is_read_as_itself(env, tmp_path, monkeypatch, instance, warehouse):
+    """The folder's name holds `*`: read as a pattern, it would also match a sibling folder holding a file of the
+    same name (another cohort's body), and that body would be applied too."""
+    directory = tmp_path / "hooks*"
+    for name, value in {"MIXSYNC_COHORT_WEBHOOK_USER": USER, "MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD,
+                        "MIXSYNC_COHORT_WEBHOOK_DIR": str(directory)}.items():
+        monkeypatch.setenv(name, value)
+    server = serve("cohort-receiver", build_app(CohortWebhookSettings.from_env()))
+    try:
+        assert post(server.url, body("add_members", 7, "VIPs", ["a", "b"])).status_code == 200
+    finally:
+        server.stop()
+    [landed] = list(directory.iterdir())
+    sibling = tmp_path / "hooks-elsewhere"
+    sibling.mkdir()
+    (sibling / landed.name).write_text(json.dumps(body("add_members", 8, "Others", ["z"])))
+    result = dg.materialize([mixpanel_cohort_webhook_members], instance=instance, resources=RESOURCES)
+    assert result.success and list(directory.iterdir()) == []
+    with warehouse.read() as con:
+        assert con.execute("SELECT count(*) FROM mixpanel.cohort_webhook_bodies").fetchone()[0] == 1
+        members = con.execute("SELECT cohort_id, distinct_id FROM mixpanel.cohort_members").fetchall()
+    assert sorted(members) == [(7, "a"), (7, "b")]

@@ -15,7 +15,7 @@ import duckdb
 import mixsync.mixpanel.cohort_sql  # noqa: F401  (registers mixpanel.cohort_members and friends, written here)
 from mixsync.mixpanel.cohort_sql import next_snapshot_id
 from mixsync.warehouse.schema import register_ddl
-from mixsync.warehouse.sql import literal
+from mixsync.warehouse.sql import glob_literal, literal
 
 DDL = """
 -- Every landed webhook body, once: what it asked, and when (and as which snapshot) it was applied.
@@ -101,7 +101,8 @@ def record_quarantine(con: duckdb.DuckDBPyConnection, refused: dict[Path, str]) 
 
 
 def _record(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> int:
-    files = "[" + ", ".join(literal(str(p)) for p in paths) + "]"
+    # As patterns matching each file alone: a folder named with `*`, `?` or `[` is a name, not a glob.
+    files = "[" + ", ".join(literal(glob_literal(p)) for p in paths) + "]"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE wh_raw AS
         SELECT parse_filename(r.filename) AS file, r.content::JSON AS body FROM read_text({files}) r
         -- r.filename: a DuckLake table has a virtual `filename` column of its own.
