@@ -9,13 +9,12 @@ import dagster as dg
 import loopback
 import orjson
 import pytest
-from test_cohort_webhooks import PASSWORD, USER, body, post
+from test_cohort_webhooks import PASSWORD, USER, body, cohort_receiver, post
 
 from mixsync.impressions.landing import write_atomically
-from mixsync.mixpanel.cohort_webhook import CohortWebhookSettings, build_app, new_file_name
+from mixsync.mixpanel.cohort_webhook import new_file_name
 from mixsync.mixpanel.cohort_webhook_assets import mixpanel_cohort_webhook_members, mixpanel_cohort_webhook_sensor
 from mixsync.resources import WarehouseResource
-from mixsync.sandbox.server import serve
 
 # Valid parameters, spelled out: the bodies below are raw bytes (a repeated key cannot be written as a dict).
 PARAMETERS = (b'{"mixpanel_cohort_id": 7, "mixpanel_cohort_name": "VIPs", "mixpanel_session_id": "s-1", '
@@ -28,14 +27,8 @@ REPEATED_ACTION = b'{"action": "bogus", "action": "add_members", "parameters": '
 def receiver(env, tmp_path, monkeypatch):
     """A real receiver on a free loopback port, landing into tmp_path (as tests/test_cohort_webhooks.py's)."""
     directory = tmp_path / "cohort_webhooks"
-    for name, value in {"MIXSYNC_COHORT_WEBHOOK_USER": USER, "MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD,
-                        "MIXSYNC_COHORT_WEBHOOK_DIR": str(directory)}.items():
-        monkeypatch.setenv(name, value)
-    server = serve("cohort-receiver", build_app(CohortWebhookSettings.from_env()))
-    try:
-        yield server.url, directory
-    finally:
-        server.stop()
+    with cohort_receiver(directory, monkeypatch) as url:
+        yield url, directory
 
 
 def post_raw(url, content: bytes, **headers):

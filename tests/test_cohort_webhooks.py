@@ -4,7 +4,9 @@ pushes to Flagsmith through the same membership tables, ledger and trait as the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+from collections.abc import Iterator
 
 import dagster as dg
 import httpx
@@ -28,14 +30,19 @@ RESOURCES = {"mixpanel": MixpanelResource(), "warehouse": WarehouseResource(), "
 @pytest.fixture
 def receiver(env, tmp_path, monkeypatch):
     directory = tmp_path / "cohort_webhooks"
+    with cohort_receiver(directory, monkeypatch, MIXSYNC_COHORT_WEBHOOK_MAX_BYTES="200000") as url:
+        yield url, directory
+
+
+@contextlib.contextmanager
+def cohort_receiver(directory, monkeypatch, **settings: str) -> Iterator[str]:
+    """A real receiver on a free loopback port landing into `directory`, with the tests' credentials; its URL."""
     for name, value in {"MIXSYNC_COHORT_WEBHOOK_USER": USER, "MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD,
-                        "MIXSYNC_COHORT_WEBHOOK_DIR": str(directory),
-                        "MIXSYNC_COHORT_WEBHOOK_MAX_BYTES": "200000"}.items():
+                        "MIXSYNC_COHORT_WEBHOOK_DIR": str(directory), **settings}.items():
         monkeypatch.setenv(name, value)
-    settings = CohortWebhookSettings.from_env()
-    server = serve("cohort-receiver", build_app(settings))
+    server = serve("cohort-receiver", build_app(CohortWebhookSettings.from_env()))
     try:
-        yield server.url, directory
+        yield server.url
     finally:
         server.stop()
 
@@ -230,14 +237,8 @@ def test_a_landing_folder_named_with_glob_characters_is_read_as_itself(env, tmp_
     """The folder's name holds `*`: read as a pattern, it would also match a sibling folder holding a file of the
     same name (another cohort's body), and that body would be applied too."""
     directory = tmp_path / "hooks*"
-    for name, value in {"MIXSYNC_COHORT_WEBHOOK_USER": USER, "MIXSYNC_COHORT_WEBHOOK_PASSWORD": PASSWORD,
-                        "MIXSYNC_COHORT_WEBHOOK_DIR": str(directory)}.items():
-        monkeypatch.setenv(name, value)
-    server = serve("cohort-receiver", build_app(CohortWebhookSettings.from_env()))
-    try:
-        assert post(server.url, body("add_members", 7, "VIPs", ["a", "b"])).status_code == 200
-    finally:
-        server.stop()
+    with cohort_receiver(directory, monkeypatch) as url:
+        assert post(url, body("add_members", 7, "VIPs", ["a", "b"])).status_code == 200
     [landed] = list(directory.iterdir())
     sibling = tmp_path / "hooks-elsewhere"
     sibling.mkdir()
