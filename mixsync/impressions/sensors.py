@@ -14,9 +14,9 @@ import orjson
 from mixsync.impressions.assets import mixpanel_experiment_exposures, split_impressions
 from mixsync.impressions.landing import landed_entries
 from mixsync.impressions.resources import ImpressionsResource
+from mixsync.sensor_runs import all_runs_failed
 
 CURSOR_PREFIX = "z1:"
-RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster's daemon puts on a run a sensor requested
 
 split_impressions_job = dg.define_asset_job(
     "split_impressions_job",
@@ -114,20 +114,6 @@ def plan_file_batches(directory: Path, state: CursorState, batch_files: int, max
                     len(in_flight), settling, len(candidates) - considered, not_utf8)
 
 
-def _failed_run_keys(instance: dg.DagsterInstance, keys: set[str]) -> frozenset[str]:
-    """The keys among `keys` whose every run ended failed or canceled (one storage query for all of them). A key
-    with a run still queued, running or succeeded is not; nor is one with no run yet (the daemon launches it)."""
-    if not keys:
-        return frozenset()
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: sorted(keys)}))
-    ended: set[str] = set()
-    live: set[str] = set()
-    for run in runs:
-        (ended if run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) else live).add(
-            run.tags[RUN_KEY_TAG])
-    return frozenset(ended - live)
-
-
 def run_key(sequence: int, batch: list[str]) -> str:
     """Derived from the tick and the file names: a re-evaluated tick asks for the same keys (Dagster drops them),
     a later tick for new ones (a file that comes back under an old name is loaded again, if its bytes are new)."""
@@ -149,7 +135,8 @@ def split_impression_files_sensor(context: dg.SensorEvaluationContext, impressio
         return dg.SensorResult(skip_reason=f"{directory} does not exist yet (MIXSYNC_IMPRESSIONS_DIR)",
                                cursor=context.cursor)
     state = CursorState.decode(context.cursor)
-    failed = _failed_run_keys(context.instance, {key for _, key in state.requested.values() if key})
+    failed = frozenset(key for key, every_run_failed in all_runs_failed(
+        context.instance, {key for _, key in state.requested.values() if key}).items() if every_run_failed)
     plan = plan_file_batches(directory, state, settings.batch_files, settings.max_runs_per_tick,
                              settings.settle_seconds, failed_run_keys=failed)
     if failed:

@@ -8,6 +8,7 @@ from mixsync.metadata import table_metadata, table_name
 from mixsync.mixpanel import cohort_webhook_sql as sql
 from mixsync.mixpanel.cohort_webhook import cohort_webhook_dir
 from mixsync.resources import WarehouseResource
+from mixsync.sensor_runs import all_runs_failed
 
 
 def landed_bodies(directory) -> list:
@@ -72,8 +73,6 @@ def mixpanel_cohort_webhook_members(context: dg.AssetExecutionContext,
     })
 
 
-RUN_KEY_TAG = "dagster/run_key"  # the tag Dagster's daemon puts on a run a sensor requested
-ENDED_IN_FAILURE = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 mixpanel_cohort_webhook_job = dg.define_asset_job(
     "mixpanel_cohort_webhook_job",
@@ -96,11 +95,10 @@ def mixpanel_cohort_webhook_sensor(context: dg.SensorEvaluationContext):
     if not paths:
         return dg.SkipReason("no cohort webhook bodies landed")
     base = f"{paths[-1].name}-{len(paths)}"
-    keys = [base]
-    while True:
-        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: keys[-1]}))
-        if not runs:
-            return dg.RunRequest(run_key=keys[-1])
-        if any(run.status not in ENDED_IN_FAILURE for run in runs):
-            return dg.SkipReason(f"the run for these {len(paths)} bodies ({keys[-1]}) is queued, running or done")
-        keys.append(f"{base}-again-{len(keys)}")
+    key, attempt = base, 0
+    while (every_run_failed := all_runs_failed(context.instance, {key}).get(key)) is True:
+        attempt += 1
+        key = f"{base}-again-{attempt}"
+    if every_run_failed is None:  # no run for this key yet
+        return dg.RunRequest(run_key=key)
+    return dg.SkipReason(f"the run for these {len(paths)} bodies ({key}) is queued, running or done")
